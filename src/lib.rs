@@ -1,0 +1,12 @@
+//! cw: a daemonless container runner and CodaLab Worksheets worker.
+//!
+//! Data flow: [`image::reference`] → [`registry`] → [`store`] (+ [`store::unpack`]) →
+//! `rootfs` → `cw_runtime` (spec → monitor → container) → `worker`.
+
+pub mod config;
+pub mod image;
+pub mod load;
+pub mod progress;
+pub mod pull;
+pub mod registry;
+pub mod store;

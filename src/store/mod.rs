@@ -1,0 +1,545 @@
+//! The content-addressed image store.
+//!
+//! ```text
+//! <root>/blobs/sha256/<hex>     manifests, indexes and configs (verified before they are written)
+//! <root>/layers/<diffid-hex>/   one unpacked layer per diff id, shared by every image that has it
+//! <root>/layers/<diffid-hex>.json  its record (size, compressed digests)
+//! <root>/images/<hex>.json      one image per manifest digest: config, layers, names, last use
+//! <root>/refs.json              name:tag → manifest digest
+//! <root>/inuse/<run>.json       layers a live rootfs is built from (GC keeps them)
+//! <root>/locks/  <root>/tmp/
+//! ```
+//! Everything is written into `tmp/` and renamed into place after verification, so a reader never
+//! sees half a layer. `flock`s make two `cw` processes safe: one per layer while it is unpacked,
+//! one for the store's indexes while they change.
+
+pub mod unpack;
+
+use crate::image::digest::Digest;
+use crate::image::manifest::{Platform, RunConfig};
+use nix::fcntl::{Flock, FlockArg};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path}: {op}: {source}")]
+    Io { path: PathBuf, op: &'static str, source: io::Error },
+    #[error("store record {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("no image {0:?} in the store (cw images lists them; cw pull fetches)")]
+    NoImage(String),
+    #[error("image {name} is in use by {users} running container(s)")]
+    InUse { name: String, users: usize },
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io { path, op, source }
+}
+
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct LayerRecord {
+    pub diff_id: Digest,
+    /// Bytes of file content (the disk use GC accounts).
+    pub size: u64,
+    pub entries: u64,
+    /// Compressed blobs known to unpack to this layer.
+    pub compressed: Vec<Digest>,
+    pub unpacked_at: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ImageRecord {
+    /// Digest of the platform manifest (the image id shown by `cw images`).
+    pub manifest: Digest,
+    /// The index it was chosen from, if any (what a by-digest pull of a multi-arch name pins).
+    #[serde(default)]
+    pub index: Option<Digest>,
+    pub config: Digest,
+    /// Diff ids, base layer first.
+    pub layers: Vec<Digest>,
+    pub platform: String,
+    pub run: RunConfig,
+    pub names: Vec<String>,
+    pub size: u64,
+    pub pulled_at: u64,
+    pub last_used: u64,
+}
+
+/// A held `flock`; released on drop.
+pub struct Lock(#[allow(dead_code)] Flock<File>);
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+pub fn default_root() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/var/lib/cw")
+    } else if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        PathBuf::from(x).join("cw")
+    } else {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".local/share/cw")
+    }
+}
+
+/// Write `data` to `path` atomically (temp file in the same directory, fsync, rename).
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("x"), rand::random::<u64>()));
+    let res = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Total size of regular files under `p` (not following symlinks, counting each inode once).
+pub fn du(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut seen = HashSet::new();
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() && (m.nlink() == 1 || seen.insert((m.dev(), m.ino()))) {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+impl Store {
+    /// Open (creating the layout if needed) the store at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
+        let root = root.into();
+        for d in ["blobs/sha256", "layers", "images", "locks", "tmp", "inuse"] {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(io_err(&p, "creating directory"))?;
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = fs::set_permissions(&root, fs::Permissions::from_mode(0o711));
+        }
+        Ok(Store { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn lock(&self, name: &str, arg: FlockArg) -> Result<Lock> {
+        let p = self.root.join("locks").join(name);
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&p).map_err(io_err(&p, "opening lock"))?;
+        Flock::lock(f, arg).map(Lock).map_err(|(_, e)| StoreError::Io { path: p, op: "locking", source: e.into() })
+    }
+
+    /// Exclusive lock over the store's indexes (refs, image records, GC).
+    pub fn lock_index(&self) -> Result<Lock> {
+        self.lock("index.lock", FlockArg::LockExclusive)
+    }
+
+    /// Exclusive lock for unpacking one layer (a second puller of the same layer waits here).
+    pub fn lock_layer(&self, diff_id: &Digest) -> Result<Lock> {
+        self.lock(&format!("layer-{}.lock", diff_id.hex()), FlockArg::LockExclusive)
+    }
+
+    pub fn try_lock_layer(&self, diff_id: &Digest) -> Result<Option<Lock>> {
+        match self.lock(&format!("layer-{}.lock", diff_id.hex()), FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(Some(l)),
+            Err(StoreError::Io { source, .. }) if source.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A fresh private directory under tmp/.
+    pub fn tmp_dir(&self, what: &str) -> Result<PathBuf> {
+        let p = self.root.join("tmp").join(format!("{what}-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+        fs::create_dir(&p).map_err(io_err(&p, "creating temp directory"))?;
+        Ok(p)
+    }
+
+    /// Remove leftovers of killed processes from tmp/ (entries whose creator pid is gone).
+    pub fn clean_tmp(&self) {
+        let Ok(rd) = fs::read_dir(self.root.join("tmp")) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid: Option<i32> = name.split('-').nth(1).and_then(|p| p.parse().ok());
+            let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            if !alive {
+                let _ = remove_tree(&e.path());
+            }
+        }
+    }
+
+    // ---- blobs
+
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(d.hex())
+    }
+
+    pub fn read_blob(&self, d: &Digest) -> Option<Vec<u8>> {
+        let b = fs::read(self.blob_path(d)).ok()?;
+        (Digest::of(&b) == *d).then_some(b)
+    }
+
+    /// Store verified bytes under their digest.
+    pub fn put_blob(&self, d: &Digest, bytes: &[u8]) -> Result<()> {
+        assert_eq!(&Digest::of(bytes), d, "put_blob called with unverified bytes");
+        let p = self.blob_path(d);
+        if p.exists() {
+            return Ok(());
+        }
+        write_atomic(&p, bytes).map_err(io_err(&p, "writing blob"))
+    }
+
+    // ---- layers
+
+    pub fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
+        self.root.join("layers").join(diff_id.hex())
+    }
+
+    fn layer_record_path(&self, diff_id: &Digest) -> PathBuf {
+        self.root.join("layers").join(format!("{}.json", diff_id.hex()))
+    }
+
+    pub fn layer(&self, diff_id: &Digest) -> Option<LayerRecord> {
+        let p = self.layer_record_path(diff_id);
+        let rec: LayerRecord = serde_json::from_slice(&fs::read(&p).ok()?).ok()?;
+        self.layer_dir(diff_id).is_dir().then_some(rec)
+    }
+
+    /// Move a verified unpacked tree into place and record it.
+    pub fn publish_layer(&self, tmp: &Path, rec: &LayerRecord) -> Result<()> {
+        let dst = self.layer_dir(&rec.diff_id);
+        if dst.exists() {
+            // an older copy without a record (killed between rename and record): replace it
+            if self.layer(&rec.diff_id).is_some() {
+                remove_tree(tmp).map_err(io_err(tmp, "removing duplicate"))?;
+                return Ok(());
+            }
+            remove_tree(&dst).map_err(io_err(&dst, "removing stale layer"))?;
+        }
+        fs::rename(tmp, &dst).map_err(io_err(&dst, "publishing layer"))?;
+        let rp = self.layer_record_path(&rec.diff_id);
+        write_atomic(&rp, &serde_json::to_vec_pretty(rec).unwrap()).map_err(io_err(&rp, "writing layer record"))
+    }
+
+    /// Add a compressed digest to a layer's record (another image's blob of the same content).
+    pub fn note_compressed(&self, diff_id: &Digest, compressed: &Digest) -> Result<()> {
+        if let Some(mut rec) = self.layer(diff_id) {
+            if !rec.compressed.contains(compressed) {
+                rec.compressed.push(compressed.clone());
+                let rp = self.layer_record_path(diff_id);
+                write_atomic(&rp, &serde_json::to_vec_pretty(&rec).unwrap()).map_err(io_err(&rp, "writing layer record"))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn layers(&self) -> Vec<LayerRecord> {
+        let mut out = Vec::new();
+        if let Ok(rd) = fs::read_dir(self.root.join("layers")) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if let Some(hex) = n.strip_suffix(".json") {
+                    if let Ok(d) = Digest::parse(&format!("sha256:{hex}")) {
+                        if let Some(r) = self.layer(&d) {
+                            out.push(r);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    // ---- images and refs
+
+    fn image_path(&self, manifest: &Digest) -> PathBuf {
+        self.root.join("images").join(format!("{}.json", manifest.hex()))
+    }
+
+    pub fn image(&self, manifest: &Digest) -> Option<ImageRecord> {
+        serde_json::from_slice(&fs::read(self.image_path(manifest)).ok()?).ok()
+    }
+
+    /// The image is usable: record present and every layer unpacked.
+    pub fn image_complete(&self, manifest: &Digest) -> Option<ImageRecord> {
+        let img = self.image(manifest)?;
+        img.layers.iter().all(|l| self.layer(l).is_some()).then_some(img)
+    }
+
+    pub fn images(&self) -> Vec<ImageRecord> {
+        let mut out = Vec::new();
+        if let Ok(rd) = fs::read_dir(self.root.join("images")) {
+            for e in rd.flatten() {
+                if let Ok(b) = fs::read(e.path()) {
+                    if let Ok(r) = serde_json::from_slice::<ImageRecord>(&b) {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| b.pulled_at.cmp(&a.pulled_at));
+        out
+    }
+
+    pub fn put_image(&self, rec: &ImageRecord) -> Result<()> {
+        let p = self.image_path(&rec.manifest);
+        write_atomic(&p, &serde_json::to_vec_pretty(rec).unwrap()).map_err(io_err(&p, "writing image record"))
+    }
+
+    pub fn refs(&self) -> Result<BTreeMap<String, Digest>> {
+        let p = self.root.join("refs.json");
+        match fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt { path: p, reason: e.to_string() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(StoreError::Io { path: p, op: "reading", source: e }),
+        }
+    }
+
+    fn write_refs(&self, refs: &BTreeMap<String, Digest>) -> Result<()> {
+        let p = self.root.join("refs.json");
+        write_atomic(&p, &serde_json::to_vec_pretty(refs).unwrap()).map_err(io_err(&p, "writing refs"))
+    }
+
+    /// Point `name` at an image and record the name on it. Caller holds the index lock.
+    pub fn tag(&self, name: &str, manifest: &Digest) -> Result<()> {
+        let mut refs = self.refs()?;
+        let old = refs.insert(name.to_string(), manifest.clone());
+        self.write_refs(&refs)?;
+        if let Some(old) = old.filter(|o| o != manifest) {
+            if let Some(mut img) = self.image(&old) {
+                img.names.retain(|n| n != name);
+                self.put_image(&img)?;
+            }
+        }
+        if let Some(mut img) = self.image(manifest) {
+            if !img.names.iter().any(|n| n == name) {
+                img.names.push(name.to_string());
+                self.put_image(&img)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Mark an image used now (for LRU).
+    pub fn touch(&self, manifest: &Digest) {
+        if let Some(mut img) = self.image(manifest) {
+            img.last_used = now();
+            let _ = self.put_image(&img);
+        }
+    }
+
+    /// Find an image by name (`tiny`, `docker.io/library/tiny:latest`), id prefix or digest.
+    pub fn lookup(&self, what: &str) -> Result<ImageRecord> {
+        let refs = self.refs()?;
+        if let Ok(r) = crate::image::reference::Reference::parse(what) {
+            if let Some(d) = &r.digest {
+                if let Some(img) = self.image(d).or_else(|| self.images().into_iter().find(|i| i.index.as_ref() == Some(d))) {
+                    return Ok(img);
+                }
+            }
+            if let Some(d) = refs.get(&r.to_string()) {
+                if let Some(img) = self.image(d) {
+                    return Ok(img);
+                }
+            }
+        }
+        let hex = what.strip_prefix("sha256:").unwrap_or(what);
+        if hex.len() >= 4 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let matches: Vec<ImageRecord> = self.images().into_iter().filter(|i| i.manifest.hex().starts_with(hex)).collect();
+            if matches.len() == 1 {
+                return Ok(matches.into_iter().next().unwrap());
+            }
+        }
+        Err(StoreError::NoImage(what.to_string()))
+    }
+
+    // ---- in-use records (written by rootfs setup, removed at teardown)
+
+    pub fn mark_in_use(&self, run: &str, layers: &[Digest], mountpoint: &Path) -> Result<()> {
+        let p = self.root.join("inuse").join(format!("{run}.json"));
+        let v = serde_json::json!({ "layers": layers, "mountpoint": mountpoint, "pid": std::process::id() });
+        write_atomic(&p, v.to_string().as_bytes()).map_err(io_err(&p, "writing in-use record"))
+    }
+
+    pub fn clear_in_use(&self, run: &str) {
+        let _ = fs::remove_file(self.root.join("inuse").join(format!("{run}.json")));
+    }
+
+    /// Layers used by live rootfs mounts. Records whose mountpoint no longer exists are dropped.
+    pub fn layers_in_use(&self) -> HashSet<Digest> {
+        let mut out = HashSet::new();
+        let Ok(rd) = fs::read_dir(self.root.join("inuse")) else { return out };
+        for e in rd.flatten() {
+            let Ok(b) = fs::read(e.path()) else { continue };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) else { continue };
+            let mp = v["mountpoint"].as_str().map(PathBuf::from);
+            if mp.as_ref().is_some_and(|m| m.exists()) {
+                if let Ok(ls) = serde_json::from_value::<Vec<Digest>>(v["layers"].clone()) {
+                    out.extend(ls);
+                }
+            } else {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        out
+    }
+
+    // ---- removal and garbage collection
+
+    /// Remove an image (by any name). Its layers go when no other image uses them.
+    pub fn remove_image(&self, what: &str, force: bool) -> Result<Vec<String>> {
+        let _g = self.lock_index()?;
+        let img = self.lookup(what)?;
+        let in_use = self.layers_in_use();
+        let users = img.layers.iter().filter(|l| in_use.contains(l)).count();
+        if users > 0 && !force {
+            return Err(StoreError::InUse { name: what.to_string(), users });
+        }
+        let mut refs = self.refs()?;
+        // A plain name removes just that tag when the image has others (like docker rmi).
+        let by_name = crate::image::reference::Reference::parse(what).ok().map(|r| r.to_string()).filter(|n| refs.get(n) == Some(&img.manifest));
+        let mut removed = Vec::new();
+        if let Some(n) = &by_name {
+            if img.names.len() > 1 {
+                refs.remove(n);
+                self.write_refs(&refs)?;
+                let mut i = img.clone();
+                i.names.retain(|x| x != n);
+                self.put_image(&i)?;
+                return Ok(vec![format!("Untagged: {n}")]);
+            }
+        }
+        refs.retain(|n, d| {
+            if *d == img.manifest {
+                removed.push(format!("Untagged: {n}"));
+                false
+            } else {
+                true
+            }
+        });
+        self.write_refs(&refs)?;
+        let p = self.image_path(&img.manifest);
+        fs::remove_file(&p).map_err(io_err(&p, "removing image record"))?;
+        removed.push(format!("Deleted: {}", img.manifest));
+        removed.extend(self.gc_unreferenced(&in_use)?.into_iter().map(|d| format!("Deleted layer: {d}")));
+        Ok(removed)
+    }
+
+    /// Remove layers and blobs no image refers to. Caller holds the index lock.
+    fn gc_unreferenced(&self, in_use: &HashSet<Digest>) -> Result<Vec<Digest>> {
+        let images = self.images();
+        let mut keep: HashSet<Digest> = in_use.clone();
+        let mut keep_blobs: HashSet<Digest> = HashSet::new();
+        for i in &images {
+            keep.extend(i.layers.iter().cloned());
+            keep_blobs.insert(i.manifest.clone());
+            keep_blobs.insert(i.config.clone());
+            if let Some(x) = &i.index {
+                keep_blobs.insert(x.clone());
+            }
+        }
+        let mut removed = Vec::new();
+        for l in self.layers() {
+            if keep.contains(&l.diff_id) {
+                continue;
+            }
+            // skip a layer someone is unpacking right now
+            let Some(_lk) = self.try_lock_layer(&l.diff_id)? else { continue };
+            let _ = fs::remove_file(self.layer_record_path(&l.diff_id));
+            let d = self.layer_dir(&l.diff_id);
+            remove_tree(&d).map_err(io_err(&d, "removing layer"))?;
+            removed.push(l.diff_id);
+        }
+        if let Ok(rd) = fs::read_dir(self.root.join("blobs/sha256")) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if let Ok(d) = Digest::parse(&format!("sha256:{n}")) {
+                    if !keep_blobs.contains(&d) {
+                        let _ = fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Disk use of layers (content bytes).
+    pub fn size(&self) -> u64 {
+        self.layers().iter().map(|l| l.size).sum()
+    }
+
+    /// Garbage-collect: drop unreferenced layers, then least-recently-used images (not in use)
+    /// until the layers fit in `target` bytes. Returns the removed image names/ids and bytes freed.
+    pub fn prune(&self, target: Option<u64>) -> Result<(Vec<String>, u64)> {
+        let _g = self.lock_index()?;
+        let before = self.size();
+        let in_use = self.layers_in_use();
+        let mut removed: Vec<String> = self.gc_unreferenced(&in_use)?.into_iter().map(|d| format!("layer {d}")).collect();
+        if let Some(target) = target {
+            let mut images = self.images();
+            images.sort_by_key(|i| i.last_used);
+            let sizes: HashMap<Digest, u64> = self.layers().into_iter().map(|l| (l.diff_id.clone(), l.size)).collect();
+            let mut total: u64 = sizes.values().sum();
+            let mut refs = self.refs()?;
+            for img in images {
+                if total <= target {
+                    break;
+                }
+                if img.layers.iter().any(|l| in_use.contains(l)) {
+                    continue;
+                }
+                refs.retain(|_, d| *d != img.manifest);
+                self.write_refs(&refs)?;
+                let _ = fs::remove_file(self.image_path(&img.manifest));
+                removed.push(format!("image {} ({})", img.names.first().cloned().unwrap_or_default(), img.manifest.short()));
+                for l in self.gc_unreferenced(&in_use)? {
+                    total = total.saturating_sub(sizes.get(&l).copied().unwrap_or(0));
+                    removed.push(format!("layer {l}"));
+                }
+            }
+        }
+        let after = self.size();
+        Ok((removed, before.saturating_sub(after)))
+    }
+}
+
+/// `rm -rf` that never follows symlinks and makes unreadable directories removable.
+pub fn remove_tree(p: &Path) -> io::Result<()> {
+    let parent = p.parent().unwrap_or(Path::new("/"));
+    let name = p.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let pf = File::open(parent)?;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    unpack::remove_all_at(pf.as_raw_fd(), name.as_bytes())
+}
+
+/// Platform string as recorded.
+pub fn platform_string(p: &Platform) -> String {
+    p.to_string()
+}
