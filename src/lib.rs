@@ -10,3 +10,5 @@ pub mod progress;
 pub mod pull;
 pub mod registry;
 pub mod store;
+pub mod rootfs;
+pub mod run;

@@ -66,6 +66,25 @@ enum Cmd {
     },
     /// Show an image's record (JSON)
     Inspect { image: String },
+    /// Run a command in a new container
+    Run(Box<RunArgs>),
+    /// List runs
+    Ps,
+    /// Stop a run (SIGTERM, then SIGKILL after its grace period)
+    Kill { id: String },
+    /// Remove finished runs
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Kill it first if it is running
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Show a run's resource usage (JSON): live from its cgroup, or final
+    Stats { id: String },
+    /// Internal: the per-run monitor process
+    #[command(name = "__monitor", hide = true)]
+    Monitor { dir: PathBuf },
     /// Load images from a `docker save` archive or an OCI layout (directory or tar)
     Load {
         /// Archive or directory
@@ -75,6 +94,82 @@ enum Cmd {
         #[arg(long)]
         platform: Option<String>,
     },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Image to run (pulled if missing, see --pull)
+    #[arg(long)]
+    image: String,
+    /// Environment variable NAME=VALUE (NAME alone copies it from here); repeatable
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Bind mount SRC:DST[:ro|rw]; repeatable
+    #[arg(short = 'v', long = "volume")]
+    volume: Vec<String>,
+    /// Working directory inside the container [default: the image's, else /]
+    #[arg(short = 'w', long)]
+    workdir: Option<String>,
+    /// UID[:GID] or NAME[:GROUP] from the image's /etc/passwd [default: the image's user]
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// Memory limit (also the memory+swap limit), e.g. 512m, 2g
+    #[arg(short = 'm', long)]
+    memory: Option<String>,
+    /// CPU quota in CPUs, e.g. 1.5
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// CPUs the run may use, e.g. 0-3,7
+    #[arg(long)]
+    cpuset: Option<String>,
+    /// Maximum number of processes
+    #[arg(long)]
+    pids_limit: Option<i64>,
+    /// Size of /dev/shm
+    #[arg(long, default_value = "64m")]
+    shm_size: String,
+    /// none: a private network with only loopback; host: the host's network
+    #[arg(long, default_value = "none", value_parser = ["none", "host"])]
+    network: String,
+    /// Kill the run after this long, e.g. 30s, 30m, 2h
+    #[arg(long)]
+    time_limit: Option<String>,
+    /// Time between SIGTERM and SIGKILL when a run is stopped
+    #[arg(long, default_value = "10s")]
+    stop_timeout: String,
+    /// Run name (id) [default: random]
+    #[arg(long)]
+    name: Option<String>,
+    /// Write the container's stdout to this file
+    #[arg(long)]
+    stdout: Option<PathBuf>,
+    /// Write the container's stderr to this file
+    #[arg(long)]
+    stderr: Option<PathBuf>,
+    /// Start and print the run id; output goes to files in the run directory unless given
+    #[arg(short, long)]
+    detach: bool,
+    /// Keep the run directory after the run ends (cw rm removes it)
+    #[arg(long)]
+    keep: bool,
+    /// When to pull the image: missing, always, never
+    #[arg(long, default_value = "missing", value_parser = ["missing", "always", "never"])]
+    pull: String,
+    /// Platform os/arch[/variant] when pulling
+    #[arg(long)]
+    platform: Option<String>,
+    /// cgroup under which the run's cgroup is made
+    #[arg(long, default_value = "/cw")]
+    cgroup_parent: String,
+    /// Mount the root filesystem read-only
+    #[arg(long)]
+    read_only: bool,
+    /// Copy the layers instead of mounting overlayfs
+    #[arg(long)]
+    no_overlay: bool,
+    /// Command and arguments; one argument with spaces or shell syntax runs under /bin/sh -c
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
 }
 
 #[derive(Args)]
@@ -162,6 +257,106 @@ fn cmd_pull(ctx: Ctx, a: PullArgs) -> Result<()> {
     Ok(())
 }
 
+static MONITOR_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward_to_monitor(_: libc::c_int) {
+    let pid = MONITOR_PID.load(std::sync::atomic::Ordering::Relaxed);
+    if pid > 0 {
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+}
+
+fn duration(s: &str, what: &str) -> Result<u64> {
+    let t = s.trim();
+    if let Ok(n) = t.parse::<u64>() {
+        return Ok(n);
+    }
+    humantime::parse_duration(t).map(|d| d.as_secs()).with_context(|| format!("{what} {s:?} is not a duration like 30s, 5m, 2h"))
+}
+
+fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
+    let r = Reference::parse(&a.image)?;
+    let image = match (a.pull.as_str(), ctx.store.lookup(&a.image)) {
+        ("never", Ok(i)) => i,
+        ("never", Err(e)) => return Err(e.into()),
+        ("missing", Ok(i)) if ctx.store.image_complete(&i.manifest).is_some() => i,
+        _ => {
+            let opts = PullOptions { platform: platform(&a.platform)?, progress: Progress::auto(false), ..Default::default() };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let client = Client::new(ctx.registry.clone());
+            let res = rt.block_on(pull::pull(&client, &ctx.store, &r, &opts))?;
+            drop(rt);
+            auto_gc(&ctx);
+            res.image
+        }
+    };
+    ctx.store.touch(&image.manifest);
+    let mounts = a.volume.iter().map(|v| cw::run::parse_volume(v)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+    let memory = a.memory.as_deref().map(config::parse_size).transpose().map_err(anyhow::Error::msg)?;
+    if let Some(c) = a.cpus {
+        if !(c > 0.0 && c.is_finite()) {
+            bail!("--cpus {c} must be a positive number");
+        }
+    }
+    let opts = cw::run::RunOptions {
+        name: a.name.clone(),
+        args: a.command.clone(),
+        env: a.env.clone(),
+        mounts,
+        workdir: a.workdir.clone(),
+        user: a.user.clone(),
+        limits: cw_runtime::request::Limits {
+            memory,
+            cpus: a.cpus,
+            cpuset: a.cpuset.clone(),
+            pids: a.pids_limit,
+            shm_size: config::parse_size(&a.shm_size).map_err(anyhow::Error::msg)?,
+        },
+        network: if a.network == "host" { cw_runtime::request::Network::Host } else { cw_runtime::request::Network::None },
+        time_limit: a.time_limit.as_deref().map(|t| duration(t, "--time-limit")).transpose()?,
+        kill_grace_secs: duration(&a.stop_timeout, "--stop-timeout")?,
+        stdout: a.stdout.clone(),
+        stderr: a.stderr.clone(),
+        cgroup_parent: a.cgroup_parent.clone(),
+        readonly_rootfs: a.read_only,
+        force_copy: a.no_overlay,
+        hostname: None,
+    };
+    let (rd, mut req) = cw::run::prepare(&ctx.store, &image, &opts)?;
+    let meta = serde_json::json!({"image": r.familiar(), "manifest": image.manifest, "created": cw::store::now()});
+    std::fs::write(rd.path.join("meta.json"), meta.to_string())?;
+    if a.detach {
+        if req.stdout.is_none() {
+            req.stdout = Some(rd.path.join("stdout"));
+        }
+        if req.stderr.is_none() {
+            req.stderr = Some(rd.path.join("stderr"));
+        }
+        rd.write_request(&req)?;
+    }
+    let exe = std::path::Path::new("/proc/self/exe");
+    let mut child = cw_runtime::monitor::spawn(exe, &rd.path, std::process::Stdio::inherit(), std::process::Stdio::inherit())
+        .with_context(|| "starting the run's monitor process")?;
+    if a.detach {
+        println!("{}", req.id);
+        return Ok(());
+    }
+    MONITOR_PID.store(child.id() as i32, std::sync::atomic::Ordering::Relaxed);
+    let act = nix::sys::signal::SigAction::new(nix::sys::signal::SigHandler::Handler(forward_to_monitor), nix::sys::signal::SaFlags::SA_RESTART, nix::sys::signal::SigSet::empty());
+    for s in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGHUP] {
+        unsafe { nix::sys::signal::sigaction(s, &act) }.ok();
+    }
+    let _ = child.wait();
+    let ex = rd.wait(std::time::Duration::from_millis(20))?;
+    if let Some(msg) = cw::run::describe_exit(&ex, memory) {
+        eprintln!("cw: {msg}");
+    }
+    if !a.keep {
+        let _ = cw::run::remove(&rd);
+    }
+    std::process::exit(ex.exit_code);
+}
+
 fn cmd_images(ctx: Ctx, quiet: bool) -> Result<()> {
     let images = ctx.store.images();
     if quiet {
@@ -188,6 +383,14 @@ fn main() {
         std::process::exit(125);
     }
     let cli = Cli::parse();
+    if let Cmd::Monitor { dir } = &cli.cmd {
+        // single-threaded from here on: no runtime, no helper threads
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("monitor.log"));
+        if let Ok(f) = log {
+            tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new("info")).with_writer(std::sync::Mutex::new(f)).with_ansi(false).init();
+        }
+        std::process::exit(cw_runtime::monitor::main(dir));
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.global.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
     if let Err(e) = run(cli) {
@@ -248,6 +451,64 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&img)?);
             Ok(())
         }
+        Cmd::Run(a) => cmd_run(context(&cli.global)?, *a),
+        Cmd::Ps => {
+            let ctx = context(&cli.global)?;
+            println!("{:<20} {:<14} {:<40} {}", "RUN ID", "STATUS", "IMAGE", "COMMAND");
+            for (id, rd) in cw::run::list(&ctx.store) {
+                let meta: serde_json::Value = std::fs::read(rd.path.join("meta.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+                let cmd = rd.request().map(|r| r.args.join(" ")).unwrap_or_default();
+                println!("{:<20} {:<14} {:<40} {}", id, cw::run::status_word(&rd), meta["image"].as_str().unwrap_or("?"), cmd);
+            }
+            Ok(())
+        }
+        Cmd::Kill { id } => {
+            let ctx = context(&cli.global)?;
+            let rd = cw::run::find(&ctx.store, &id)?;
+            if !rd.kill()? {
+                eprintln!("run {id} had already ended");
+            }
+            Ok(())
+        }
+        Cmd::Rm { ids, force } => {
+            let ctx = context(&cli.global)?;
+            let mut failed = false;
+            for id in ids {
+                let r = cw::run::find(&ctx.store, &id).and_then(|rd| {
+                    if force && rd.exit().is_none() {
+                        rd.kill()?;
+                        rd.wait(std::time::Duration::from_millis(50))?;
+                    }
+                    cw::run::remove(&rd)
+                });
+                match r {
+                    Ok(()) => println!("{id}"),
+                    Err(e) => {
+                        eprintln!("cw: error: {}", chain(&e));
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                bail!("some runs were not removed");
+            }
+            Ok(())
+        }
+        Cmd::Stats { id } => {
+            let ctx = context(&cli.global)?;
+            let rd = cw::run::find(&ctx.store, &id)?;
+            let v = match rd.exit() {
+                Some(e) => serde_json::json!({"status": cw::run::status_word(&rd), "usage": e.usage, "exit": e}),
+                None => {
+                    let req = rd.request()?;
+                    let u = cw_runtime::cgroup::read(&format!("{}/{}", req.cgroup_parent.trim_end_matches('/'), req.id));
+                    serde_json::json!({"status": cw::run::status_word(&rd), "usage": u})
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Cmd::Monitor { .. } => unreachable!("handled in main"),
         Cmd::Load { input, platform: p } => {
             let ctx = context(&cli.global)?;
             let imgs = cw::load::load(&ctx.store, &input, &platform(&p)?)?;

@@ -1,0 +1,497 @@
+//! The per-run monitor: a single-threaded `cw __monitor <run-dir>` process in its own session.
+//!
+//! It creates the container through libcontainer (never from a threaded process), waits for it,
+//! enforces the time limit and kill requests (SIGTERM, then SIGKILL after the grace period), and
+//! writes the exit status and final cgroup accounting atomically into `exit.json` before it tears
+//! anything down. A `cw` that dies does not take the run with it; any later `cw` finds the run by
+//! its directory, reads `state.json`/`exit.json`, signals the monitor, or recovers a run whose
+//! monitor is gone.
+//!
+//! Run directory:
+//! ```text
+//! request.json   what to run (written by the caller before the monitor starts)
+//! monitor.pid    the monitor's pid and start time (so a recycled pid is not mistaken for it)
+//! bundle/        the OCI bundle (config.json)
+//! lc/            libcontainer's state
+//! state.json     {"status":"running","pid":…,"started_at":…}
+//! exit.json      the final status and accounting (the run is over when this exists)
+//! cleaned        resources (cgroup, mounts, dirs) are released
+//! monitor.log    libcontainer's and the monitor's log
+//! ```
+
+use crate::cgroup::{self, Usage};
+use crate::request::{Network, RunRequest};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The command exited by itself (or by a signal it caused).
+    Exited,
+    /// Killed on request (`cw kill`, the worker, a signal to the monitor).
+    Killed,
+    /// Killed for running past its time limit.
+    TimeLimit,
+    /// The container could not be created or started.
+    Failed,
+    /// The monitor died; the run was found and cleaned up by another process.
+    Lost,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExitStatus {
+    /// Shell convention: the exit code, or 128+signal.
+    pub exit_code: i32,
+    pub signal: Option<i32>,
+    pub reason: Reason,
+    /// The kernel OOM-killed at least one process of the run (from the cgroup's counter).
+    pub oom_killed: bool,
+    pub usage: Usage,
+    pub started_at: f64,
+    pub finished_at: f64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct State {
+    pub status: String,
+    pub pid: Option<i32>,
+    pub started_at: f64,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+/// A run directory and what can be read from it.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+fn proc_start_time(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 2..];
+    after.split(' ').nth(19)?.parse().ok()
+}
+
+impl RunDir {
+    pub fn new(path: impl Into<PathBuf>) -> RunDir {
+        RunDir { path: path.into() }
+    }
+
+    pub fn request(&self) -> io::Result<RunRequest> {
+        let b = fs::read(self.path.join("request.json"))?;
+        serde_json::from_slice(&b).map_err(io::Error::other)
+    }
+
+    pub fn write_request(&self, r: &RunRequest) -> io::Result<()> {
+        fs::create_dir_all(&self.path)?;
+        write_atomic(&self.path.join("request.json"), &serde_json::to_vec_pretty(r).unwrap())
+    }
+
+    pub fn state(&self) -> Option<State> {
+        serde_json::from_slice(&fs::read(self.path.join("state.json")).ok()?).ok()
+    }
+
+    pub fn exit(&self) -> Option<ExitStatus> {
+        serde_json::from_slice(&fs::read(self.path.join("exit.json")).ok()?).ok()
+    }
+
+    pub fn cleaned(&self) -> bool {
+        self.path.join("cleaned").exists()
+    }
+
+    /// The monitor's pid if it is still that process (pid and start time match).
+    pub fn monitor_pid(&self) -> Option<i32> {
+        let s = fs::read_to_string(self.path.join("monitor.pid")).ok()?;
+        let (pid, start) = s.trim().split_once(' ')?;
+        let pid: i32 = pid.parse().ok()?;
+        let start: u64 = start.parse().ok()?;
+        (proc_start_time(pid) == Some(start)).then_some(pid)
+    }
+
+    /// Ask the monitor to stop the run (SIGTERM to the container, SIGKILL after the grace).
+    /// Without a live monitor, the run is recovered here. Returns false if it had already ended.
+    pub fn kill(&self) -> io::Result<bool> {
+        if self.exit().is_some() && self.cleaned() {
+            return Ok(false);
+        }
+        match self.monitor_pid() {
+            Some(pid) => {
+                signal::kill(Pid::from_raw(pid), Signal::SIGTERM).map_err(io::Error::from)?;
+                Ok(true)
+            }
+            None => {
+                self.recover()?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Finish a run whose monitor is gone: kill what is left, record it as lost, release resources.
+    pub fn recover(&self) -> io::Result<()> {
+        let req = self.request()?;
+        let lc = self.path.join("lc").join(&req.id);
+        let mut usage = Usage::default();
+        if lc.exists() {
+            if let Ok(mut c) = Container::load(lc.clone()) {
+                let _ = c.kill(Signal::SIGKILL, true);
+                if let Ok(cfg) = c.spec() {
+                    usage = cgroup::read(&cgroup_path_string(&cfg.cgroup_path));
+                }
+                let _ = c.delete(true);
+            }
+        }
+        if self.exit().is_none() {
+            let st = self.state();
+            let ex = ExitStatus {
+                exit_code: 137,
+                signal: Some(9),
+                reason: Reason::Lost,
+                oom_killed: usage.oom_kills > 0,
+                usage,
+                started_at: st.map(|s| s.started_at).unwrap_or(0.0),
+                finished_at: unix_now(),
+                error: Some("the run's monitor process died; the run was stopped".into()),
+            };
+            write_atomic(&self.path.join("exit.json"), &serde_json::to_vec_pretty(&ex).unwrap())?;
+        }
+        cleanup(&req, &self.path);
+        Ok(())
+    }
+
+    /// Block until the run has ended (exit.json and cleanup), polling.
+    pub fn wait(&self, poll: Duration) -> io::Result<ExitStatus> {
+        loop {
+            if let Some(e) = self.exit() {
+                if self.cleaned() || self.monitor_pid().is_none() {
+                    return Ok(e);
+                }
+            } else if self.monitor_pid().is_none() && self.path.join("monitor.pid").exists() {
+                // died without writing the status
+                std::thread::sleep(Duration::from_millis(50));
+                if self.exit().is_none() && self.monitor_pid().is_none() {
+                    self.recover()?;
+                    continue;
+                }
+            }
+            std::thread::sleep(poll);
+        }
+    }
+}
+
+fn cgroup_path_string(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// Start `exe __monitor <dir>` in its own session. Its stdout/stderr are the container's when the
+/// request names no files.
+pub fn spawn(exe: &Path, dir: &Path, stdout: Stdio, stderr: Stdio) -> io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(exe);
+    cmd.arg("__monitor").arg(dir).stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+// ---- inside the monitor
+
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = sig as u8;
+        unsafe { libc::write(fd, &b as *const u8 as *const libc::c_void, 1) };
+    }
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Bring `lo` up in the current network namespace.
+fn loopback_up() -> io::Result<()> {
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo\0".iter().enumerate() {
+        ifr.ifr_name[i] = *b as libc::c_char;
+    }
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn is_dev_null(fd: RawFd) -> bool {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    unsafe { libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3) }
+}
+
+/// An output fd for the container: the named file, or a copy of ours. /dev/null is never passed
+/// (libcontainer would reopen it read-only inside): a pipe we drain stands in for it.
+fn output(path: &Option<PathBuf>, ours: RawFd, drains: &mut Vec<OwnedFd>) -> io::Result<OwnedFd> {
+    if let Some(p) = path {
+        let f = OpenOptions::new().create(true).append(true).open(p)?;
+        return Ok(f.into());
+    }
+    if is_dev_null(ours) || unsafe { libc::fcntl(ours, libc::F_GETFD) } < 0 {
+        let (r, w) = pipe()?;
+        drains.push(r);
+        // the container's end must block like a normal file
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETFL, 0) };
+        return Ok(w);
+    }
+    let fd = unsafe { libc::fcntl(ours, libc::F_DUPFD_CLOEXEC, 3) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn cleanup(req: &RunRequest, dir: &Path) {
+    for m in &req.cleanup.unmount {
+        if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
+            if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
+                tracing::warn!("unmounting {}: {e}", m.display());
+            }
+        }
+    }
+    for p in &req.cleanup.remove {
+        let r = match fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(p),
+            Ok(_) => fs::remove_file(p),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!("removing {}: {e}", p.display());
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(dir.join("lc"));
+    let _ = File::create(dir.join("cleaned"));
+}
+
+fn fail(dir: &Path, req: &RunRequest, started: f64, msg: String) -> i32 {
+    tracing::error!("{msg}");
+    let ex = ExitStatus {
+        exit_code: 125,
+        signal: None,
+        reason: Reason::Failed,
+        oom_killed: false,
+        usage: Usage::default(),
+        started_at: started,
+        finished_at: unix_now(),
+        error: Some(msg),
+    };
+    let _ = write_atomic(&dir.join("exit.json"), &serde_json::to_vec_pretty(&ex).unwrap());
+    cleanup(req, dir);
+    1
+}
+
+/// The monitor process's main. Returns its exit code (0 when the status was recorded).
+pub fn main(dir: &Path) -> i32 {
+    let rd = RunDir::new(dir);
+    let req = match rd.request() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cw monitor: reading {}: {e}", dir.join("request.json").display());
+            return 2;
+        }
+    };
+    let started = unix_now();
+    let me = std::process::id() as i32;
+    let _ = write_atomic(&dir.join("monitor.pid"), format!("{me} {}", proc_start_time(me).unwrap_or(0)).as_bytes());
+
+    // signals arrive through a self-pipe; handlers (not a blocked mask) so children start clean
+    let (sig_r, sig_w) = match pipe() {
+        Ok(p) => p,
+        Err(e) => return fail(dir, &req, started, format!("creating a pipe: {e}")),
+    };
+    SIGNAL_PIPE.store(sig_w.as_raw_fd(), Ordering::Relaxed);
+    let act = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
+        unsafe { signal::sigaction(s, &act) }.ok();
+    }
+    // a broken stdout pipe must not kill the monitor
+    unsafe { signal::signal(Signal::SIGPIPE, SigHandler::SigIgn) }.ok();
+
+    if req.network == Network::None {
+        // The container inherits this private namespace (the spec asks for none of its own):
+        // only loopback, and it is up.
+        if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+            return fail(dir, &req, started, format!("creating a network namespace: {e}"));
+        }
+        if let Err(e) = loopback_up() {
+            return fail(dir, &req, started, format!("bringing up loopback: {e}"));
+        }
+    }
+
+    let spec = match crate::spec::build(&req) {
+        Ok(s) => s,
+        Err(e) => return fail(dir, &req, started, e),
+    };
+    let bundle = dir.join("bundle");
+    if let Err(e) = fs::create_dir_all(&bundle).and_then(|_| spec.save(bundle.join("config.json")).map_err(io::Error::other)) {
+        return fail(dir, &req, started, format!("writing the OCI bundle: {e}"));
+    }
+    let mut drains = Vec::new();
+    let (stdout, stderr) = match (output(&req.stdout, 1, &mut drains), output(&req.stderr, 2, &mut drains)) {
+        (Ok(o), Ok(e)) => (o, e),
+        (Err(e), _) | (_, Err(e)) => return fail(dir, &req, started, format!("opening the output files: {e}")),
+    };
+    let stdin = match File::open("/dev/null") {
+        Ok(f) => f,
+        Err(e) => return fail(dir, &req, started, format!("opening /dev/null: {e}")),
+    };
+    let lc_root = dir.join("lc");
+    let _ = fs::create_dir_all(&lc_root);
+    let built = ContainerBuilder::new(req.id.clone(), SyscallType::default())
+        .with_root_path(&lc_root)
+        .and_then(|b| b.with_executor(DefaultExecutor {}).with_stdin(stdin).with_stdout(stdout).with_stderr(stderr).validate_id())
+        .and_then(|b| b.as_init(&bundle).with_systemd(false).with_detach(true).build());
+    let mut container = match built {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!("creating the container: {e}");
+            if let Ok(mut c) = Container::load(lc_root.join(&req.id)) {
+                let _ = c.delete(true);
+            }
+            return fail(dir, &req, started, msg);
+        }
+    };
+    let cgroup_path = format!("{}/{}", req.cgroup_parent.trim_end_matches('/'), req.id);
+    if let Err(e) = container.start() {
+        let msg = format!("starting the container: {e}");
+        let _ = container.delete(true);
+        return fail(dir, &req, started, msg);
+    }
+    let Some(pid) = container.pid() else {
+        let _ = container.delete(true);
+        return fail(dir, &req, started, "the container has no pid".into());
+    };
+    let st = State { status: "running".into(), pid: Some(pid.as_raw()), started_at: started };
+    let _ = write_atomic(&dir.join("state.json"), &serde_json::to_vec(&st).unwrap());
+
+    let t0 = Instant::now();
+    let grace = Duration::from_secs(req.kill_grace_secs);
+    let mut reason = Reason::Exited;
+    let mut kill_at: Option<Instant> = None;
+    let mut sigkilled = false;
+    let status = 'outer: loop {
+        let now = Instant::now();
+        let mut wake: Option<Instant> = kill_at.filter(|_| !sigkilled);
+        if reason == Reason::Exited {
+            if let Some(tl) = req.time_limit {
+                let d = t0 + Duration::from_secs(tl);
+                wake = Some(wake.map_or(d, |w| w.min(d)));
+            }
+        }
+        let timeout = wake.map(|w| w.saturating_duration_since(now).as_millis().min(60_000) as i32).unwrap_or(60_000);
+        let mut pfds: Vec<libc::pollfd> = std::iter::once(&sig_r).chain(drains.iter()).map(|f| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+        unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
+        let mut buf = [0u8; 4096];
+        for (i, p) in pfds.iter().enumerate().skip(1) {
+            if p.revents & (libc::POLLIN | libc::POLLHUP) != 0 {
+                let _ = (&File::from(drains[i - 1].try_clone().unwrap())).read(&mut buf);
+            }
+        }
+        let mut term_requested = false;
+        loop {
+            let n = unsafe { libc::read(sig_r.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            for &s in &buf[..n as usize] {
+                if s as i32 != libc::SIGCHLD {
+                    term_requested = true;
+                }
+            }
+        }
+        let now = Instant::now();
+        if reason == Reason::Exited {
+            let timed_out = req.time_limit.is_some_and(|tl| now >= t0 + Duration::from_secs(tl));
+            if term_requested || timed_out {
+                reason = if term_requested { Reason::Killed } else { Reason::TimeLimit };
+                tracing::info!("stopping the run ({reason:?}): SIGTERM, SIGKILL in {grace:?}");
+                let _ = container.kill(Signal::SIGTERM, true);
+                kill_at = Some(now + grace);
+            }
+        } else if term_requested && !sigkilled {
+            kill_at = Some(now); // asked again: no more grace
+        }
+        if let Some(k) = kill_at {
+            if now >= k && !sigkilled {
+                let _ = container.kill(Signal::SIGKILL, true);
+                sigkilled = true;
+            }
+        }
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(p, code)) if p == pid => break 'outer (code, None),
+                Ok(WaitStatus::Signaled(p, s, _)) if p == pid => break 'outer (128 + s as i32, Some(s as i32)),
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    };
+    let usage = cgroup::read(&cgroup_path);
+    let ex = ExitStatus {
+        exit_code: status.0,
+        signal: status.1,
+        reason,
+        oom_killed: usage.oom_kills > 0,
+        usage,
+        started_at: started,
+        finished_at: unix_now(),
+        error: None,
+    };
+    if let Err(e) = write_atomic(&dir.join("exit.json"), &serde_json::to_vec_pretty(&ex).unwrap()) {
+        tracing::error!("writing exit.json: {e}");
+    }
+    if let Err(e) = container.delete(true) {
+        tracing::warn!("deleting the container: {e}");
+    }
+    cleanup(&req, dir);
+    0
+}

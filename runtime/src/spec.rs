@@ -1,0 +1,278 @@
+//! The OCI runtime spec for a run, with safe defaults: docker's default capabilities for root
+//! (less MKNOD), none for other users, no_new_privs, a seccomp filter, masked and read-only /proc
+//! paths, a private /dev with only the standard nodes, read-only /sys and no cgroupfs inside
+//! (libcontainer 0.7 would mount it writable on cgroup v1).
+
+use crate::request::{Network, RunRequest};
+use oci_spec::runtime::Spec;
+use serde_json::{json, Value};
+
+/// Docker's default capability set, without CAP_MKNOD (runs never need to make device nodes).
+pub const ROOT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+const MASKED: &[&str] = &[
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+const READONLY: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+
+/// Syscalls refused with EPERM: what docker's default profile leaves out for a container without
+/// CAP_SYS_ADMIN and friends (kernel modules, mounts, namespaces, keyrings, bpf, clock, reboot…).
+pub const DENIED_SYSCALLS: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "get_mempolicy",
+    "init_module",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mbind",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "move_pages",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "query_module",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "set_mempolicy",
+    "setns",
+    "settimeofday",
+    "swapoff",
+    "swapon",
+    "sysfs",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vhangup",
+    #[cfg(target_arch = "x86_64")]
+    "iopl",
+    #[cfg(target_arch = "x86_64")]
+    "ioperm",
+    #[cfg(target_arch = "x86_64")]
+    "vm86",
+    #[cfg(target_arch = "x86_64")]
+    "vm86old",
+    #[cfg(target_arch = "x86_64")]
+    "_sysctl",
+    #[cfg(target_arch = "x86_64")]
+    "umount",
+];
+
+/// CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET: clone(2) with any is refused.
+const CLONE_NAMESPACE_FLAGS: [u64; 7] = [0x0002_0000, 0x0200_0000, 0x0400_0000, 0x0800_0000, 0x1000_0000, 0x2000_0000, 0x4000_0000];
+
+fn seccomp() -> Value {
+    let arches: Vec<&str> = if cfg!(target_arch = "x86_64") {
+        vec!["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
+    } else if cfg!(target_arch = "aarch64") {
+        vec!["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
+    } else {
+        vec![]
+    };
+    let mut syscalls = vec![
+        json!({ "names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM }),
+        // clone3 hides its flags in memory: make libc fall back to clone(2), which is filtered
+        json!({ "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS }),
+    ];
+    // (flags & F) == F for any namespace flag F → EPERM (on s390 the flags are the 2nd argument)
+    let flags_arg = if cfg!(target_arch = "s390x") { 1 } else { 0 };
+    for f in CLONE_NAMESPACE_FLAGS {
+        syscalls.push(json!({ "names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM,
+            "args": [{ "index": flags_arg, "value": f, "valueTwo": f, "op": "SCMP_CMP_MASKED_EQ" }] }));
+    }
+    json!({ "defaultAction": "SCMP_ACT_ALLOW", "architectures": arches, "syscalls": syscalls })
+}
+
+/// Build the spec. `cgroups_path` is absolute.
+pub fn build(req: &RunRequest) -> Result<Spec, String> {
+    let root = req.uid == 0;
+    let caps: Vec<&str> = if root { ROOT_CAPS.to_vec() } else { vec![] };
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", format!("size={}", req.limits.shm_size.max(4096))]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+    ];
+    for m in req.host_files.iter().chain(req.mounts.iter()) {
+        let mut opts = vec!["rbind", "nosuid", "nodev"];
+        if m.readonly {
+            opts.push("ro");
+        }
+        mounts.push(json!({"destination": m.destination, "type": "bind", "source": m.source, "options": opts}));
+    }
+    // No network namespace here: for Network::None the monitor made a fresh one (loopback up)
+    // that the container inherits; for Network::Host it shares the host's.
+    let _: Network = req.network;
+    let namespaces = vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "uts"}), json!({"type": "mount"}), json!({"type": "cgroup"})];
+
+    let mut resources = json!({
+        "devices": [{"allow": false, "access": "rwm"}],
+    });
+    let mut allowed = vec![
+        (1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 2),
+    ];
+    let mut devices = vec![];
+    for d in &req.devices {
+        allowed.push((d.major, d.minor));
+        devices.push(json!({"path": d.path, "type": "c", "major": d.major, "minor": d.minor, "fileMode": d.file_mode, "uid": 0, "gid": 0}));
+    }
+    let dev_rules = resources["devices"].as_array_mut().unwrap();
+    for (maj, min) in allowed {
+        dev_rules.push(json!({"allow": true, "type": "c", "major": maj, "minor": min, "access": "rwm"}));
+    }
+    dev_rules.push(json!({"allow": true, "type": "c", "major": 136, "access": "rwm"})); // /dev/pts/*
+    if let Some(m) = req.limits.memory {
+        resources["memory"] = json!({"limit": m, "swap": m});
+    }
+    let mut cpu = serde_json::Map::new();
+    if let Some(c) = req.limits.cpus {
+        let period = 100_000u64;
+        cpu.insert("period".into(), json!(period));
+        cpu.insert("quota".into(), json!(((c * period as f64).round() as i64).max(1000)));
+    }
+    if let Some(s) = &req.limits.cpuset {
+        cpu.insert("cpus".into(), json!(s));
+    }
+    if !cpu.is_empty() {
+        resources["cpu"] = Value::Object(cpu);
+    }
+    if let Some(p) = req.limits.pids {
+        resources["pids"] = json!({"limit": p});
+    }
+
+    let spec = json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": req.uid, "gid": req.gid, "additionalGids": req.additional_gids},
+            "args": req.args,
+            "env": req.env,
+            "cwd": if req.cwd.is_empty() { "/" } else { req.cwd.as_str() },
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "noNewPrivileges": true,
+        },
+        "root": {"path": req.rootfs, "readonly": req.readonly_rootfs},
+        "hostname": req.hostname,
+        "mounts": mounts,
+        "linux": {
+            "cgroupsPath": format!("{}/{}", req.cgroup_parent.trim_end_matches('/'), req.id),
+            "namespaces": namespaces,
+            "resources": resources,
+            "devices": devices,
+            "maskedPaths": MASKED,
+            "readonlyPaths": READONLY,
+            "seccomp": seccomp(),
+        }
+    });
+    serde_json::from_value(spec).map_err(|e| format!("internal error building the OCI spec: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::*;
+
+    fn req(uid: u32) -> RunRequest {
+        RunRequest {
+            id: "t1".into(),
+            rootfs: "/r".into(),
+            readonly_rootfs: false,
+            args: vec!["true".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "".into(),
+            uid,
+            gid: uid,
+            additional_gids: vec![],
+            hostname: "h".into(),
+            mounts: vec![BindMount { source: "/data".into(), destination: "/data".into(), readonly: true }],
+            limits: Limits { memory: Some(64 << 20), cpus: Some(1.5), cpuset: Some("0".into()), pids: Some(100), shm_size: 1 << 20 },
+            network: Network::None,
+            time_limit: None,
+            kill_grace_secs: 2,
+            stdout: None,
+            stderr: None,
+            cgroup_parent: "/cw".into(),
+            devices: vec![],
+            host_files: vec![],
+            cleanup: Cleanup::default(),
+        }
+    }
+
+    #[test]
+    fn root_gets_default_caps_without_mknod_and_others_none() {
+        let s = serde_json::to_value(build(&req(0)).unwrap()).unwrap();
+        let caps = s["process"]["capabilities"]["bounding"].as_array().unwrap();
+        assert!(caps.iter().any(|c| c == "CAP_CHOWN"));
+        assert!(!caps.iter().any(|c| c == "CAP_MKNOD" || c == "CAP_SYS_ADMIN"));
+        let s = serde_json::to_value(build(&req(1000)).unwrap()).unwrap();
+        assert!(s["process"]["capabilities"]["bounding"].as_array().map_or(true, |a| a.is_empty()));
+        assert_eq!(s["process"]["noNewPrivileges"], true);
+    }
+
+    #[test]
+    fn limits_cgroup_and_no_cgroupfs() {
+        let s = serde_json::to_value(build(&req(0)).unwrap()).unwrap();
+        assert_eq!(s["linux"]["resources"]["memory"]["limit"], 64 << 20);
+        assert_eq!(s["linux"]["resources"]["memory"]["swap"], 64 << 20);
+        assert_eq!(s["linux"]["resources"]["cpu"]["quota"], 150000);
+        assert_eq!(s["linux"]["resources"]["pids"]["limit"], 100);
+        assert_eq!(s["linux"]["cgroupsPath"], "/cw/t1");
+        let mounts = s["mounts"].as_array().unwrap();
+        assert!(!mounts.iter().any(|m| m["type"] == "cgroup"));
+        let sys = mounts.iter().find(|m| m["destination"] == "/sys").unwrap();
+        assert!(sys["options"].as_array().unwrap().iter().any(|o| o == "ro"));
+        let data = mounts.iter().find(|m| m["destination"] == "/data").unwrap();
+        assert!(data["options"].as_array().unwrap().iter().any(|o| o == "ro"));
+        assert!(s["linux"]["seccomp"]["syscalls"][0]["names"].as_array().unwrap().iter().any(|n| n == "mount"));
+        // no netns entry: the container inherits the monitor's private one
+        assert!(!s["linux"]["namespaces"].as_array().unwrap().iter().any(|n| n["type"] == "network"));
+    }
+}

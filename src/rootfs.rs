@@ -1,0 +1,220 @@
+//! A run's root filesystem: an overlayfs of the image's layer dirs (read-only lowers, base last)
+//! plus a per-run upper dir, or a flattened copy where overlayfs cannot be used.
+
+use crate::image::digest::Digest;
+use crate::store::unpack::{self, Tree, Whiteouts};
+use crate::store::Store;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("layer {0} is not in the store (pull the image again)")]
+    MissingLayer(Digest),
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: io::Error },
+}
+
+pub struct Rootfs {
+    /// The directory to use as the container's root.
+    pub path: PathBuf,
+    /// Mounted (overlay) or copied.
+    pub overlay: bool,
+    /// What to remove after unmounting.
+    pub scratch: Vec<PathBuf>,
+}
+
+fn ioe(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RootfsError {
+    let path = path.to_path_buf();
+    move |source| RootfsError::Io { what, path, source }
+}
+
+/// Legacy mount(2) data is one page: beyond this, the new mount API is used.
+const MAX_MOUNT_DATA: usize = 4000;
+
+fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
+    let lower: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    let data = format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), upper.display(), work.display());
+    if data.len() <= MAX_MOUNT_DATA {
+        return nix::mount::mount(Some("overlay"), target, Some("overlay"), nix::mount::MsFlags::empty(), Some(data.as_str())).map_err(io::Error::from);
+    }
+    mount_overlay_fsconfig(&lower, upper, work, target)
+}
+
+/// fsopen/fsconfig with one `lowerdir+` per layer (Linux 6.8+): no page-size bound on layer count.
+fn mount_overlay_fsconfig(lowers: &[String], upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::fd::{FromRawFd, OwnedFd, AsRawFd};
+    const FSCONFIG_SET_STRING: libc::c_uint = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+    let c = |s: &str| CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"));
+    let fsname = c("overlay")?;
+    let fs = unsafe { libc::syscall(libc::SYS_fsopen, fsname.as_ptr(), 1 /* FSOPEN_CLOEXEC */) };
+    if fs < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
+    let set = |k: &str, v: &str| -> io::Result<()> {
+        let (k, v) = (c(k)?, c(v)?);
+        let r = unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_SET_STRING, k.as_ptr(), v.as_ptr(), 0) };
+        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    };
+    for l in lowers {
+        set("lowerdir+", l)?;
+    }
+    set("upperdir", &upper.display().to_string())?;
+    set("workdir", &work.display().to_string())?;
+    if unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_CMD_CREATE, 0usize, 0usize, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let m = unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), 1 /* FSMOUNT_CLOEXEC */, 0) };
+    if m < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let m = unsafe { OwnedFd::from_raw_fd(m as i32) };
+    let empty = c("")?;
+    let t = c(&target.display().to_string())?;
+    if unsafe { libc::syscall(libc::SYS_move_mount, m.as_raw_fd(), empty.as_ptr(), libc::AT_FDCWD, t.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Build the rootfs for `run` inside `run_dir` from `layers` (base first).
+pub fn create(store: &Store, run: &str, run_dir: &Path, layers: &[Digest], force_copy: bool) -> Result<Rootfs, RootfsError> {
+    let mut lowers = Vec::new();
+    for l in layers.iter().rev() {
+        if store.layer(l).is_none() {
+            return Err(RootfsError::MissingLayer(l.clone()));
+        }
+        lowers.push(store.layer_dir(l));
+    }
+    let target = run_dir.join("rootfs");
+    std::fs::create_dir_all(&target).map_err(ioe("creating", &target))?;
+    store.mark_in_use(run, layers, &target).map_err(|e| RootfsError::Io { what: "recording", path: target.clone(), source: io::Error::other(e.to_string()) })?;
+    if !force_copy {
+        let upper = run_dir.join("upper");
+        let work = run_dir.join("work");
+        std::fs::create_dir_all(&upper).map_err(ioe("creating", &upper))?;
+        std::fs::create_dir_all(&work).map_err(ioe("creating", &work))?;
+        if lowers.is_empty() {
+            // an image without layers: an empty lower
+            let empty = run_dir.join("empty");
+            std::fs::create_dir_all(&empty).map_err(ioe("creating", &empty))?;
+            lowers.push(empty);
+        }
+        match mount_overlay(&lowers, &upper, &work, &target) {
+            Ok(()) => return Ok(Rootfs { path: target, overlay: true, scratch: vec![upper, work] }),
+            Err(e) => tracing::warn!("overlayfs mount failed ({e}); copying the layers instead"),
+        }
+    }
+    for l in layers {
+        copy_layer(&store.layer_dir(l), &target).map_err(ioe("copying layer into", &target))?;
+    }
+    Ok(Rootfs { path: target, overlay: false, scratch: vec![] })
+}
+
+/// Apply an unpacked (overlay-form) layer dir onto a flattened tree: re-tar it and unpack in
+/// Apply mode, which turns whiteouts (char 0/0) and opaque markers into deletions.
+fn copy_layer(layer: &Path, target: &Path) -> io::Result<()> {
+    let (r, w) = std::io::pipe()?;
+    let src = layer.to_path_buf();
+    let writer = std::thread::spawn(move || -> io::Result<()> {
+        let mut b = tar::Builder::new(w);
+        b.follow_symlinks(false);
+        b.mode(tar::HeaderMode::Complete);
+        append_tree(&mut b, &src, Path::new(""))?;
+        b.finish()
+    });
+    let res = unpack::unpack(r, target, unpack::Options { whiteouts: Whiteouts::Apply, ..Default::default() });
+    writer.join().map_err(|_| io::Error::other("tar writer panicked"))??;
+    res.map(|_| ()).map_err(io::Error::other)
+}
+
+fn append_tree<W: io::Write>(b: &mut tar::Builder<W>, root: &Path, rel: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let dir = root.join(rel);
+    let mut names: Vec<_> = std::fs::read_dir(&dir)?.flatten().collect();
+    names.sort_by_key(|e| e.file_name());
+    // an opaque directory: emit the marker first, so lower content goes before this layer's
+    if xattr_get(&dir, "trusted.overlay.opaque").as_deref() == Some(b"y") && !rel.as_os_str().is_empty() {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, rel.join(".wh..wh..opq"), io::empty())?;
+    }
+    for e in names {
+        let name = e.file_name();
+        let p = rel.join(&name);
+        let md = std::fs::symlink_metadata(e.path())?;
+        if md.file_type().is_char_device() && md.rdev() == 0 {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            let mut wh = std::ffi::OsString::from(".wh.");
+            wh.push(&name);
+            b.append_data(&mut h, rel.join(wh), io::empty())?;
+            continue;
+        }
+        b.append_path_with_name(e.path(), &p)?;
+        if md.is_dir() {
+            append_tree(b, root, &p)?;
+        }
+    }
+    Ok(())
+}
+
+fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let cp = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+    let cn = std::ffi::CString::new(name).ok()?;
+    let mut buf = [0u8; 16];
+    let n = unsafe { libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+    (n >= 0).then(|| buf[..n as usize].to_vec())
+}
+
+/// Read a small text file from inside a rootfs without following links out of it.
+pub fn read_file(rootfs: &Path, rel: &str, limit: u64) -> Option<String> {
+    let mut t = Tree::open(rootfs).ok()?;
+    let f = t.open_file(rel.as_bytes()).ok()?;
+    let mut s = String::new();
+    f.take(limit).read_to_string(&mut s).ok()?;
+    Some(s)
+}
+
+/// Resolve a docker-style user spec (`uid`, `uid:gid`, `name`, `name:group`) against the rootfs's
+/// /etc/passwd and /etc/group. Returns (uid, gid, supplementary gids, home).
+pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<(u32, u32, Vec<u32>, String), String> {
+    let passwd = read_file(rootfs, "etc/passwd", 4 << 20).unwrap_or_default();
+    let group = read_file(rootfs, "etc/group", 4 << 20).unwrap_or_default();
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let u = if u.is_empty() { "0" } else { u };
+    let pw: Vec<Vec<&str>> = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 7).collect();
+    let entry = pw.iter().find(|f| f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u));
+    let uid: u32 = match u.parse() {
+        Ok(n) => n,
+        Err(_) => entry.and_then(|f| f[2].parse().ok()).ok_or_else(|| format!("user {u:?} is not in the image's /etc/passwd"))?,
+    };
+    let home = entry.map(|f| f[5].to_string()).unwrap_or_else(|| if uid == 0 { "/root".into() } else { "/".into() });
+    let grp: Vec<Vec<&str>> = group.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 4).collect();
+    let gid: u32 = match g {
+        Some(g) => match g.parse() {
+            Ok(n) => n,
+            Err(_) => grp.iter().find(|f| f[0] == g).and_then(|f| f[2].parse().ok()).ok_or_else(|| format!("group {g:?} is not in the image's /etc/group"))?,
+        },
+        None => entry.and_then(|f| f[3].parse().ok()).unwrap_or(if uid == 0 { 0 } else { uid }),
+    };
+    let name = entry.map(|f| f[0]).unwrap_or("");
+    let mut extra: Vec<u32> = if g.is_none() && !name.is_empty() {
+        grp.iter().filter(|f| f[3].split(',').any(|m| m == name)).filter_map(|f| f[2].parse().ok()).filter(|&x| x != gid).collect()
+    } else {
+        vec![]
+    };
+    extra.sort_unstable();
+    extra.dedup();
+    Ok((uid, gid, extra, home))
+}

@@ -1,0 +1,286 @@
+//! `cw run` and the commands on runs (`ps`, `kill`, `rm`, `stats`): image config + flags →
+//! rootfs → [`cw_runtime::request::RunRequest`] → a monitor process.
+
+use crate::image::manifest::RunConfig;
+use crate::rootfs;
+use crate::store::{ImageRecord, Store};
+use cw_runtime::monitor::{self, ExitStatus, RunDir};
+use cw_runtime::request::{BindMount, Cleanup, Limits, Network, RunRequest};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub name: Option<String>,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub mounts: Vec<BindMount>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    pub limits: Limits,
+    pub network: Network,
+    pub time_limit: Option<u64>,
+    pub kill_grace_secs: u64,
+    pub stdout: Option<PathBuf>,
+    pub stderr: Option<PathBuf>,
+    pub cgroup_parent: String,
+    pub readonly_rootfs: bool,
+    pub force_copy: bool,
+    pub hostname: Option<String>,
+}
+
+pub fn runs_dir(store: &Store) -> PathBuf {
+    store.root().join("runs")
+}
+
+/// Parse `-v SRC:DST[:ro|rw]`.
+pub fn parse_volume(s: &str) -> Result<BindMount, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let (src, dst, ro) = match parts.as_slice() {
+        [s, d] => (*s, *d, false),
+        [s, d, "ro"] => (*s, *d, true),
+        [s, d, "rw"] => (*s, *d, false),
+        _ => return Err(format!("volume {s:?} is not SRC:DST[:ro|rw]")),
+    };
+    if !dst.starts_with('/') {
+        return Err(format!("volume {s:?}: the destination must be an absolute path"));
+    }
+    let source = std::fs::canonicalize(src).map_err(|e| format!("volume {s:?}: source {src:?}: {e}"))?;
+    Ok(BindMount { source, destination: dst.to_string(), readonly: ro })
+}
+
+/// Docker's rules: user args replace Cmd; Entrypoint stays in front. A single argument that
+/// contains whitespace or shell syntax is a shell command (`/bin/sh -c`).
+pub fn command(cfg: &RunConfig, args: &[String]) -> Vec<String> {
+    let user: Vec<String> = if args.len() == 1 && args[0].chars().any(|c| c.is_whitespace() || "|&;<>()$`\\\"'*?[#~=%".contains(c)) {
+        vec!["/bin/sh".into(), "-c".into(), args[0].clone()]
+    } else {
+        args.to_vec()
+    };
+    let mut out = cfg.entrypoint.clone();
+    if user.is_empty() {
+        out.extend(cfg.cmd.iter().cloned());
+    } else {
+        out.extend(user);
+    }
+    out
+}
+
+/// Image env, then defaults, then the user's `-e` (a bare `-e NAME` copies the host's value).
+pub fn environment(cfg: &RunConfig, user_env: &[String], home: &str, hostname: &str) -> Vec<String> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut set = |kv: &str| {
+        let (k, v) = match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => match std::env::var(kv) {
+                Ok(v) => (kv.to_string(), v),
+                Err(_) => return,
+            },
+        };
+        env.retain(|(ek, _)| *ek != k);
+        env.push((k, v));
+    };
+    set("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    set(&format!("HOSTNAME={hostname}"));
+    set(&format!("HOME={home}"));
+    for e in &cfg.env {
+        set(e);
+    }
+    for e in user_env {
+        set(e);
+    }
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+pub fn new_id() -> String {
+    format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+}
+
+/// Prepare everything and write the request; the caller then spawns the monitor.
+pub fn prepare(store: &Store, image: &ImageRecord, o: &RunOptions) -> anyhow::Result<(RunDir, RunRequest)> {
+    let id = o.name.clone().unwrap_or_else(new_id);
+    if !cw_runtime::request::valid_id(&id) {
+        anyhow::bail!("run name {id:?} is not valid (1-64 of letters, digits, '_', '.', '-')");
+    }
+    let dir = runs_dir(store).join(&id);
+    if dir.exists() {
+        anyhow::bail!("a run named {id:?} already exists ({}); remove it with `cw rm {id}`", dir.display());
+    }
+    std::fs::create_dir_all(&dir)?;
+    let rd = RunDir::new(&dir);
+    let res = (|| {
+        let rf = rootfs::create(store, &id, &dir, &image.layers, o.force_copy)?;
+        let mut cleanup = Cleanup::default();
+        if rf.overlay {
+            cleanup.unmount.push(rf.path.clone());
+        }
+        cleanup.remove.extend(rf.scratch.iter().cloned());
+        cleanup.remove.push(rf.path.clone());
+        cleanup.remove.push(store.root().join("inuse").join(format!("{id}.json")));
+        let user = o.user.clone().unwrap_or_else(|| image.run.user.clone());
+        let (uid, gid, extra, home) = rootfs::resolve_user(&rf.path, &user).map_err(anyhow::Error::msg)?;
+        let hostname = o.hostname.clone().unwrap_or_else(|| id.chars().take(12).collect());
+        let args = command(&image.run, &o.args);
+        if args.is_empty() {
+            anyhow::bail!("no command given and the image has neither Entrypoint nor Cmd");
+        }
+        let cwd = o.workdir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| if image.run.working_dir.is_empty() { "/".into() } else { image.run.working_dir.clone() });
+        if !cwd.starts_with('/') {
+            anyhow::bail!("working directory {cwd:?} must be absolute");
+        }
+        let host_files = etc_files(&dir, &hostname, o.network)?;
+        Ok(RunRequest {
+            id: id.clone(),
+            rootfs: rf.path.clone(),
+            readonly_rootfs: o.readonly_rootfs,
+            env: environment(&image.run, &o.env, &home, &hostname),
+            args,
+            cwd,
+            uid,
+            gid,
+            additional_gids: extra,
+            hostname,
+            mounts: o.mounts.clone(),
+            limits: o.limits.clone(),
+            network: o.network,
+            time_limit: o.time_limit,
+            kill_grace_secs: o.kill_grace_secs,
+            stdout: o.stdout.clone(),
+            stderr: o.stderr.clone(),
+            cgroup_parent: o.cgroup_parent.clone(),
+            devices: vec![],
+            host_files,
+            cleanup,
+        })
+    })();
+    match res {
+        Ok(req) => {
+            rd.write_request(&req)?;
+            Ok((rd, req))
+        }
+        Err(e) => {
+            // nothing may be left behind: unmount and remove what was made
+            let _ = nix::mount::umount2(&dir.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
+            store.clear_in_use(&id);
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
+}
+
+/// /etc/hostname, /etc/hosts and /etc/resolv.conf for the run, bind-mounted read-only.
+fn etc_files(dir: &Path, hostname: &str, net: Network) -> anyhow::Result<Vec<BindMount>> {
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc)?;
+    std::fs::write(etc.join("hostname"), format!("{hostname}\n"))?;
+    std::fs::write(etc.join("hosts"), format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"))?;
+    let resolv = match net {
+        Network::Host => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        Network::None => String::new(),
+    };
+    std::fs::write(etc.join("resolv.conf"), resolv)?;
+    Ok(["hostname", "hosts", "resolv.conf"]
+        .iter()
+        .map(|f| BindMount { source: etc.join(f), destination: format!("/etc/{f}"), readonly: true })
+        .collect())
+}
+
+/// All runs in the store, with their state.
+pub fn list(store: &Store) -> Vec<(String, RunDir)> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(runs_dir(store)) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if cw_runtime::request::valid_id(&name) {
+                out.push((name, RunDir::new(e.path())));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+pub fn find(store: &Store, id: &str) -> anyhow::Result<RunDir> {
+    if !cw_runtime::request::valid_id(id) {
+        anyhow::bail!("{id:?} is not a valid run id");
+    }
+    let p = runs_dir(store).join(id);
+    if !p.join("request.json").exists() {
+        anyhow::bail!("no run {id:?} (cw ps lists them)");
+    }
+    Ok(RunDir::new(p))
+}
+
+pub fn status_word(rd: &RunDir) -> String {
+    match (rd.exit(), rd.monitor_pid()) {
+        (Some(e), _) => match e.reason {
+            monitor::Reason::Exited => format!("exited ({})", e.exit_code),
+            monitor::Reason::Killed => "killed".into(),
+            monitor::Reason::TimeLimit => "time limit".into(),
+            monitor::Reason::Failed => "failed".into(),
+            monitor::Reason::Lost => "lost".into(),
+        },
+        (None, Some(_)) => "running".into(),
+        (None, None) => "lost".into(),
+    }
+}
+
+/// Remove a finished run's directory.
+pub fn remove(rd: &RunDir) -> anyhow::Result<()> {
+    if rd.exit().is_none() && rd.monitor_pid().is_some() {
+        anyhow::bail!("run {} is still running (cw kill it first)", rd.path.display());
+    }
+    if !rd.cleaned() {
+        rd.recover()?;
+    }
+    std::fs::remove_dir_all(&rd.path)?;
+    Ok(())
+}
+
+pub fn describe_exit(e: &ExitStatus, memory: Option<u64>) -> Option<String> {
+    if let Some(err) = &e.error {
+        return Some(err.clone());
+    }
+    if e.oom_killed {
+        let lim = memory.map(|m| format!(" (limit {})", crate::progress::human(m))).unwrap_or_default();
+        return Some(format!("the kernel killed a process of the run for exceeding its memory limit{lim}"));
+    }
+    match e.reason {
+        monitor::Reason::TimeLimit => Some("the run was killed for exceeding its time limit".into()),
+        monitor::Reason::Killed => Some("the run was killed on request".into()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_rules() {
+        let cfg = RunConfig { cmd: vec!["/bin/sh".into()], ..Default::default() };
+        assert_eq!(command(&cfg, &[]), vec!["/bin/sh"]);
+        assert_eq!(command(&cfg, &["true".into()]), vec!["true"]);
+        assert_eq!(command(&cfg, &["echo hi".into()]), vec!["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(command(&cfg, &["ls".into(), "-l".into()]), vec!["ls", "-l"]);
+        let ep = RunConfig { entrypoint: vec!["/ep".into()], cmd: vec!["x".into()], ..Default::default() };
+        assert_eq!(command(&ep, &[]), vec!["/ep", "x"]);
+        assert_eq!(command(&ep, &["y".into()]), vec!["/ep", "y"]);
+    }
+
+    #[test]
+    fn env_precedence() {
+        let cfg = RunConfig { env: vec!["PATH=/img".into(), "A=1".into()], ..Default::default() };
+        let e = environment(&cfg, &["A=2".into(), "B=3".into()], "/root", "h");
+        assert!(e.contains(&"PATH=/img".to_string()));
+        assert!(e.contains(&"A=2".to_string()) && !e.contains(&"A=1".to_string()));
+        assert!(e.contains(&"HOME=/root".to_string()) && e.contains(&"B=3".to_string()));
+    }
+
+    #[test]
+    fn volumes() {
+        assert!(parse_volume("/tmp:/x:ro").unwrap().readonly);
+        assert!(parse_volume("/tmp:x").is_err());
+        assert!(parse_volume("/nonexistent-cw:/x").is_err());
+        assert!(parse_volume("/tmp:/x:bad").is_err());
+    }
+}
