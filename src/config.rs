@@ -36,29 +36,46 @@ pub fn default_path() -> PathBuf {
         let base = std::env::var_os("XDG_CONFIG_HOME")
             .filter(|x| !x.is_empty())
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/".into())).join(".config"));
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/".into()))
+                    .join(".config")
+            });
         base.join("cw/config.toml")
     }
 }
 
 pub fn load(path: &Path, explicit: bool) -> Result<FileConfig, ConfigFileError> {
     match std::fs::read_to_string(path) {
-        Ok(s) => toml::from_str(&s).map_err(|e| ConfigFileError::Bad { path: path.into(), reason: e.to_string() }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(FileConfig::default()),
-        Err(e) => Err(ConfigFileError::Bad { path: path.into(), reason: e.to_string() }),
+        Ok(s) => toml::from_str(&s).map_err(|e| ConfigFileError::Bad {
+            path: path.into(),
+            reason: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            Ok(FileConfig::default())
+        }
+        Err(e) => Err(ConfigFileError::Bad {
+            path: path.into(),
+            reason: e.to_string(),
+        }),
     }
 }
 
 impl FileConfig {
     pub fn registry_config(&self) -> RegistryConfig {
-        RegistryConfig { registries: self.registry.clone(), ..Default::default() }
+        RegistryConfig {
+            registries: self.registry.clone(),
+            ..Default::default()
+        }
     }
 }
 
 /// Parse sizes like `512m`, `2g`, `1.5GB`, `1000` (bytes). Binary units for k/m/g/t (as docker).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
-    let t = t.strip_suffix("ib").or_else(|| t.strip_suffix('b')).unwrap_or(&t);
+    let t = t
+        .strip_suffix("ib")
+        .or_else(|| t.strip_suffix('b'))
+        .unwrap_or(&t);
     let (num, mult) = match t.chars().last() {
         Some('k') => (&t[..t.len() - 1], 1u64 << 10),
         Some('m') => (&t[..t.len() - 1], 1 << 20),
@@ -66,7 +83,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('t') => (&t[..t.len() - 1], 1 << 40),
         _ => (t, 1),
     };
-    let v: f64 = num.trim().parse().map_err(|_| format!("size {s:?} is not a number with an optional unit (k, m, g, t)"))?;
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("size {s:?} is not a number with an optional unit (k, m, g, t)"))?;
     if !(v.is_finite() && v >= 0.0) {
         return Err(format!("size {s:?} must be a non-negative number"));
     }
@@ -93,7 +113,11 @@ mod tests {
     fn config_file() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("c.toml");
-        std::fs::write(&p, "store = \"/x\"\n[registry.\"docker.io\"]\nmirrors = [\"http://127.0.0.1:5000\"]\n").unwrap();
+        std::fs::write(
+            &p,
+            "store = \"/x\"\n[registry.\"docker.io\"]\nmirrors = [\"http://127.0.0.1:5000\"]\n",
+        )
+        .unwrap();
         let c = load(&p, true).unwrap();
         assert_eq!(c.store.as_deref(), Some(Path::new("/x")));
         assert_eq!(c.registry["docker.io"].mirrors.len(), 1);

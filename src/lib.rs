@@ -9,6 +9,6 @@ pub mod load;
 pub mod progress;
 pub mod pull;
 pub mod registry;
-pub mod store;
 pub mod rootfs;
 pub mod run;
+pub mod store;

@@ -23,7 +23,10 @@ pub enum LoadError {
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> LoadError {
-    LoadError::Bad { path: path.display().to_string(), reason: reason.into() }
+    LoadError::Bad {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
 }
 
 struct Source {
@@ -43,11 +46,20 @@ impl Drop for Source {
 
 impl Source {
     fn read(&mut self, rel: &str, limit: usize) -> Result<Vec<u8>, LoadError> {
-        let mut f = self.tree.open_file(rel.as_bytes()).map_err(|e| bad(&self.root.join(rel), format!("cannot open: {e}")))?;
+        let mut f = self
+            .tree
+            .open_file(rel.as_bytes())
+            .map_err(|e| bad(&self.root.join(rel), format!("cannot open: {e}")))?;
         let mut v = Vec::new();
-        (&mut f).take(limit as u64 + 1).read_to_end(&mut v).map_err(|e| bad(&self.root.join(rel), e.to_string()))?;
+        (&mut f)
+            .take(limit as u64 + 1)
+            .read_to_end(&mut v)
+            .map_err(|e| bad(&self.root.join(rel), e.to_string()))?;
         if v.len() > limit {
-            return Err(bad(&self.root.join(rel), format!("larger than the {limit}-byte limit")));
+            return Err(bad(
+                &self.root.join(rel),
+                format!("larger than the {limit}-byte limit"),
+            ));
         }
         Ok(v)
     }
@@ -57,7 +69,10 @@ impl Source {
         let v = self.read(&rel, limit)?;
         let actual = Digest::of(&v);
         if &actual != d {
-            return Err(bad(&self.root.join(rel), format!("digest mismatch: expected {d}, got {actual}")));
+            return Err(bad(
+                &self.root.join(rel),
+                format!("digest mismatch: expected {d}, got {actual}"),
+            ));
         }
         Ok(v)
     }
@@ -67,21 +82,42 @@ fn open_source(store: &Store, input: &Path) -> Result<Source, LoadError> {
     let meta = std::fs::metadata(input).map_err(|e| bad(input, e.to_string()))?;
     if meta.is_dir() {
         let tree = Tree::open(input).map_err(|e| bad(input, e.to_string()))?;
-        return Ok(Source { root: input.into(), tree, tmp: None });
+        return Ok(Source {
+            root: input.into(),
+            tree,
+            tmp: None,
+        });
     }
     let f = std::fs::File::open(input).map_err(|e| bad(input, e.to_string()))?;
     let tmp = store.tmp_dir("load")?;
     let dec = unpack::decompressor(f).map_err(|e| bad(input, e.to_string()))?;
-    if let Err(e) = unpack::unpack(dec, &tmp, Options { whiteouts: Whiteouts::Apply, chown: false }) {
+    if let Err(e) = unpack::unpack(
+        dec,
+        &tmp,
+        Options {
+            whiteouts: Whiteouts::Apply,
+            chown: false,
+        },
+    ) {
         let _ = remove_tree(&tmp);
         return Err(bad(input, format!("not a readable tar archive: {e}")));
     }
     let tree = Tree::open(&tmp).map_err(|e| bad(input, e.to_string()))?;
-    Ok(Source { root: input.into(), tree, tmp: Some(tmp) })
+    Ok(Source {
+        root: input.into(),
+        tree,
+        tmp: Some(tmp),
+    })
 }
 
 /// Unpack one layer file, checking the compressed digest (when known) and the diff id.
-fn load_layer(store: &Store, src: &mut Source, rel: &str, compressed: Option<&Digest>, diff_id: &Digest) -> Result<bool, LoadError> {
+fn load_layer(
+    store: &Store,
+    src: &mut Source,
+    rel: &str,
+    compressed: Option<&Digest>,
+    diff_id: &Digest,
+) -> Result<bool, LoadError> {
     if store.layer(diff_id).is_some() {
         return Ok(false);
     }
@@ -89,25 +125,44 @@ fn load_layer(store: &Store, src: &mut Source, rel: &str, compressed: Option<&Di
     if store.layer(diff_id).is_some() {
         return Ok(false);
     }
-    let f = src.tree.open_file(rel.as_bytes()).map_err(|e| bad(&src.root.join(rel), format!("cannot open layer: {e}")))?;
-    let mut hr = HashingReader { inner: f, hasher: Sha256::new(), n: 0 };
+    let f = src
+        .tree
+        .open_file(rel.as_bytes())
+        .map_err(|e| bad(&src.root.join(rel), format!("cannot open layer: {e}")))?;
+    let mut hr = HashingReader {
+        inner: f,
+        hasher: Sha256::new(),
+        n: 0,
+    };
     let (tmp, actual, stats) = unpack_to_tmp(store, &mut hr).map_err(|(tmp, e)| {
         let _ = remove_tree(&tmp);
-        PullError::Unpack { layer: diff_id.clone(), source: e }
+        PullError::Unpack {
+            layer: diff_id.clone(),
+            source: e,
+        }
     })?;
     io::copy(&mut hr, &mut io::sink()).map_err(|e| bad(&src.root.join(rel), e.to_string()))?;
     let blob_digest = Digest::from_hasher(hr.hasher);
     if let Some(c) = compressed {
         if &blob_digest != c {
             let _ = remove_tree(&tmp);
-            return Err(bad(&src.root.join(rel), format!("digest mismatch: expected {c}, got {blob_digest}")));
+            return Err(bad(
+                &src.root.join(rel),
+                format!("digest mismatch: expected {c}, got {blob_digest}"),
+            ));
         }
     }
     publish(store, &tmp, diff_id, actual, &blob_digest, &stats)?;
     Ok(true)
 }
 
-fn record(store: &Store, manifest_bytes: &[u8], config: &Digest, config_bytes: &[u8], names: &[String]) -> Result<ImageRecord, LoadError> {
+fn record(
+    store: &Store,
+    manifest_bytes: &[u8],
+    config: &Digest,
+    config_bytes: &[u8],
+    names: &[String],
+) -> Result<ImageRecord, LoadError> {
     let cfg = manifest::parse_config(config_bytes).map_err(PullError::from)?;
     let mdigest = Digest::of(manifest_bytes);
     let _g = store.lock_index()?;
@@ -118,7 +173,12 @@ fn record(store: &Store, manifest_bytes: &[u8], config: &Digest, config_bytes: &
         manifest: mdigest.clone(),
         index: None,
         config: config.clone(),
-        size: cfg.diff_ids.iter().filter_map(|d| store.layer(d)).map(|l| l.size).sum(),
+        size: cfg
+            .diff_ids
+            .iter()
+            .filter_map(|d| store.layer(d))
+            .map(|l| l.size)
+            .sum(),
         layers: cfg.diff_ids,
         platform: format!("{}/{}", cfg.os, cfg.arch),
         run: cfg.run,
@@ -135,7 +195,11 @@ fn record(store: &Store, manifest_bytes: &[u8], config: &Digest, config_bytes: &
 
 fn normalise_names(raw: &[String], path: &Path) -> Result<Vec<String>, LoadError> {
     raw.iter()
-        .map(|n| Reference::parse(n).map(|r| r.to_string()).map_err(|e| bad(path, e.to_string())))
+        .map(|n| {
+            Reference::parse(n)
+                .map(|r| r.to_string())
+                .map_err(|e| bad(path, e.to_string()))
+        })
         .collect()
 }
 
@@ -149,23 +213,36 @@ struct DockerSaveEntry {
 }
 
 /// Load every image in `input`. `platform` picks from multi-platform OCI indexes.
-pub fn load(store: &Store, input: &Path, platform: &Platform) -> Result<Vec<ImageRecord>, LoadError> {
+pub fn load(
+    store: &Store,
+    input: &Path,
+    platform: &Platform,
+) -> Result<Vec<ImageRecord>, LoadError> {
     let mut src = open_source(store, input)?;
     store.clean_tmp();
     if let Ok(m) = src.read("manifest.json", manifest::MAX_MANIFEST_BYTES) {
-        let entries: Vec<DockerSaveEntry> = serde_json::from_slice(&m).map_err(|e| bad(&input.join("manifest.json"), e.to_string()))?;
+        let entries: Vec<DockerSaveEntry> = serde_json::from_slice(&m)
+            .map_err(|e| bad(&input.join("manifest.json"), e.to_string()))?;
         let mut out = Vec::new();
         for e in entries {
             let config_bytes = src.read(&e.config, manifest::MAX_CONFIG_BYTES)?;
             let config = Digest::of(&config_bytes);
             let cfg = manifest::parse_config(&config_bytes).map_err(PullError::from)?;
             if cfg.diff_ids.len() != e.layers.len() {
-                return Err(PullError::from(manifest::ManifestError::LayerCountMismatch { diff_ids: cfg.diff_ids.len(), layers: e.layers.len() }).into());
+                return Err(
+                    PullError::from(manifest::ManifestError::LayerCountMismatch {
+                        diff_ids: cfg.diff_ids.len(),
+                        layers: e.layers.len(),
+                    })
+                    .into(),
+                );
             }
             let mut layers = Vec::new();
             for (rel, diff) in e.layers.iter().zip(&cfg.diff_ids) {
                 // newer docker saves name layers blobs/sha256/<digest>: that is their digest too
-                let compressed = rel.strip_prefix("blobs/sha256/").and_then(|h| Digest::parse(&format!("sha256:{h}")).ok());
+                let compressed = rel
+                    .strip_prefix("blobs/sha256/")
+                    .and_then(|h| Digest::parse(&format!("sha256:{h}")).ok());
                 load_layer(store, &mut src, rel, compressed.as_ref(), diff)?;
                 let size = store.layer(diff).map(|l| l.size).unwrap_or(0);
                 layers.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": diff, "size": size}));
@@ -177,18 +254,36 @@ pub fn load(store: &Store, input: &Path, platform: &Platform) -> Result<Vec<Imag
                 "layers": layers,
             });
             let names = normalise_names(&e.repo_tags.unwrap_or_default(), input)?;
-            out.push(record(store, man.to_string().as_bytes(), &config, &config_bytes, &names)?);
+            out.push(record(
+                store,
+                man.to_string().as_bytes(),
+                &config,
+                &config_bytes,
+                &names,
+            )?);
         }
         return Ok(out);
     }
-    let idx_bytes = src.read("index.json", manifest::MAX_MANIFEST_BYTES).map_err(|_| bad(input, "neither a docker save archive (manifest.json) nor an OCI layout (index.json)"))?;
-    let Parsed::Index(entries) = manifest::parse(&idx_bytes, Some(manifest::OCI_INDEX)).map_err(PullError::from)? else {
+    let idx_bytes = src
+        .read("index.json", manifest::MAX_MANIFEST_BYTES)
+        .map_err(|_| {
+            bad(
+                input,
+                "neither a docker save archive (manifest.json) nor an OCI layout (index.json)",
+            )
+        })?;
+    let Parsed::Index(entries) =
+        manifest::parse(&idx_bytes, Some(manifest::OCI_INDEX)).map_err(PullError::from)?
+    else {
         return Err(bad(&input.join("index.json"), "is not an image index"));
     };
-    let raw: serde_json::Value = serde_json::from_slice(&idx_bytes).map_err(|e| bad(input, e.to_string()))?;
+    let raw: serde_json::Value =
+        serde_json::from_slice(&idx_bytes).map_err(|e| bad(input, e.to_string()))?;
     let mut out = Vec::new();
     for (i, e) in entries.iter().enumerate() {
-        let tag = raw["manifests"][i]["annotations"]["org.opencontainers.image.ref.name"].as_str().map(str::to_string);
+        let tag = raw["manifests"][i]["annotations"]["org.opencontainers.image.ref.name"]
+            .as_str()
+            .map(str::to_string);
         let mut bytes = src.read_blob(&e.digest, manifest::MAX_MANIFEST_BYTES)?;
         let mut parsed = manifest::parse(&bytes, Some(&e.media_type)).map_err(PullError::from)?;
         if let Parsed::Index(children) = &parsed {
@@ -197,14 +292,28 @@ pub fn load(store: &Store, input: &Path, platform: &Platform) -> Result<Vec<Imag
             bytes = src.read_blob(&d, manifest::MAX_MANIFEST_BYTES)?;
             parsed = manifest::parse(&bytes, Some(&c.media_type)).map_err(PullError::from)?;
         }
-        let Parsed::Image(m) = parsed else { return Err(bad(input, "nested index")) };
+        let Parsed::Image(m) = parsed else {
+            return Err(bad(input, "nested index"));
+        };
         let config_bytes = src.read_blob(&m.config, manifest::MAX_CONFIG_BYTES)?;
         let cfg = manifest::parse_config(&config_bytes).map_err(PullError::from)?;
         if cfg.diff_ids.len() != m.layers.len() {
-            return Err(PullError::from(manifest::ManifestError::LayerCountMismatch { diff_ids: cfg.diff_ids.len(), layers: m.layers.len() }).into());
+            return Err(
+                PullError::from(manifest::ManifestError::LayerCountMismatch {
+                    diff_ids: cfg.diff_ids.len(),
+                    layers: m.layers.len(),
+                })
+                .into(),
+            );
         }
         for (l, diff) in m.layers.iter().zip(&cfg.diff_ids) {
-            load_layer(store, &mut src, &format!("blobs/sha256/{}", l.digest.hex()), Some(&l.digest), diff)?;
+            load_layer(
+                store,
+                &mut src,
+                &format!("blobs/sha256/{}", l.digest.hex()),
+                Some(&l.digest),
+                diff,
+            )?;
         }
         // a bare tag like "latest" names nothing on its own: only full references become names
         let names = match tag.filter(|t| t.contains('/') || t.contains(':')) {

@@ -30,10 +30,20 @@ struct Global {
     #[arg(long, global = true, env = "CW_CONFIG")]
     config: Option<PathBuf>,
     /// Registry mirror: URL (for docker.io) or REGISTRY=URL; repeatable, tried in order
-    #[arg(long = "registry-mirror", global = true, env = "CW_REGISTRY_MIRROR", value_delimiter = ',')]
+    #[arg(
+        long = "registry-mirror",
+        global = true,
+        env = "CW_REGISTRY_MIRROR",
+        value_delimiter = ','
+    )]
     registry_mirror: Vec<String>,
     /// Registry (host[:port]) spoken to over plain http; loopback registries always are
-    #[arg(long = "insecure-registry", global = true, env = "CW_INSECURE_REGISTRY", value_delimiter = ',')]
+    #[arg(
+        long = "insecure-registry",
+        global = true,
+        env = "CW_INSECURE_REGISTRY",
+        value_delimiter = ','
+    )]
     insecure_registry: Vec<String>,
     /// Log level (error, warn, info, debug, trace) or a tracing filter
     #[arg(long, global = true, env = "CW_LOG", default_value = "warn")]
@@ -209,10 +219,24 @@ fn context(g: &Global) -> Result<Ctx> {
     for h in &g.insecure_registry {
         registry.add_insecure(h);
     }
-    let root = g.store.clone().or(file.store.clone()).unwrap_or_else(cw::store::default_root);
-    let store = Store::open(&root).with_context(|| format!("opening the store at {}", root.display()))?;
-    let max_store_size = file.max_store_size.as_deref().map(config::parse_size).transpose().map_err(anyhow::Error::msg)?;
-    Ok(Ctx { store, registry, max_store_size })
+    let root = g
+        .store
+        .clone()
+        .or(file.store.clone())
+        .unwrap_or_else(cw::store::default_root);
+    let store =
+        Store::open(&root).with_context(|| format!("opening the store at {}", root.display()))?;
+    let max_store_size = file
+        .max_store_size
+        .as_deref()
+        .map(config::parse_size)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    Ok(Ctx {
+        store,
+        registry,
+        max_store_size,
+    })
 }
 
 fn platform(p: &Option<String>) -> Result<Platform> {
@@ -227,7 +251,12 @@ fn auto_gc(ctx: &Ctx) {
     if let Some(max) = ctx.max_store_size {
         if ctx.store.size() > max {
             match ctx.store.prune(Some(max / 10 * 8)) {
-                Ok((removed, freed)) => tracing::info!("store above {}: freed {} ({} items)", human(max), human(freed), removed.len()),
+                Ok((removed, freed)) => tracing::info!(
+                    "store above {}: freed {} ({} items)",
+                    human(max),
+                    human(freed),
+                    removed.len()
+                ),
                 Err(e) => tracing::warn!("automatic garbage collection: {e}"),
             }
         }
@@ -241,15 +270,28 @@ fn cmd_pull(ctx: Ctx, a: PullArgs) -> Result<()> {
         let (u, p) = c.split_once(':').context("--creds must be user:password")?;
         reg.creds = Some((u.to_string(), p.to_string()));
     }
-    let opts = PullOptions { platform: platform(&a.platform)?, parallel: a.parallel, progress: Progress::auto(a.quiet), only_if_missing: false };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let opts = PullOptions {
+        platform: platform(&a.platform)?,
+        parallel: a.parallel,
+        progress: Progress::auto(a.quiet),
+        only_if_missing: false,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let client = Client::new(reg);
     let res = rt.block_on(pull::pull(&client, &ctx.store, &r, &opts))?;
     if !a.quiet {
         if res.up_to_date {
             eprintln!("{}: image is up to date", r.familiar());
         } else {
-            eprintln!("{}: pulled {} layer(s), {} already present", r.familiar(), res.fetched_layers, res.reused_layers);
+            eprintln!(
+                "{}: pulled {} layer(s), {} already present",
+                r.familiar(),
+                res.fetched_layers,
+                res.reused_layers
+            );
         }
     }
     println!("{}", res.image.manifest);
@@ -271,7 +313,9 @@ fn duration(s: &str, what: &str) -> Result<u64> {
     if let Ok(n) = t.parse::<u64>() {
         return Ok(n);
     }
-    humantime::parse_duration(t).map(|d| d.as_secs()).with_context(|| format!("{what} {s:?} is not a duration like 30s, 5m, 2h"))
+    humantime::parse_duration(t)
+        .map(|d| d.as_secs())
+        .with_context(|| format!("{what} {s:?} is not a duration like 30s, 5m, 2h"))
 }
 
 fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
@@ -281,8 +325,14 @@ fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
         ("never", Err(e)) => return Err(e.into()),
         ("missing", Ok(i)) if ctx.store.image_complete(&i.manifest).is_some() => i,
         _ => {
-            let opts = PullOptions { platform: platform(&a.platform)?, progress: Progress::auto(false), ..Default::default() };
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let opts = PullOptions {
+                platform: platform(&a.platform)?,
+                progress: Progress::auto(false),
+                ..Default::default()
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let client = Client::new(ctx.registry.clone());
             let res = rt.block_on(pull::pull(&client, &ctx.store, &r, &opts))?;
             drop(rt);
@@ -291,8 +341,18 @@ fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
         }
     };
     ctx.store.touch(&image.manifest);
-    let mounts = a.volume.iter().map(|v| cw::run::parse_volume(v)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
-    let memory = a.memory.as_deref().map(config::parse_size).transpose().map_err(anyhow::Error::msg)?;
+    let mounts = a
+        .volume
+        .iter()
+        .map(|v| cw::run::parse_volume(v))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let memory = a
+        .memory
+        .as_deref()
+        .map(config::parse_size)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     if let Some(c) = a.cpus {
         if !(c > 0.0 && c.is_finite()) {
             bail!("--cpus {c} must be a positive number");
@@ -312,8 +372,16 @@ fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
             pids: a.pids_limit,
             shm_size: config::parse_size(&a.shm_size).map_err(anyhow::Error::msg)?,
         },
-        network: if a.network == "host" { cw_runtime::request::Network::Host } else { cw_runtime::request::Network::None },
-        time_limit: a.time_limit.as_deref().map(|t| duration(t, "--time-limit")).transpose()?,
+        network: if a.network == "host" {
+            cw_runtime::request::Network::Host
+        } else {
+            cw_runtime::request::Network::None
+        },
+        time_limit: a
+            .time_limit
+            .as_deref()
+            .map(|t| duration(t, "--time-limit"))
+            .transpose()?,
         kill_grace_secs: duration(&a.stop_timeout, "--stop-timeout")?,
         stdout: a.stdout.clone(),
         stderr: a.stderr.clone(),
@@ -335,15 +403,28 @@ fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
         rd.write_request(&req)?;
     }
     let exe = std::path::Path::new("/proc/self/exe");
-    let mut child = cw_runtime::monitor::spawn(exe, &rd.path, std::process::Stdio::inherit(), std::process::Stdio::inherit())
-        .with_context(|| "starting the run's monitor process")?;
+    let mut child = cw_runtime::monitor::spawn(
+        exe,
+        &rd.path,
+        std::process::Stdio::inherit(),
+        std::process::Stdio::inherit(),
+    )
+    .with_context(|| "starting the run's monitor process")?;
     if a.detach {
         println!("{}", req.id);
         return Ok(());
     }
     MONITOR_PID.store(child.id() as i32, std::sync::atomic::Ordering::Relaxed);
-    let act = nix::sys::signal::SigAction::new(nix::sys::signal::SigHandler::Handler(forward_to_monitor), nix::sys::signal::SaFlags::SA_RESTART, nix::sys::signal::SigSet::empty());
-    for s in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGHUP] {
+    let act = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(forward_to_monitor),
+        nix::sys::signal::SaFlags::SA_RESTART,
+        nix::sys::signal::SigSet::empty(),
+    );
+    for s in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGHUP,
+    ] {
         unsafe { nix::sys::signal::sigaction(s, &act) }.ok();
     }
     let _ = child.wait();
@@ -365,12 +446,25 @@ fn cmd_images(ctx: Ctx, quiet: bool) -> Result<()> {
         }
         return Ok(());
     }
-    println!("{:<50} {:<14} {:<12} {:>10}", "REPOSITORY:TAG", "IMAGE ID", "PLATFORM", "SIZE");
+    println!(
+        "{:<50} {:<14} {:<12} {:>10}",
+        "REPOSITORY:TAG", "IMAGE ID", "PLATFORM", "SIZE"
+    );
     for i in images {
-        let names = if i.names.is_empty() { vec!["<none>".to_string()] } else { i.names.clone() };
+        let names = if i.names.is_empty() {
+            vec!["<none>".to_string()]
+        } else {
+            i.names.clone()
+        };
         for n in names {
             let shown = Reference::parse(&n).map(|r| r.familiar()).unwrap_or(n);
-            println!("{:<50} {:<14} {:<12} {:>10}", shown, i.manifest.short(), i.platform, human(i.size));
+            println!(
+                "{:<50} {:<14} {:<12} {:>10}",
+                shown,
+                i.manifest.short(),
+                i.platform,
+                human(i.size)
+            );
         }
     }
     Ok(())
@@ -385,14 +479,26 @@ fn main() {
     let cli = Cli::parse();
     if let Cmd::Monitor { dir } = &cli.cmd {
         // single-threaded from here on: no runtime, no helper threads
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("monitor.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("monitor.log"));
         if let Ok(f) = log {
-            tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new("info")).with_writer(std::sync::Mutex::new(f)).with_ansi(false).init();
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+                .with_writer(std::sync::Mutex::new(f))
+                .with_ansi(false)
+                .init();
         }
         std::process::exit(cw_runtime::monitor::main(dir));
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.global.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.global.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     if let Err(e) = run(cli) {
         eprintln!("cw: error: {}", chain(&e));
         std::process::exit(125);
@@ -437,12 +543,20 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Prune { max_size } => {
             let ctx = context(&cli.global)?;
-            let target = max_size.as_deref().map(config::parse_size).transpose().map_err(anyhow::Error::msg)?;
+            let target = max_size
+                .as_deref()
+                .map(config::parse_size)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
             let (removed, freed) = ctx.store.prune(target)?;
             for r in &removed {
                 println!("removed {r}");
             }
-            println!("freed {}; store now {}", human(freed), human(ctx.store.size()));
+            println!(
+                "freed {}; store now {}",
+                human(freed),
+                human(ctx.store.size())
+            );
             Ok(())
         }
         Cmd::Inspect { image } => {
@@ -454,11 +568,23 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Run(a) => cmd_run(context(&cli.global)?, *a),
         Cmd::Ps => {
             let ctx = context(&cli.global)?;
-            println!("{:<20} {:<14} {:<40} {}", "RUN ID", "STATUS", "IMAGE", "COMMAND");
+            println!(
+                "{:<20} {:<14} {:<40} {}",
+                "RUN ID", "STATUS", "IMAGE", "COMMAND"
+            );
             for (id, rd) in cw::run::list(&ctx.store) {
-                let meta: serde_json::Value = std::fs::read(rd.path.join("meta.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+                let meta: serde_json::Value = std::fs::read(rd.path.join("meta.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default();
                 let cmd = rd.request().map(|r| r.args.join(" ")).unwrap_or_default();
-                println!("{:<20} {:<14} {:<40} {}", id, cw::run::status_word(&rd), meta["image"].as_str().unwrap_or("?"), cmd);
+                println!(
+                    "{:<20} {:<14} {:<40} {}",
+                    id,
+                    cw::run::status_word(&rd),
+                    meta["image"].as_str().unwrap_or("?"),
+                    cmd
+                );
             }
             Ok(())
         }
@@ -498,10 +624,16 @@ fn run(cli: Cli) -> Result<()> {
             let ctx = context(&cli.global)?;
             let rd = cw::run::find(&ctx.store, &id)?;
             let v = match rd.exit() {
-                Some(e) => serde_json::json!({"status": cw::run::status_word(&rd), "usage": e.usage, "exit": e}),
+                Some(e) => {
+                    serde_json::json!({"status": cw::run::status_word(&rd), "usage": e.usage, "exit": e})
+                }
                 None => {
                     let req = rd.request()?;
-                    let u = cw_runtime::cgroup::read(&format!("{}/{}", req.cgroup_parent.trim_end_matches('/'), req.id));
+                    let u = cw_runtime::cgroup::read(&format!(
+                        "{}/{}",
+                        req.cgroup_parent.trim_end_matches('/'),
+                        req.id
+                    ));
                     serde_json::json!({"status": cw::run::status_word(&rd), "usage": u})
                 }
             };
@@ -513,7 +645,11 @@ fn run(cli: Cli) -> Result<()> {
             let ctx = context(&cli.global)?;
             let imgs = cw::load::load(&ctx.store, &input, &platform(&p)?)?;
             for i in imgs {
-                let names = if i.names.is_empty() { "<none>".to_string() } else { i.names.join(", ") };
+                let names = if i.names.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    i.names.join(", ")
+                };
                 println!("Loaded image {} ({names})", i.manifest);
             }
             auto_gc(&ctx);

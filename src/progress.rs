@@ -50,11 +50,18 @@ impl Progress {
         let mode = if quiet {
             Mode::Quiet
         } else if std::io::stderr().is_terminal() {
-            Mode::Bars(MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8)), Mutex::new(HashMap::new()))
+            Mode::Bars(
+                MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8)),
+                Mutex::new(HashMap::new()),
+            )
         } else {
             Mode::Lines(Mutex::new(Line::default()))
         };
-        Progress { mode: Arc::new(mode), status: None, status_state: Arc::new(Mutex::new(Line::default())) }
+        Progress {
+            mode: Arc::new(mode),
+            status: None,
+            status_state: Arc::new(Mutex::new(Line::default())),
+        }
     }
 
     pub fn quiet() -> Progress {
@@ -114,12 +121,22 @@ impl Progress {
                 if let Some(e) = l.layers.get_mut(id) {
                     e.0 += n;
                 }
-                let due = l.last_print.is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+                let due = l
+                    .last_print
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
                 if due {
                     l.last_print = Some(Instant::now());
                     let done: u64 = l.layers.values().map(|v| v.0).sum();
-                    let rate = l.started.map(|s| done as f64 / s.elapsed().as_secs_f64().max(0.001)).unwrap_or(0.0);
-                    eprintln!("pulling: {} / {} ({}/s)", human(done), human(l.total), human(rate as u64));
+                    let rate = l
+                        .started
+                        .map(|s| done as f64 / s.elapsed().as_secs_f64().max(0.001))
+                        .unwrap_or(0.0);
+                    eprintln!(
+                        "pulling: {} / {} ({}/s)",
+                        human(done),
+                        human(l.total),
+                        human(rate as u64)
+                    );
                 }
             }
             Mode::Quiet => {}
@@ -129,10 +146,16 @@ impl Progress {
             if let Some(e) = s.layers.get_mut(id) {
                 e.0 += n;
             }
-            if s.last_print.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            if s.last_print
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
                 s.last_print = Some(Instant::now());
                 let done: u64 = s.layers.values().map(|v| v.0).sum();
-                f(format!("Pulling image: {} / {}", human(done), human(s.total)));
+                f(format!(
+                    "Pulling image: {} / {}",
+                    human(done),
+                    human(s.total)
+                ));
             }
         }
     }

@@ -21,11 +21,18 @@ const BLOB_RESUMES: u32 = 5;
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
     #[error("pulling {reference}: {source}")]
-    Registry { reference: String, source: RegistryError },
+    Registry {
+        reference: String,
+        source: RegistryError,
+    },
     #[error("layer {layer}: {source}")]
     Unpack { layer: Digest, source: UnpackError },
     #[error("layer {layer}: uncompressed content has digest {actual}, but the image config says {expected}")]
-    DiffIdMismatch { layer: Digest, expected: Digest, actual: Digest },
+    DiffIdMismatch {
+        layer: Digest,
+        expected: Digest,
+        actual: Digest,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -45,7 +52,12 @@ pub struct PullOptions {
 
 impl Default for PullOptions {
     fn default() -> Self {
-        PullOptions { platform: Platform::host(), parallel: DEFAULT_PARALLEL, progress: Progress::quiet(), only_if_missing: false }
+        PullOptions {
+            platform: Platform::host(),
+            parallel: DEFAULT_PARALLEL,
+            progress: Progress::quiet(),
+            only_if_missing: false,
+        }
     }
 }
 
@@ -60,7 +72,10 @@ pub struct PullResult {
 }
 
 fn reg(r: &Reference) -> impl Fn(RegistryError) -> PullError + '_ {
-    move |source| PullError::Registry { reference: r.to_string(), source }
+    move |source| PullError::Registry {
+        reference: r.to_string(),
+        source,
+    }
 }
 
 /// Bytes from the async downloader to the blocking unpacker.
@@ -101,11 +116,23 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// Decompress, hash and unpack `r` into a fresh temp dir; returns the dir, diff id and stats.
-pub fn unpack_to_tmp<R: Read>(store: &Store, r: R) -> Result<(std::path::PathBuf, Digest, unpack::UnpackStats), (std::path::PathBuf, UnpackError)> {
-    let tmp = store.tmp_dir("layer").map_err(|e| (std::path::PathBuf::new(), UnpackError::Read(io::Error::other(e.to_string()))))?;
+pub fn unpack_to_tmp<R: Read>(
+    store: &Store,
+    r: R,
+) -> Result<(std::path::PathBuf, Digest, unpack::UnpackStats), (std::path::PathBuf, UnpackError)> {
+    let tmp = store.tmp_dir("layer").map_err(|e| {
+        (
+            std::path::PathBuf::new(),
+            UnpackError::Read(io::Error::other(e.to_string())),
+        )
+    })?;
     let res = (|| {
         let dec = unpack::decompressor(r).map_err(UnpackError::Read)?;
-        let mut hr = HashingReader { inner: dec, hasher: Sha256::new(), n: 0 };
+        let mut hr = HashingReader {
+            inner: dec,
+            hasher: Sha256::new(),
+            n: 0,
+        };
         let stats = unpack::unpack(&mut hr, &tmp, Options::default())?;
         Ok((Digest::from_hasher(hr.hasher), stats))
     })();
@@ -116,20 +143,45 @@ pub fn unpack_to_tmp<R: Read>(store: &Store, r: R) -> Result<(std::path::PathBuf
 }
 
 /// Publish an unpacked temp dir as layer `diff_id` after checking its digest.
-pub fn publish(store: &Store, tmp: &std::path::Path, expected: &Digest, actual: Digest, compressed: &Digest, stats: &unpack::UnpackStats) -> Result<LayerRecord, PullError> {
+pub fn publish(
+    store: &Store,
+    tmp: &std::path::Path,
+    expected: &Digest,
+    actual: Digest,
+    compressed: &Digest,
+    stats: &unpack::UnpackStats,
+) -> Result<LayerRecord, PullError> {
     if &actual != expected {
         let _ = remove_tree(tmp);
-        return Err(PullError::DiffIdMismatch { layer: compressed.clone(), expected: expected.clone(), actual });
+        return Err(PullError::DiffIdMismatch {
+            layer: compressed.clone(),
+            expected: expected.clone(),
+            actual,
+        });
     }
-    let rec = LayerRecord { diff_id: expected.clone(), size: stats.bytes, entries: stats.entries, compressed: vec![compressed.clone()], unpacked_at: now() };
+    let rec = LayerRecord {
+        diff_id: expected.clone(),
+        size: stats.bytes,
+        entries: stats.entries,
+        compressed: vec![compressed.clone()],
+        unpacked_at: now(),
+    };
     store.publish_layer(tmp, &rec)?;
     Ok(rec)
 }
 
-async fn fetch_layer(repo: Repo, store: Store, desc: LayerDesc, diff_id: Digest, progress: Progress) -> Result<bool, PullError> {
+async fn fetch_layer(
+    repo: Repo,
+    store: Store,
+    desc: LayerDesc,
+    diff_id: Digest,
+    progress: Progress,
+) -> Result<bool, PullError> {
     let s2 = store.clone();
     let d2 = diff_id.clone();
-    let lock = tokio::task::spawn_blocking(move || s2.lock_layer(&d2)).await.map_err(|e| PullError::Other(e.to_string()))??;
+    let lock = tokio::task::spawn_blocking(move || s2.lock_layer(&d2))
+        .await
+        .map_err(|e| PullError::Other(e.to_string()))??;
     if store.layer(&diff_id).is_some() {
         store.note_compressed(&diff_id, &desc.digest)?;
         drop(lock);
@@ -139,7 +191,15 @@ async fn fetch_layer(repo: Repo, store: Store, desc: LayerDesc, diff_id: Digest,
     progress.layer_start(&id, desc.size);
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(32);
     let st = store.clone();
-    let unpacker = tokio::task::spawn_blocking(move || unpack_to_tmp(&st, ChannelReader { rx, cur: bytes::Bytes::new() }));
+    let unpacker = tokio::task::spawn_blocking(move || {
+        unpack_to_tmp(
+            &st,
+            ChannelReader {
+                rx,
+                cur: bytes::Bytes::new(),
+            },
+        )
+    });
 
     let what = format!("layer {}", desc.digest);
     let mut hasher = Hasher::default();
@@ -151,7 +211,10 @@ async fn fetch_layer(repo: Repo, store: Store, desc: LayerDesc, diff_id: Digest,
         let (resp, ranged) = match repo.open_blob(&desc.digest, offset, &desc.urls).await {
             Ok(x) => x,
             Err(e) => {
-                download_err = Some(PullError::Registry { reference: what.clone(), source: e });
+                download_err = Some(PullError::Registry {
+                    reference: what.clone(),
+                    source: e,
+                });
                 break;
             }
         };
@@ -172,7 +235,11 @@ async fn fetch_layer(repo: Repo, store: Store, desc: LayerDesc, diff_id: Digest,
                     if offset > desc.size {
                         download_err = Some(PullError::Registry {
                             reference: what.clone(),
-                            source: RegistryError::SizeMismatch { what: what.clone(), expected: desc.size, actual: offset },
+                            source: RegistryError::SizeMismatch {
+                                what: what.clone(),
+                                expected: desc.size,
+                                actual: offset,
+                            },
                         });
                         break 'outer;
                     }
@@ -187,12 +254,18 @@ async fn fetch_layer(repo: Repo, store: Store, desc: LayerDesc, diff_id: Digest,
                     if resumes >= BLOB_RESUMES {
                         download_err = Some(PullError::Registry {
                             reference: what.clone(),
-                            source: RegistryError::Http { url: desc.digest.to_string(), msg: error_chain(&e) },
+                            source: RegistryError::Http {
+                                url: desc.digest.to_string(),
+                                msg: error_chain(&e),
+                            },
                         });
                         break 'outer;
                     }
                     resumes += 1;
-                    tracing::info!("{what}: connection lost at byte {offset} ({}); resuming", error_chain(&e));
+                    tracing::info!(
+                        "{what}: connection lost at byte {offset} ({}); resuming",
+                        error_chain(&e)
+                    );
                     tokio::time::sleep(Duration::from_millis(200 * resumes as u64)).await;
                     continue 'outer;
                 }
@@ -205,19 +278,29 @@ async fn fetch_layer(repo: Repo, store: Store, desc: LayerDesc, diff_id: Digest,
         if offset != desc.size {
             download_err = Some(PullError::Registry {
                 reference: what.clone(),
-                source: RegistryError::SizeMismatch { what: what.clone(), expected: desc.size, actual: offset },
+                source: RegistryError::SizeMismatch {
+                    what: what.clone(),
+                    expected: desc.size,
+                    actual: offset,
+                },
             });
         } else {
             let actual = hasher.finish();
             if actual != desc.digest {
                 download_err = Some(PullError::Registry {
                     reference: what.clone(),
-                    source: RegistryError::DigestMismatch { what: what.clone(), expected: desc.digest.clone(), actual },
+                    source: RegistryError::DigestMismatch {
+                        what: what.clone(),
+                        expected: desc.digest.clone(),
+                        actual,
+                    },
                 });
             }
         }
     }
-    let unpacked = unpacker.await.map_err(|e| PullError::Other(format!("unpacker task: {e}")))?;
+    let unpacked = unpacker
+        .await
+        .map_err(|e| PullError::Other(format!("unpacker task: {e}")))?;
     let res = match (download_err, unpacked) {
         (Some(e), Ok((tmp, _, _))) | (Some(e), Err((tmp, _))) => {
             let _ = remove_tree(&tmp);
@@ -225,7 +308,10 @@ async fn fetch_layer(repo: Repo, store: Store, desc: LayerDesc, diff_id: Digest,
         }
         (None, Err((tmp, e))) => {
             let _ = remove_tree(&tmp);
-            Err(PullError::Unpack { layer: desc.digest.clone(), source: e })
+            Err(PullError::Unpack {
+                layer: desc.digest.clone(),
+                source: e,
+            })
         }
         (None, Ok((tmp, actual, stats))) => {
             let st = store.clone();
@@ -242,15 +328,27 @@ async fn fetch_layer(repo: Repo, store: Store, desc: LayerDesc, diff_id: Digest,
 }
 
 /// Read a manifest from the store when its digest is known and cached, else from the registry.
-async fn manifest_by_digest(repo: &Repo, store: &Store, d: &Digest) -> Result<FetchedManifest, RegistryError> {
+async fn manifest_by_digest(
+    repo: &Repo,
+    store: &Store,
+    d: &Digest,
+) -> Result<FetchedManifest, RegistryError> {
     if let Some(bytes) = store.read_blob(d) {
-        return Ok(FetchedManifest { bytes, digest: d.clone(), content_type: None });
+        return Ok(FetchedManifest {
+            bytes,
+            digest: d.clone(),
+            content_type: None,
+        });
     }
     repo.get_manifest(&d.to_string()).await
 }
 
 /// Resolve the reference on one endpoint: the top-level manifest (HEAD first when by tag).
-async fn resolve(repo: &Repo, store: &Store, r: &Reference) -> Result<(FetchedManifest, bool), RegistryError> {
+async fn resolve(
+    repo: &Repo,
+    store: &Store,
+    r: &Reference,
+) -> Result<(FetchedManifest, bool), RegistryError> {
     if let Some(d) = &r.digest {
         return Ok((manifest_by_digest(repo, store, d).await?, false));
     }
@@ -263,13 +361,23 @@ async fn resolve(repo: &Repo, store: &Store, r: &Reference) -> Result<(FetchedMa
     Ok((repo.get_manifest(&tag).await?, false))
 }
 
-pub async fn pull(client: &Arc<Client>, store: &Store, r: &Reference, opts: &PullOptions) -> Result<PullResult, PullError> {
+pub async fn pull(
+    client: &Arc<Client>,
+    store: &Store,
+    r: &Reference,
+    opts: &PullOptions,
+) -> Result<PullResult, PullError> {
     let name = r.to_string();
     if opts.only_if_missing {
         if let Ok(img) = store.lookup(&name) {
             if store.image_complete(&img.manifest).is_some() {
                 store.touch(&img.manifest);
-                return Ok(PullResult { image: img, fetched_layers: 0, reused_layers: 0, up_to_date: true });
+                return Ok(PullResult {
+                    image: img,
+                    fetched_layers: 0,
+                    reused_layers: 0,
+                    up_to_date: true,
+                });
             }
         }
     }
@@ -284,7 +392,10 @@ pub async fn pull(client: &Arc<Client>, store: &Store, r: &Reference, opts: &Pul
             }
             Err(e) if e.try_next_endpoint() => {
                 if repo.endpoint.mirror {
-                    tracing::info!("mirror {} failed for {name}: {e}; trying the next endpoint", repo.endpoint.base);
+                    tracing::info!(
+                        "mirror {} failed for {name}: {e}; trying the next endpoint",
+                        repo.endpoint.base
+                    );
                 }
                 last_err = Some(e);
             }
@@ -302,14 +413,22 @@ pub async fn pull(client: &Arc<Client>, store: &Store, r: &Reference, opts: &Pul
     if let Parsed::Index(entries) = &parsed {
         let e = manifest::select_platform(entries, &opts.platform)?;
         index = Some(man.clone());
-        man = manifest_by_digest(&repo, store, &e.digest).await.map_err(reg(r))?;
+        man = manifest_by_digest(&repo, store, &e.digest)
+            .await
+            .map_err(reg(r))?;
         if man.bytes.len() as u64 != e.size && e.size != 0 {
-            return Err(reg(r)(RegistryError::SizeMismatch { what: format!("manifest {}", e.digest), expected: e.size, actual: man.bytes.len() as u64 }));
+            return Err(reg(r)(RegistryError::SizeMismatch {
+                what: format!("manifest {}", e.digest),
+                expected: e.size,
+                actual: man.bytes.len() as u64,
+            }));
         }
         parsed = manifest::parse(&man.bytes, man.content_type.as_deref())?;
     }
     let Parsed::Image(m) = parsed else {
-        return Err(PullError::Other(format!("{name}: an index points at another index, which cw does not follow")));
+        return Err(PullError::Other(format!(
+            "{name}: an index points at another index, which cw does not follow"
+        )));
     };
 
     // a known image whose manifest is unchanged: nothing to fetch
@@ -318,21 +437,38 @@ pub async fn pull(client: &Arc<Client>, store: &Store, r: &Reference, opts: &Pul
             let _g = store.lock_index()?;
             store.tag(&name, &img.manifest)?;
             store.touch(&img.manifest);
-            return Ok(PullResult { image: store.image(&img.manifest).unwrap_or(img), fetched_layers: 0, reused_layers: 0, up_to_date: true });
+            return Ok(PullResult {
+                image: store.image(&img.manifest).unwrap_or(img),
+                fetched_layers: 0,
+                reused_layers: 0,
+                up_to_date: true,
+            });
         }
     }
 
     let config_bytes = match store.read_blob(&m.config) {
         Some(b) => b,
-        None => repo.get_blob_bytes(&m.config, manifest::MAX_CONFIG_BYTES).await.map_err(reg(r))?,
+        None => repo
+            .get_blob_bytes(&m.config, manifest::MAX_CONFIG_BYTES)
+            .await
+            .map_err(reg(r))?,
     };
     let config = manifest::parse_config(&config_bytes)?;
     if config.diff_ids.len() != m.layers.len() {
-        return Err(manifest::ManifestError::LayerCountMismatch { diff_ids: config.diff_ids.len(), layers: m.layers.len() }.into());
+        return Err(manifest::ManifestError::LayerCountMismatch {
+            diff_ids: config.diff_ids.len(),
+            layers: m.layers.len(),
+        }
+        .into());
     }
 
     store.clean_tmp();
-    let todo: Vec<(LayerDesc, Digest)> = m.layers.iter().cloned().zip(config.diff_ids.iter().cloned()).collect();
+    let todo: Vec<(LayerDesc, Digest)> = m
+        .layers
+        .iter()
+        .cloned()
+        .zip(config.diff_ids.iter().cloned())
+        .collect();
     let mut fetched = 0;
     let mut reused = 0;
     let mut stream = futures_util::stream::iter(todo.into_iter().map(|(desc, diff)| {
@@ -360,7 +496,12 @@ pub async fn pull(client: &Arc<Client>, store: &Store, r: &Reference, opts: &Pul
         return Err(e);
     }
 
-    let size: u64 = config.diff_ids.iter().filter_map(|d| store.layer(d)).map(|l| l.size).sum();
+    let size: u64 = config
+        .diff_ids
+        .iter()
+        .filter_map(|d| store.layer(d))
+        .map(|l| l.size)
+        .sum();
     let _g = store.lock_index()?;
     store.put_blob(&m.config, &config_bytes)?;
     store.put_blob(&man.digest, &man.bytes)?;
@@ -383,5 +524,10 @@ pub async fn pull(client: &Arc<Client>, store: &Store, r: &Reference, opts: &Pul
     };
     store.put_image(&rec)?;
     store.tag(&name, &rec.manifest)?;
-    Ok(PullResult { image: store.image(&rec.manifest).unwrap_or(rec), fetched_layers: fetched, reused_layers: reused, up_to_date: false })
+    Ok(PullResult {
+        image: store.image(&rec.manifest).unwrap_or(rec),
+        fetched_layers: fetched,
+        reused_layers: reused,
+        up_to_date: false,
+    })
 }

@@ -12,7 +12,11 @@ pub enum RootfsError {
     #[error("layer {0} is not in the store (pull the image again)")]
     MissingLayer(Digest),
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 pub struct Rootfs {
@@ -34,55 +38,126 @@ const MAX_MOUNT_DATA: usize = 4000;
 
 fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
     let lower: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
-    let data = format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), upper.display(), work.display());
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        upper.display(),
+        work.display()
+    );
     if data.len() <= MAX_MOUNT_DATA {
-        return nix::mount::mount(Some("overlay"), target, Some("overlay"), nix::mount::MsFlags::empty(), Some(data.as_str())).map_err(io::Error::from);
+        return nix::mount::mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .map_err(io::Error::from);
     }
     mount_overlay_fsconfig(&lower, upper, work, target)
 }
 
 /// fsopen/fsconfig with one `lowerdir+` per layer (Linux 6.8+): no page-size bound on layer count.
-fn mount_overlay_fsconfig(lowers: &[String], upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
+fn mount_overlay_fsconfig(
+    lowers: &[String],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> io::Result<()> {
     use std::ffi::CString;
-    use std::os::fd::{FromRawFd, OwnedFd, AsRawFd};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     const FSCONFIG_SET_STRING: libc::c_uint = 1;
     const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
     const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
-    let c = |s: &str| CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"));
+    let c = |s: &str| {
+        CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+    };
     let fsname = c("overlay")?;
-    let fs = unsafe { libc::syscall(libc::SYS_fsopen, fsname.as_ptr(), 1 /* FSOPEN_CLOEXEC */) };
+    let fs = unsafe {
+        libc::syscall(
+            libc::SYS_fsopen,
+            fsname.as_ptr(),
+            1, /* FSOPEN_CLOEXEC */
+        )
+    };
     if fs < 0 {
         return Err(io::Error::last_os_error());
     }
     let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
     let set = |k: &str, v: &str| -> io::Result<()> {
         let (k, v) = (c(k)?, c(v)?);
-        let r = unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_SET_STRING, k.as_ptr(), v.as_ptr(), 0) };
-        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fs.as_raw_fd(),
+                FSCONFIG_SET_STRING,
+                k.as_ptr(),
+                v.as_ptr(),
+                0,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     };
     for l in lowers {
         set("lowerdir+", l)?;
     }
     set("upperdir", &upper.display().to_string())?;
     set("workdir", &work.display().to_string())?;
-    if unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_CMD_CREATE, 0usize, 0usize, 0) } < 0 {
+    if unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            0usize,
+            0usize,
+            0,
+        )
+    } < 0
+    {
         return Err(io::Error::last_os_error());
     }
-    let m = unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), 1 /* FSMOUNT_CLOEXEC */, 0) };
+    let m = unsafe {
+        libc::syscall(
+            libc::SYS_fsmount,
+            fs.as_raw_fd(),
+            1, /* FSMOUNT_CLOEXEC */
+            0,
+        )
+    };
     if m < 0 {
         return Err(io::Error::last_os_error());
     }
     let m = unsafe { OwnedFd::from_raw_fd(m as i32) };
     let empty = c("")?;
     let t = c(&target.display().to_string())?;
-    if unsafe { libc::syscall(libc::SYS_move_mount, m.as_raw_fd(), empty.as_ptr(), libc::AT_FDCWD, t.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH) } < 0 {
+    if unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            m.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    } < 0
+    {
         return Err(io::Error::last_os_error());
     }
     Ok(())
 }
 
 /// Build the rootfs for `run` inside `run_dir` from `layers` (base first).
-pub fn create(store: &Store, run: &str, run_dir: &Path, layers: &[Digest], force_copy: bool) -> Result<Rootfs, RootfsError> {
+pub fn create(
+    store: &Store,
+    run: &str,
+    run_dir: &Path,
+    layers: &[Digest],
+    force_copy: bool,
+) -> Result<Rootfs, RootfsError> {
     let mut lowers = Vec::new();
     for l in layers.iter().rev() {
         if store.layer(l).is_none() {
@@ -92,7 +167,13 @@ pub fn create(store: &Store, run: &str, run_dir: &Path, layers: &[Digest], force
     }
     let target = run_dir.join("rootfs");
     std::fs::create_dir_all(&target).map_err(ioe("creating", &target))?;
-    store.mark_in_use(run, layers, &target).map_err(|e| RootfsError::Io { what: "recording", path: target.clone(), source: io::Error::other(e.to_string()) })?;
+    store
+        .mark_in_use(run, layers, &target)
+        .map_err(|e| RootfsError::Io {
+            what: "recording",
+            path: target.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
     if !force_copy {
         let upper = run_dir.join("upper");
         let work = run_dir.join("work");
@@ -105,14 +186,24 @@ pub fn create(store: &Store, run: &str, run_dir: &Path, layers: &[Digest], force
             lowers.push(empty);
         }
         match mount_overlay(&lowers, &upper, &work, &target) {
-            Ok(()) => return Ok(Rootfs { path: target, overlay: true, scratch: vec![upper, work] }),
+            Ok(()) => {
+                return Ok(Rootfs {
+                    path: target,
+                    overlay: true,
+                    scratch: vec![upper, work],
+                })
+            }
             Err(e) => tracing::warn!("overlayfs mount failed ({e}); copying the layers instead"),
         }
     }
     for l in layers {
         copy_layer(&store.layer_dir(l), &target).map_err(ioe("copying layer into", &target))?;
     }
-    Ok(Rootfs { path: target, overlay: false, scratch: vec![] })
+    Ok(Rootfs {
+        path: target,
+        overlay: false,
+        scratch: vec![],
+    })
 }
 
 /// Apply an unpacked (overlay-form) layer dir onto a flattened tree: re-tar it and unpack in
@@ -127,8 +218,17 @@ fn copy_layer(layer: &Path, target: &Path) -> io::Result<()> {
         append_tree(&mut b, &src, Path::new(""))?;
         b.finish()
     });
-    let res = unpack::unpack(r, target, unpack::Options { whiteouts: Whiteouts::Apply, ..Default::default() });
-    writer.join().map_err(|_| io::Error::other("tar writer panicked"))??;
+    let res = unpack::unpack(
+        r,
+        target,
+        unpack::Options {
+            whiteouts: Whiteouts::Apply,
+            ..Default::default()
+        },
+    );
+    writer
+        .join()
+        .map_err(|_| io::Error::other("tar writer panicked"))??;
     res.map(|_| ()).map_err(io::Error::other)
 }
 
@@ -138,7 +238,9 @@ fn append_tree<W: io::Write>(b: &mut tar::Builder<W>, root: &Path, rel: &Path) -
     let mut names: Vec<_> = std::fs::read_dir(&dir)?.flatten().collect();
     names.sort_by_key(|e| e.file_name());
     // an opaque directory: emit the marker first, so lower content goes before this layer's
-    if xattr_get(&dir, "trusted.overlay.opaque").as_deref() == Some(b"y") && !rel.as_os_str().is_empty() {
+    if xattr_get(&dir, "trusted.overlay.opaque").as_deref() == Some(b"y")
+        && !rel.as_os_str().is_empty()
+    {
         let mut h = tar::Header::new_gnu();
         h.set_size(0);
         h.set_entry_type(tar::EntryType::Regular);
@@ -170,7 +272,14 @@ fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
     let cp = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
     let cn = std::ffi::CString::new(name).ok()?;
     let mut buf = [0u8; 16];
-    let n = unsafe { libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+    let n = unsafe {
+        libc::lgetxattr(
+            cp.as_ptr(),
+            cn.as_ptr(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+        )
+    };
     (n >= 0).then(|| buf[..n as usize].to_vec())
 }
 
@@ -193,24 +302,52 @@ pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<(u32, u32, Vec<u32>, St
         None => (spec, None),
     };
     let u = if u.is_empty() { "0" } else { u };
-    let pw: Vec<Vec<&str>> = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 7).collect();
-    let entry = pw.iter().find(|f| f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u));
+    let pw: Vec<Vec<&str>> = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 7)
+        .collect();
+    let entry = pw
+        .iter()
+        .find(|f| f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u));
     let uid: u32 = match u.parse() {
         Ok(n) => n,
-        Err(_) => entry.and_then(|f| f[2].parse().ok()).ok_or_else(|| format!("user {u:?} is not in the image's /etc/passwd"))?,
+        Err(_) => entry
+            .and_then(|f| f[2].parse().ok())
+            .ok_or_else(|| format!("user {u:?} is not in the image's /etc/passwd"))?,
     };
-    let home = entry.map(|f| f[5].to_string()).unwrap_or_else(|| if uid == 0 { "/root".into() } else { "/".into() });
-    let grp: Vec<Vec<&str>> = group.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 4).collect();
+    let home = entry.map(|f| f[5].to_string()).unwrap_or_else(|| {
+        if uid == 0 {
+            "/root".into()
+        } else {
+            "/".into()
+        }
+    });
+    let grp: Vec<Vec<&str>> = group
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 4)
+        .collect();
     let gid: u32 = match g {
         Some(g) => match g.parse() {
             Ok(n) => n,
-            Err(_) => grp.iter().find(|f| f[0] == g).and_then(|f| f[2].parse().ok()).ok_or_else(|| format!("group {g:?} is not in the image's /etc/group"))?,
+            Err(_) => grp
+                .iter()
+                .find(|f| f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| format!("group {g:?} is not in the image's /etc/group"))?,
         },
-        None => entry.and_then(|f| f[3].parse().ok()).unwrap_or(if uid == 0 { 0 } else { uid }),
+        None => entry
+            .and_then(|f| f[3].parse().ok())
+            .unwrap_or(if uid == 0 { 0 } else { uid }),
     };
     let name = entry.map(|f| f[0]).unwrap_or("");
     let mut extra: Vec<u32> = if g.is_none() && !name.is_empty() {
-        grp.iter().filter(|f| f[3].split(',').any(|m| m == name)).filter_map(|f| f[2].parse().ok()).filter(|&x| x != gid).collect()
+        grp.iter()
+            .filter(|f| f[3].split(',').any(|m| m == name))
+            .filter_map(|f| f[2].parse().ok())
+            .filter(|&x| x != gid)
+            .collect()
     } else {
         vec![]
     };

@@ -42,16 +42,27 @@ pub fn parse_volume(s: &str) -> Result<BindMount, String> {
         _ => return Err(format!("volume {s:?} is not SRC:DST[:ro|rw]")),
     };
     if !dst.starts_with('/') {
-        return Err(format!("volume {s:?}: the destination must be an absolute path"));
+        return Err(format!(
+            "volume {s:?}: the destination must be an absolute path"
+        ));
     }
-    let source = std::fs::canonicalize(src).map_err(|e| format!("volume {s:?}: source {src:?}: {e}"))?;
-    Ok(BindMount { source, destination: dst.to_string(), readonly: ro })
+    let source =
+        std::fs::canonicalize(src).map_err(|e| format!("volume {s:?}: source {src:?}: {e}"))?;
+    Ok(BindMount {
+        source,
+        destination: dst.to_string(),
+        readonly: ro,
+    })
 }
 
 /// Docker's rules: user args replace Cmd; Entrypoint stays in front. A single argument that
 /// contains whitespace or shell syntax is a shell command (`/bin/sh -c`).
 pub fn command(cfg: &RunConfig, args: &[String]) -> Vec<String> {
-    let user: Vec<String> = if args.len() == 1 && args[0].chars().any(|c| c.is_whitespace() || "|&;<>()$`\\\"'*?[#~=%".contains(c)) {
+    let user: Vec<String> = if args.len() == 1
+        && args[0]
+            .chars()
+            .any(|c| c.is_whitespace() || "|&;<>()$`\\\"'*?[#~=%".contains(c))
+    {
         vec!["/bin/sh".into(), "-c".into(), args[0].clone()]
     } else {
         args.to_vec()
@@ -66,7 +77,12 @@ pub fn command(cfg: &RunConfig, args: &[String]) -> Vec<String> {
 }
 
 /// Image env, then defaults, then the user's `-e` (a bare `-e NAME` copies the host's value).
-pub fn environment(cfg: &RunConfig, user_env: &[String], home: &str, hostname: &str) -> Vec<String> {
+pub fn environment(
+    cfg: &RunConfig,
+    user_env: &[String],
+    home: &str,
+    hostname: &str,
+) -> Vec<String> {
     let mut env: Vec<(String, String)> = Vec::new();
     let mut set = |kv: &str| {
         let (k, v) = match kv.split_once('=') {
@@ -96,14 +112,21 @@ pub fn new_id() -> String {
 }
 
 /// Prepare everything and write the request; the caller then spawns the monitor.
-pub fn prepare(store: &Store, image: &ImageRecord, o: &RunOptions) -> anyhow::Result<(RunDir, RunRequest)> {
+pub fn prepare(
+    store: &Store,
+    image: &ImageRecord,
+    o: &RunOptions,
+) -> anyhow::Result<(RunDir, RunRequest)> {
     let id = o.name.clone().unwrap_or_else(new_id);
     if !cw_runtime::request::valid_id(&id) {
         anyhow::bail!("run name {id:?} is not valid (1-64 of letters, digits, '_', '.', '-')");
     }
     let dir = runs_dir(store).join(&id);
     if dir.exists() {
-        anyhow::bail!("a run named {id:?} already exists ({}); remove it with `cw rm {id}`", dir.display());
+        anyhow::bail!(
+            "a run named {id:?} already exists ({}); remove it with `cw rm {id}`",
+            dir.display()
+        );
     }
     std::fs::create_dir_all(&dir)?;
     let rd = RunDir::new(&dir);
@@ -115,15 +138,31 @@ pub fn prepare(store: &Store, image: &ImageRecord, o: &RunOptions) -> anyhow::Re
         }
         cleanup.remove.extend(rf.scratch.iter().cloned());
         cleanup.remove.push(rf.path.clone());
-        cleanup.remove.push(store.root().join("inuse").join(format!("{id}.json")));
+        cleanup
+            .remove
+            .push(store.root().join("inuse").join(format!("{id}.json")));
         let user = o.user.clone().unwrap_or_else(|| image.run.user.clone());
-        let (uid, gid, extra, home) = rootfs::resolve_user(&rf.path, &user).map_err(anyhow::Error::msg)?;
-        let hostname = o.hostname.clone().unwrap_or_else(|| id.chars().take(12).collect());
+        let (uid, gid, extra, home) =
+            rootfs::resolve_user(&rf.path, &user).map_err(anyhow::Error::msg)?;
+        let hostname = o
+            .hostname
+            .clone()
+            .unwrap_or_else(|| id.chars().take(12).collect());
         let args = command(&image.run, &o.args);
         if args.is_empty() {
             anyhow::bail!("no command given and the image has neither Entrypoint nor Cmd");
         }
-        let cwd = o.workdir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| if image.run.working_dir.is_empty() { "/".into() } else { image.run.working_dir.clone() });
+        let cwd = o
+            .workdir
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| {
+                if image.run.working_dir.is_empty() {
+                    "/".into()
+                } else {
+                    image.run.working_dir.clone()
+                }
+            });
         if !cwd.starts_with('/') {
             anyhow::bail!("working directory {cwd:?} must be absolute");
         }
@@ -180,7 +219,11 @@ fn etc_files(dir: &Path, hostname: &str, net: Network) -> anyhow::Result<Vec<Bin
     std::fs::write(etc.join("resolv.conf"), resolv)?;
     Ok(["hostname", "hosts", "resolv.conf"]
         .iter()
-        .map(|f| BindMount { source: etc.join(f), destination: format!("/etc/{f}"), readonly: true })
+        .map(|f| BindMount {
+            source: etc.join(f),
+            destination: format!("/etc/{f}"),
+            readonly: true,
+        })
         .collect())
 }
 
@@ -227,7 +270,10 @@ pub fn status_word(rd: &RunDir) -> String {
 /// Remove a finished run's directory.
 pub fn remove(rd: &RunDir) -> anyhow::Result<()> {
     if rd.exit().is_none() && rd.monitor_pid().is_some() {
-        anyhow::bail!("run {} is still running (cw kill it first)", rd.path.display());
+        anyhow::bail!(
+            "run {} is still running (cw kill it first)",
+            rd.path.display()
+        );
     }
     if !rd.cleaned() {
         rd.recover()?;
@@ -241,11 +287,17 @@ pub fn describe_exit(e: &ExitStatus, memory: Option<u64>) -> Option<String> {
         return Some(err.clone());
     }
     if e.oom_killed {
-        let lim = memory.map(|m| format!(" (limit {})", crate::progress::human(m))).unwrap_or_default();
-        return Some(format!("the kernel killed a process of the run for exceeding its memory limit{lim}"));
+        let lim = memory
+            .map(|m| format!(" (limit {})", crate::progress::human(m)))
+            .unwrap_or_default();
+        return Some(format!(
+            "the kernel killed a process of the run for exceeding its memory limit{lim}"
+        ));
     }
     match e.reason {
-        monitor::Reason::TimeLimit => Some("the run was killed for exceeding its time limit".into()),
+        monitor::Reason::TimeLimit => {
+            Some("the run was killed for exceeding its time limit".into())
+        }
         monitor::Reason::Killed => Some("the run was killed on request".into()),
         _ => None,
     }
@@ -257,19 +309,32 @@ mod tests {
 
     #[test]
     fn command_rules() {
-        let cfg = RunConfig { cmd: vec!["/bin/sh".into()], ..Default::default() };
+        let cfg = RunConfig {
+            cmd: vec!["/bin/sh".into()],
+            ..Default::default()
+        };
         assert_eq!(command(&cfg, &[]), vec!["/bin/sh"]);
         assert_eq!(command(&cfg, &["true".into()]), vec!["true"]);
-        assert_eq!(command(&cfg, &["echo hi".into()]), vec!["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(
+            command(&cfg, &["echo hi".into()]),
+            vec!["/bin/sh", "-c", "echo hi"]
+        );
         assert_eq!(command(&cfg, &["ls".into(), "-l".into()]), vec!["ls", "-l"]);
-        let ep = RunConfig { entrypoint: vec!["/ep".into()], cmd: vec!["x".into()], ..Default::default() };
+        let ep = RunConfig {
+            entrypoint: vec!["/ep".into()],
+            cmd: vec!["x".into()],
+            ..Default::default()
+        };
         assert_eq!(command(&ep, &[]), vec!["/ep", "x"]);
         assert_eq!(command(&ep, &["y".into()]), vec!["/ep", "y"]);
     }
 
     #[test]
     fn env_precedence() {
-        let cfg = RunConfig { env: vec!["PATH=/img".into(), "A=1".into()], ..Default::default() };
+        let cfg = RunConfig {
+            env: vec!["PATH=/img".into(), "A=1".into()],
+            ..Default::default()
+        };
         let e = environment(&cfg, &["A=2".into(), "B=3".into()], "/root", "h");
         assert!(e.contains(&"PATH=/img".to_string()));
         assert!(e.contains(&"A=2".to_string()) && !e.contains(&"A=1".to_string()));

@@ -50,7 +50,10 @@ pub fn v2_dir(cgroup_path: &str) -> PathBuf {
 pub fn read(cgroup_path: &str) -> Usage {
     match version() {
         Version::V1 => {
-            let cg = cgroups_rs::Cgroup::load(Box::new(cgroups_rs::hierarchies::V1::new()), cgroup_path.trim_start_matches('/'));
+            let cg = cgroups_rs::Cgroup::load(
+                Box::new(cgroups_rs::hierarchies::V1::new()),
+                cgroup_path.trim_start_matches('/'),
+            );
             let mut u = Usage::default();
             if let Some(m) = cg.controller_of::<MemController>() {
                 let s = m.memory_stat();
@@ -89,11 +92,28 @@ mod tests {
     #[test]
     fn parses_v2_files() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("cpu.stat"), "usage_usec 30\nuser_usec 20\nsystem_usec 10\n").unwrap();
+        std::fs::write(
+            d.path().join("cpu.stat"),
+            "usage_usec 30\nuser_usec 20\nsystem_usec 10\n",
+        )
+        .unwrap();
         std::fs::write(d.path().join("memory.current"), "4096\n").unwrap();
         std::fs::write(d.path().join("memory.peak"), "8192\n").unwrap();
-        std::fs::write(d.path().join("memory.events"), "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n").unwrap();
+        std::fs::write(
+            d.path().join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
         let u = read_v2(d.path());
-        assert_eq!(u, Usage { cpu_user_ns: 20_000, cpu_system_ns: 10_000, memory_current: 4096, memory_peak: 8192, oom_kills: 1 });
+        assert_eq!(
+            u,
+            Usage {
+                cpu_user_ns: 20_000,
+                cpu_system_ns: 10_000,
+                memory_current: 4096,
+                memory_peak: 8192,
+                oom_kills: 1
+            }
+        );
     }
 }

@@ -73,7 +73,10 @@ pub struct State {
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
@@ -108,7 +111,10 @@ impl RunDir {
 
     pub fn write_request(&self, r: &RunRequest) -> io::Result<()> {
         fs::create_dir_all(&self.path)?;
-        write_atomic(&self.path.join("request.json"), &serde_json::to_vec_pretty(r).unwrap())
+        write_atomic(
+            &self.path.join("request.json"),
+            &serde_json::to_vec_pretty(r).unwrap(),
+        )
     }
 
     pub fn state(&self) -> Option<State> {
@@ -176,7 +182,10 @@ impl RunDir {
                 finished_at: unix_now(),
                 error: Some("the run's monitor process died; the run was stopped".into()),
             };
-            write_atomic(&self.path.join("exit.json"), &serde_json::to_vec_pretty(&ex).unwrap())?;
+            write_atomic(
+                &self.path.join("exit.json"),
+                &serde_json::to_vec_pretty(&ex).unwrap(),
+            )?;
         }
         cleanup(&req, &self.path);
         Ok(())
@@ -211,7 +220,11 @@ fn cgroup_path_string(p: &Path) -> String {
 pub fn spawn(exe: &Path, dir: &Path, stdout: Stdio, stderr: Stdio) -> io::Result<Child> {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(exe);
-    cmd.arg("__monitor").arg(dir).stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+    cmd.arg("__monitor")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr);
     unsafe {
         cmd.pre_exec(|| {
             nix::unistd::setsid().map_err(io::Error::from)?;
@@ -264,7 +277,11 @@ fn loopback_up() -> io::Result<()> {
 
 fn is_dev_null(fd: RawFd) -> bool {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    unsafe { libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3) }
+    unsafe {
+        libc::fstat(fd, &mut st) == 0
+            && (st.st_mode & libc::S_IFMT) == libc::S_IFCHR
+            && st.st_rdev == libc::makedev(1, 3)
+    }
 }
 
 /// An output fd for the container: the named file, or a copy of ours. /dev/null is never passed
@@ -324,7 +341,10 @@ fn fail(dir: &Path, req: &RunRequest, started: f64, msg: String) -> i32 {
         finished_at: unix_now(),
         error: Some(msg),
     };
-    let _ = write_atomic(&dir.join("exit.json"), &serde_json::to_vec_pretty(&ex).unwrap());
+    let _ = write_atomic(
+        &dir.join("exit.json"),
+        &serde_json::to_vec_pretty(&ex).unwrap(),
+    );
     cleanup(req, dir);
     1
 }
@@ -335,13 +355,19 @@ pub fn main(dir: &Path) -> i32 {
     let req = match rd.request() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("cw monitor: reading {}: {e}", dir.join("request.json").display());
+            eprintln!(
+                "cw monitor: reading {}: {e}",
+                dir.join("request.json").display()
+            );
             return 2;
         }
     };
     let started = unix_now();
     let me = std::process::id() as i32;
-    let _ = write_atomic(&dir.join("monitor.pid"), format!("{me} {}", proc_start_time(me).unwrap_or(0)).as_bytes());
+    let _ = write_atomic(
+        &dir.join("monitor.pid"),
+        format!("{me} {}", proc_start_time(me).unwrap_or(0)).as_bytes(),
+    );
 
     // signals arrive through a self-pipe; handlers (not a blocked mask) so children start clean
     let (sig_r, sig_w) = match pipe() {
@@ -349,8 +375,17 @@ pub fn main(dir: &Path) -> i32 {
         Err(e) => return fail(dir, &req, started, format!("creating a pipe: {e}")),
     };
     SIGNAL_PIPE.store(sig_w.as_raw_fd(), Ordering::Relaxed);
-    let act = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
+    let act = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGCHLD,
+    ] {
         unsafe { signal::sigaction(s, &act) }.ok();
     }
     // a broken stdout pipe must not kill the monitor
@@ -360,7 +395,12 @@ pub fn main(dir: &Path) -> i32 {
         // The container inherits this private namespace (the spec asks for none of its own):
         // only loopback, and it is up.
         if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-            return fail(dir, &req, started, format!("creating a network namespace: {e}"));
+            return fail(
+                dir,
+                &req,
+                started,
+                format!("creating a network namespace: {e}"),
+            );
         }
         if let Err(e) = loopback_up() {
             return fail(dir, &req, started, format!("bringing up loopback: {e}"));
@@ -372,13 +412,21 @@ pub fn main(dir: &Path) -> i32 {
         Err(e) => return fail(dir, &req, started, e),
     };
     let bundle = dir.join("bundle");
-    if let Err(e) = fs::create_dir_all(&bundle).and_then(|_| spec.save(bundle.join("config.json")).map_err(io::Error::other)) {
+    if let Err(e) = fs::create_dir_all(&bundle).and_then(|_| {
+        spec.save(bundle.join("config.json"))
+            .map_err(io::Error::other)
+    }) {
         return fail(dir, &req, started, format!("writing the OCI bundle: {e}"));
     }
     let mut drains = Vec::new();
-    let (stdout, stderr) = match (output(&req.stdout, 1, &mut drains), output(&req.stderr, 2, &mut drains)) {
+    let (stdout, stderr) = match (
+        output(&req.stdout, 1, &mut drains),
+        output(&req.stderr, 2, &mut drains),
+    ) {
         (Ok(o), Ok(e)) => (o, e),
-        (Err(e), _) | (_, Err(e)) => return fail(dir, &req, started, format!("opening the output files: {e}")),
+        (Err(e), _) | (_, Err(e)) => {
+            return fail(dir, &req, started, format!("opening the output files: {e}"))
+        }
     };
     let stdin = match File::open("/dev/null") {
         Ok(f) => f,
@@ -388,8 +436,19 @@ pub fn main(dir: &Path) -> i32 {
     let _ = fs::create_dir_all(&lc_root);
     let built = ContainerBuilder::new(req.id.clone(), SyscallType::default())
         .with_root_path(&lc_root)
-        .and_then(|b| b.with_executor(DefaultExecutor {}).with_stdin(stdin).with_stdout(stdout).with_stderr(stderr).validate_id())
-        .and_then(|b| b.as_init(&bundle).with_systemd(false).with_detach(true).build());
+        .and_then(|b| {
+            b.with_executor(DefaultExecutor {})
+                .with_stdin(stdin)
+                .with_stdout(stdout)
+                .with_stderr(stderr)
+                .validate_id()
+        })
+        .and_then(|b| {
+            b.as_init(&bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+        });
     let mut container = match built {
         Ok(c) => c,
         Err(e) => {
@@ -410,7 +469,11 @@ pub fn main(dir: &Path) -> i32 {
         let _ = container.delete(true);
         return fail(dir, &req, started, "the container has no pid".into());
     };
-    let st = State { status: "running".into(), pid: Some(pid.as_raw()), started_at: started };
+    let st = State {
+        status: "running".into(),
+        pid: Some(pid.as_raw()),
+        started_at: started,
+    };
     let _ = write_atomic(&dir.join("state.json"), &serde_json::to_vec(&st).unwrap());
 
     let t0 = Instant::now();
@@ -427,8 +490,17 @@ pub fn main(dir: &Path) -> i32 {
                 wake = Some(wake.map_or(d, |w| w.min(d)));
             }
         }
-        let timeout = wake.map(|w| w.saturating_duration_since(now).as_millis().min(60_000) as i32).unwrap_or(60_000);
-        let mut pfds: Vec<libc::pollfd> = std::iter::once(&sig_r).chain(drains.iter()).map(|f| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+        let timeout = wake
+            .map(|w| w.saturating_duration_since(now).as_millis().min(60_000) as i32)
+            .unwrap_or(60_000);
+        let mut pfds: Vec<libc::pollfd> = std::iter::once(&sig_r)
+            .chain(drains.iter())
+            .map(|f| libc::pollfd {
+                fd: f.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
         unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
         let mut buf = [0u8; 4096];
         for (i, p) in pfds.iter().enumerate().skip(1) {
@@ -438,7 +510,13 @@ pub fn main(dir: &Path) -> i32 {
         }
         let mut term_requested = false;
         loop {
-            let n = unsafe { libc::read(sig_r.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+            let n = unsafe {
+                libc::read(
+                    sig_r.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                )
+            };
             if n <= 0 {
                 break;
             }
@@ -450,9 +528,15 @@ pub fn main(dir: &Path) -> i32 {
         }
         let now = Instant::now();
         if reason == Reason::Exited {
-            let timed_out = req.time_limit.is_some_and(|tl| now >= t0 + Duration::from_secs(tl));
+            let timed_out = req
+                .time_limit
+                .is_some_and(|tl| now >= t0 + Duration::from_secs(tl));
             if term_requested || timed_out {
-                reason = if term_requested { Reason::Killed } else { Reason::TimeLimit };
+                reason = if term_requested {
+                    Reason::Killed
+                } else {
+                    Reason::TimeLimit
+                };
                 tracing::info!("stopping the run ({reason:?}): SIGTERM, SIGKILL in {grace:?}");
                 let _ = container.kill(Signal::SIGTERM, true);
                 kill_at = Some(now + grace);
@@ -469,7 +553,9 @@ pub fn main(dir: &Path) -> i32 {
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(p, code)) if p == pid => break 'outer (code, None),
-                Ok(WaitStatus::Signaled(p, s, _)) if p == pid => break 'outer (128 + s as i32, Some(s as i32)),
+                Ok(WaitStatus::Signaled(p, s, _)) if p == pid => {
+                    break 'outer (128 + s as i32, Some(s as i32))
+                }
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(_) => continue,
             }
@@ -486,7 +572,10 @@ pub fn main(dir: &Path) -> i32 {
         finished_at: unix_now(),
         error: None,
     };
-    if let Err(e) = write_atomic(&dir.join("exit.json"), &serde_json::to_vec_pretty(&ex).unwrap()) {
+    if let Err(e) = write_atomic(
+        &dir.join("exit.json"),
+        &serde_json::to_vec_pretty(&ex).unwrap(),
+    ) {
         tracing::error!("writing exit.json: {e}");
     }
     if let Err(e) = container.delete(true) {

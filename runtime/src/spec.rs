@@ -38,7 +38,13 @@ const MASKED: &[&str] = &[
     "/sys/devices/virtual/powercap",
 ];
 
-const READONLY: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+const READONLY: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
 
 /// Syscalls refused with EPERM: what docker's default profile leaves out for a container without
 /// CAP_SYS_ADMIN and friends (kernel modules, mounts, namespaces, keyrings, bpf, clock, reboot…).
@@ -105,7 +111,15 @@ pub const DENIED_SYSCALLS: &[&str] = &[
 ];
 
 /// CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET: clone(2) with any is refused.
-const CLONE_NAMESPACE_FLAGS: [u64; 7] = [0x0002_0000, 0x0200_0000, 0x0400_0000, 0x0800_0000, 0x1000_0000, 0x2000_0000, 0x4000_0000];
+const CLONE_NAMESPACE_FLAGS: [u64; 7] = [
+    0x0002_0000,
+    0x0200_0000,
+    0x0400_0000,
+    0x0800_0000,
+    0x1000_0000,
+    0x2000_0000,
+    0x4000_0000,
+];
 
 fn seccomp() -> Value {
     let arches: Vec<&str> = if cfg!(target_arch = "x86_64") {
@@ -151,14 +165,18 @@ pub fn build(req: &RunRequest) -> Result<Spec, String> {
     // No network namespace here: for Network::None the monitor made a fresh one (loopback up)
     // that the container inherits; for Network::Host it shares the host's.
     let _: Network = req.network;
-    let namespaces = vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "uts"}), json!({"type": "mount"}), json!({"type": "cgroup"})];
+    let namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "mount"}),
+        json!({"type": "cgroup"}),
+    ];
 
     let mut resources = json!({
         "devices": [{"allow": false, "access": "rwm"}],
     });
-    let mut allowed = vec![
-        (1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 2),
-    ];
+    let mut allowed = vec![(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 2)];
     let mut devices = vec![];
     for d in &req.devices {
         allowed.push((d.major, d.minor));
@@ -166,7 +184,8 @@ pub fn build(req: &RunRequest) -> Result<Spec, String> {
     }
     let dev_rules = resources["devices"].as_array_mut().unwrap();
     for (maj, min) in allowed {
-        dev_rules.push(json!({"allow": true, "type": "c", "major": maj, "minor": min, "access": "rwm"}));
+        dev_rules
+            .push(json!({"allow": true, "type": "c", "major": maj, "minor": min, "access": "rwm"}));
     }
     dev_rules.push(json!({"allow": true, "type": "c", "major": 136, "access": "rwm"})); // /dev/pts/*
     if let Some(m) = req.limits.memory {
@@ -176,7 +195,10 @@ pub fn build(req: &RunRequest) -> Result<Spec, String> {
     if let Some(c) = req.limits.cpus {
         let period = 100_000u64;
         cpu.insert("period".into(), json!(period));
-        cpu.insert("quota".into(), json!(((c * period as f64).round() as i64).max(1000)));
+        cpu.insert(
+            "quota".into(),
+            json!(((c * period as f64).round() as i64).max(1000)),
+        );
     }
     if let Some(s) = &req.limits.cpuset {
         cpu.insert("cpus".into(), json!(s));
@@ -232,8 +254,18 @@ mod tests {
             gid: uid,
             additional_gids: vec![],
             hostname: "h".into(),
-            mounts: vec![BindMount { source: "/data".into(), destination: "/data".into(), readonly: true }],
-            limits: Limits { memory: Some(64 << 20), cpus: Some(1.5), cpuset: Some("0".into()), pids: Some(100), shm_size: 1 << 20 },
+            mounts: vec![BindMount {
+                source: "/data".into(),
+                destination: "/data".into(),
+                readonly: true,
+            }],
+            limits: Limits {
+                memory: Some(64 << 20),
+                cpus: Some(1.5),
+                cpuset: Some("0".into()),
+                pids: Some(100),
+                shm_size: 1 << 20,
+            },
             network: Network::None,
             time_limit: None,
             kill_grace_secs: 2,
@@ -251,9 +283,13 @@ mod tests {
         let s = serde_json::to_value(build(&req(0)).unwrap()).unwrap();
         let caps = s["process"]["capabilities"]["bounding"].as_array().unwrap();
         assert!(caps.iter().any(|c| c == "CAP_CHOWN"));
-        assert!(!caps.iter().any(|c| c == "CAP_MKNOD" || c == "CAP_SYS_ADMIN"));
+        assert!(!caps
+            .iter()
+            .any(|c| c == "CAP_MKNOD" || c == "CAP_SYS_ADMIN"));
         let s = serde_json::to_value(build(&req(1000)).unwrap()).unwrap();
-        assert!(s["process"]["capabilities"]["bounding"].as_array().map_or(true, |a| a.is_empty()));
+        assert!(s["process"]["capabilities"]["bounding"]
+            .as_array()
+            .map_or(true, |a| a.is_empty()));
         assert_eq!(s["process"]["noNewPrivileges"], true);
     }
 
@@ -270,9 +306,21 @@ mod tests {
         let sys = mounts.iter().find(|m| m["destination"] == "/sys").unwrap();
         assert!(sys["options"].as_array().unwrap().iter().any(|o| o == "ro"));
         let data = mounts.iter().find(|m| m["destination"] == "/data").unwrap();
-        assert!(data["options"].as_array().unwrap().iter().any(|o| o == "ro"));
-        assert!(s["linux"]["seccomp"]["syscalls"][0]["names"].as_array().unwrap().iter().any(|n| n == "mount"));
+        assert!(data["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o == "ro"));
+        assert!(s["linux"]["seccomp"]["syscalls"][0]["names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == "mount"));
         // no netns entry: the container inherits the monitor's private one
-        assert!(!s["linux"]["namespaces"].as_array().unwrap().iter().any(|n| n["type"] == "network"));
+        assert!(!s["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["type"] == "network"));
     }
 }

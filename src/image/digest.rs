@@ -25,24 +25,41 @@ impl Digest {
             .split_once(':')
             .ok_or_else(|| DigestError::Malformed(s.to_string()))?;
         if algo != "sha256" {
-            if !algo.is_empty() && algo.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b)) {
-                return Err(DigestError::Unsupported { algo: algo.to_string(), full: s.to_string() });
+            if !algo.is_empty()
+                && algo
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b))
+            {
+                return Err(DigestError::Unsupported {
+                    algo: algo.to_string(),
+                    full: s.to_string(),
+                });
             }
             return Err(DigestError::Malformed(s.to_string()));
         }
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(DigestError::Malformed(s.to_string()));
         }
-        Ok(Digest { hex: hex.to_string() })
+        Ok(Digest {
+            hex: hex.to_string(),
+        })
     }
 
     /// Digest of a byte slice.
     pub fn of(data: &[u8]) -> Self {
-        Digest { hex: hex::encode(Sha256::digest(data)) }
+        Digest {
+            hex: hex::encode(Sha256::digest(data)),
+        }
     }
 
     pub fn from_hasher(h: Sha256) -> Self {
-        Digest { hex: hex::encode(h.finalize()) }
+        Digest {
+            hex: hex::encode(h.finalize()),
+        }
     }
 
     /// The 64 hex digits; safe as a single path component.
@@ -110,9 +127,15 @@ mod tests {
             "sha256:abcdef0123456789abcdef0123456789abcdef0123456789abcdef012345678/",
             "",
         ] {
-            assert!(matches!(Digest::parse(bad), Err(DigestError::Malformed(_))), "{bad}");
+            assert!(
+                matches!(Digest::parse(bad), Err(DigestError::Malformed(_))),
+                "{bad}"
+            );
         }
-        assert!(matches!(Digest::parse("sha512:abcd"), Err(DigestError::Unsupported { .. })));
+        assert!(matches!(
+            Digest::parse("sha512:abcd"),
+            Err(DigestError::Unsupported { .. })
+        ));
     }
 
     #[test]

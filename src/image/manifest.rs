@@ -95,25 +95,41 @@ impl Platform {
     pub fn host() -> Platform {
         let arch = normalize_arch(std::env::consts::ARCH);
         let variant = default_variant(&arch);
-        Platform { os: "linux".into(), arch, variant }
+        Platform {
+            os: "linux".into(),
+            arch,
+            variant,
+        }
     }
 
     /// `os/arch[/variant]`, e.g. `linux/arm64/v8`.
     pub fn parse(s: &str) -> Result<Platform, String> {
         let parts: Vec<&str> = s.split('/').collect();
         if parts.len() < 2 || parts.len() > 3 || parts.iter().any(|p| p.is_empty()) {
-            return Err(format!("platform {s:?} is not of the form os/arch[/variant]"));
+            return Err(format!(
+                "platform {s:?} is not of the form os/arch[/variant]"
+            ));
         }
         let arch = normalize_arch(&parts[1].to_ascii_lowercase());
-        let variant = parts.get(2).map(|v| v.to_ascii_lowercase()).or_else(|| default_variant(&arch));
-        Ok(Platform { os: parts[0].to_ascii_lowercase(), arch, variant })
+        let variant = parts
+            .get(2)
+            .map(|v| v.to_ascii_lowercase())
+            .or_else(|| default_variant(&arch));
+        Ok(Platform {
+            os: parts[0].to_ascii_lowercase(),
+            arch,
+            variant,
+        })
     }
 
     fn matches(&self, other: &Platform) -> bool {
         if self.os != other.os || self.arch != normalize_arch(&other.arch) {
             return false;
         }
-        let theirs = other.variant.clone().or_else(|| default_variant(&other.arch));
+        let theirs = other
+            .variant
+            .clone()
+            .or_else(|| default_variant(&other.arch));
         match (&self.variant, theirs) {
             (Some(a), Some(b)) => *a == b,
             _ => true,
@@ -156,9 +172,8 @@ fn layer_compression(mt: &str) -> Result<Compression, ManifestError> {
         | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
         | "application/vnd.oci.image.layer.v1.tar+gzip"
         | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip" => Compression::Gzip,
-        "application/vnd.oci.image.layer.v1.tar+zstd" | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
-            Compression::Zstd
-        }
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Compression::Zstd,
         "application/vnd.oci.image.layer.v1.tar"
         | "application/vnd.oci.image.layer.nondistributable.v1.tar"
         | "application/vnd.docker.image.rootfs.diff.tar" => Compression::None,
@@ -167,7 +182,10 @@ fn layer_compression(mt: &str) -> Result<Compression, ManifestError> {
 }
 
 fn digest_of(d: &oci_spec::image::Digest, what: &'static str) -> Result<Digest, ManifestError> {
-    Digest::parse(&d.to_string()).map_err(|e| ManifestError::Invalid { what, reason: e.to_string() })
+    Digest::parse(&d.to_string()).map_err(|e| ManifestError::Invalid {
+        what,
+        reason: e.to_string(),
+    })
 }
 
 /// Parse a manifest document. `content_type` is the registry's Content-Type header, used only when
@@ -176,18 +194,28 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, Manifes
     if bytes.len() > MAX_MANIFEST_BYTES {
         return Err(ManifestError::TooLarge(bytes.len()));
     }
-    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| ManifestError::BadJson(e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| ManifestError::BadJson(e.to_string()))?;
     if !v.is_object() {
         return Err(ManifestError::BadJson("top level is not an object".into()));
     }
     if v.get("schemaVersion").and_then(|s| s.as_u64()) == Some(1) {
         return Err(ManifestError::Schema1);
     }
-    let declared = v.get("mediaType").and_then(|m| m.as_str()).map(str::to_string);
-    let header = content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_string()).filter(|c| !c.is_empty());
+    let declared = v
+        .get("mediaType")
+        .and_then(|m| m.as_str())
+        .map(str::to_string);
+    let header = content_type
+        .map(|c| c.split(';').next().unwrap_or("").trim().to_string())
+        .filter(|c| !c.is_empty());
     let mt = match (declared, header) {
         (Some(d), _) => d,
-        (None, Some(h)) if h != "application/json" && h != "text/plain" && h != "application/octet-stream" => h,
+        (None, Some(h))
+            if h != "application/json" && h != "text/plain" && h != "application/octet-stream" =>
+        {
+            h
+        }
         _ if v.get("manifests").is_some() => OCI_INDEX.to_string(),
         _ if v.get("layers").is_some() => OCI_MANIFEST.to_string(),
         _ => return Err(ManifestError::UnsupportedType("(none given)".into())),
@@ -197,7 +225,11 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, Manifes
     }
     match mt.as_str() {
         DOCKER_MANIFEST | OCI_MANIFEST => {
-            let m: ImageManifest = serde_json::from_value(v).map_err(|e| ManifestError::Invalid { what: "document", reason: e.to_string() })?;
+            let m: ImageManifest =
+                serde_json::from_value(v).map_err(|e| ManifestError::Invalid {
+                    what: "document",
+                    reason: e.to_string(),
+                })?;
             let config = digest_of(m.config().digest(), "config digest")?;
             let mut layers = Vec::with_capacity(m.layers().len());
             for l in m.layers() {
@@ -210,10 +242,19 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, Manifes
                     urls: l.urls().clone().unwrap_or_default(),
                 });
             }
-            Ok(Parsed::Image(Manifest { media_type: mt, config, config_size: m.config().size(), layers }))
+            Ok(Parsed::Image(Manifest {
+                media_type: mt,
+                config,
+                config_size: m.config().size(),
+                layers,
+            }))
         }
         DOCKER_LIST | OCI_INDEX => {
-            let idx: ImageIndex = serde_json::from_value(v).map_err(|e| ManifestError::Invalid { what: "index", reason: e.to_string() })?;
+            let idx: ImageIndex =
+                serde_json::from_value(v).map_err(|e| ManifestError::Invalid {
+                    what: "index",
+                    reason: e.to_string(),
+                })?;
             let mut out = Vec::new();
             for m in idx.manifests() {
                 out.push(IndexEntry {
@@ -234,9 +275,16 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, Manifes
 }
 
 /// Pick the entry of an index for `want`. Attestation manifests (unknown/unknown) never match.
-pub fn select_platform<'a>(entries: &'a [IndexEntry], want: &Platform) -> Result<&'a IndexEntry, ManifestError> {
+pub fn select_platform<'a>(
+    entries: &'a [IndexEntry],
+    want: &Platform,
+) -> Result<&'a IndexEntry, ManifestError> {
     let usable = |e: &&IndexEntry| e.media_type == DOCKER_MANIFEST || e.media_type == OCI_MANIFEST;
-    if let Some(e) = entries.iter().filter(usable).find(|e| e.platform.as_ref().is_some_and(|p| want.matches(p))) {
+    if let Some(e) = entries
+        .iter()
+        .filter(usable)
+        .find(|e| e.platform.as_ref().is_some_and(|p| want.matches(p)))
+    {
         return Ok(e);
     }
     let available: Vec<String> = entries
@@ -247,7 +295,11 @@ pub fn select_platform<'a>(entries: &'a [IndexEntry], want: &Platform) -> Result
         .collect();
     Err(ManifestError::NoPlatform {
         wanted: want.to_string(),
-        available: if available.is_empty() { "no platforms".into() } else { available.join(", ") },
+        available: if available.is_empty() {
+            "no platforms".into()
+        } else {
+            available.join(", ")
+        },
     })
 }
 
@@ -271,12 +323,17 @@ pub struct ImageConfig {
 
 pub fn parse_config(bytes: &[u8]) -> Result<ImageConfig, ManifestError> {
     if bytes.len() > MAX_CONFIG_BYTES {
-        return Err(ManifestError::BadConfig(format!("{} bytes is more than the {MAX_CONFIG_BYTES}-byte limit", bytes.len())));
+        return Err(ManifestError::BadConfig(format!(
+            "{} bytes is more than the {MAX_CONFIG_BYTES}-byte limit",
+            bytes.len()
+        )));
     }
-    let c: ImageConfiguration = serde_json::from_slice(bytes).map_err(|e| ManifestError::BadConfig(e.to_string()))?;
+    let c: ImageConfiguration =
+        serde_json::from_slice(bytes).map_err(|e| ManifestError::BadConfig(e.to_string()))?;
     let mut diff_ids = Vec::new();
     for d in c.rootfs().diff_ids() {
-        diff_ids.push(Digest::parse(d).map_err(|e| ManifestError::BadConfig(format!("diff id: {e}")))?);
+        diff_ids
+            .push(Digest::parse(d).map_err(|e| ManifestError::BadConfig(format!("diff id: {e}")))?);
     }
     let run = c
         .config()
@@ -289,7 +346,12 @@ pub fn parse_config(bytes: &[u8]) -> Result<ImageConfig, ManifestError> {
             user: cc.user().clone().unwrap_or_default(),
         })
         .unwrap_or_default();
-    Ok(ImageConfig { diff_ids, os: c.os().to_string(), arch: c.architecture().to_string(), run })
+    Ok(ImageConfig {
+        diff_ids,
+        os: c.os().to_string(),
+        arch: c.architecture().to_string(),
+        run,
+    })
 }
 
 #[cfg(test)]
@@ -306,7 +368,11 @@ mod tests {
 
     #[test]
     fn parses_docker_manifest() {
-        let Parsed::Image(m) = parse(manifest("application/vnd.docker.image.rootfs.diff.tar.gzip").as_bytes(), None).unwrap() else {
+        let Parsed::Image(m) = parse(
+            manifest("application/vnd.docker.image.rootfs.diff.tar.gzip").as_bytes(),
+            None,
+        )
+        .unwrap() else {
             panic!()
         };
         assert_eq!(m.config.to_string(), D1);
@@ -316,16 +382,28 @@ mod tests {
 
     #[test]
     fn rejects_bad_layer_type_and_digest() {
-        assert!(matches!(parse(manifest("application/x-evil").as_bytes(), None), Err(ManifestError::UnsupportedLayer(_))));
+        assert!(matches!(
+            parse(manifest("application/x-evil").as_bytes(), None),
+            Err(ManifestError::UnsupportedLayer(_))
+        ));
         let bad = manifest("application/vnd.oci.image.layer.v1.tar").replace(D2, "sha256:../../x");
         assert!(parse(bad.as_bytes(), None).is_err());
     }
 
     #[test]
     fn rejects_schema1_bad_json_and_size() {
-        assert!(matches!(parse(br#"{"schemaVersion":1,"fsLayers":[]}"#, None), Err(ManifestError::Schema1)));
-        assert!(matches!(parse(b"{not json", None), Err(ManifestError::BadJson(_))));
-        assert!(matches!(parse(b"[1,2]", None), Err(ManifestError::BadJson(_))));
+        assert!(matches!(
+            parse(br#"{"schemaVersion":1,"fsLayers":[]}"#, None),
+            Err(ManifestError::Schema1)
+        ));
+        assert!(matches!(
+            parse(b"{not json", None),
+            Err(ManifestError::BadJson(_))
+        ));
+        assert!(matches!(
+            parse(b"[1,2]", None),
+            Err(ManifestError::BadJson(_))
+        ));
         let big = vec![b' '; MAX_MANIFEST_BYTES + 1];
         assert!(matches!(parse(&big, None), Err(ManifestError::TooLarge(_))));
     }
@@ -338,12 +416,39 @@ mod tests {
             {{"mediaType":"{OCI_MANIFEST}","size":1,"digest":"{D2}","platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}},
             {{"mediaType":"{OCI_MANIFEST}","size":1,"digest":"{D1}","platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#
         );
-        let Parsed::Index(e) = parse(idx.as_bytes(), None).unwrap() else { panic!() };
-        assert_eq!(select_platform(&e, &Platform::parse("linux/amd64").unwrap()).unwrap().digest.to_string(), D1);
-        assert_eq!(select_platform(&e, &Platform::parse("linux/arm64").unwrap()).unwrap().digest.to_string(), D2);
-        assert_eq!(select_platform(&e, &Platform::parse("linux/aarch64").unwrap()).unwrap().digest.to_string(), D2);
-        let err = select_platform(&e, &Platform::parse("linux/s390x").unwrap()).unwrap_err().to_string();
-        assert!(err.contains("linux/s390x") && err.contains("linux/arm64/v8") && !err.contains("unknown"), "{err}");
+        let Parsed::Index(e) = parse(idx.as_bytes(), None).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            select_platform(&e, &Platform::parse("linux/amd64").unwrap())
+                .unwrap()
+                .digest
+                .to_string(),
+            D1
+        );
+        assert_eq!(
+            select_platform(&e, &Platform::parse("linux/arm64").unwrap())
+                .unwrap()
+                .digest
+                .to_string(),
+            D2
+        );
+        assert_eq!(
+            select_platform(&e, &Platform::parse("linux/aarch64").unwrap())
+                .unwrap()
+                .digest
+                .to_string(),
+            D2
+        );
+        let err = select_platform(&e, &Platform::parse("linux/s390x").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("linux/s390x")
+                && err.contains("linux/arm64/v8")
+                && !err.contains("unknown"),
+            "{err}"
+        );
         assert!(select_platform(&e, &Platform::parse("linux/arm64/v9").unwrap()).is_err());
     }
 
@@ -351,7 +456,10 @@ mod tests {
     fn platform_parse_errors() {
         assert!(Platform::parse("linux").is_err());
         assert!(Platform::parse("linux//").is_err());
-        assert_eq!(Platform::parse("linux/arm").unwrap().to_string(), "linux/arm/v7");
+        assert_eq!(
+            Platform::parse("linux/arm").unwrap().to_string(),
+            "linux/arm/v7"
+        );
     }
 
     #[test]

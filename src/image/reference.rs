@@ -24,7 +24,10 @@ pub struct ReferenceError {
 }
 
 fn err(input: &str, reason: impl Into<String>) -> ReferenceError {
-    ReferenceError { input: input.to_string(), reason: reason.into() }
+    ReferenceError {
+        input: input.to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`
@@ -68,7 +71,10 @@ fn valid_domain(d: &str) -> bool {
         }
     }
     if host.starts_with('[') {
-        return host.ends_with(']') && host[1..host.len() - 1].parse::<std::net::Ipv6Addr>().is_ok();
+        return host.ends_with(']')
+            && host[1..host.len() - 1]
+                .parse::<std::net::Ipv6Addr>()
+                .is_ok();
     }
     !host.is_empty()
         && host.split('.').all(|l| {
@@ -84,7 +90,8 @@ fn valid_tag(t: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
 }
 
 impl Reference {
@@ -94,7 +101,10 @@ impl Reference {
             return Err(err(input, "it is empty"));
         }
         let (rest, digest) = match s.split_once('@') {
-            Some((r, d)) => (r, Some(Digest::parse(d).map_err(|e| err(input, e.to_string()))?)),
+            Some((r, d)) => (
+                r,
+                Some(Digest::parse(d).map_err(|e| err(input, e.to_string()))?),
+            ),
             None => (s, None),
         };
         // A tag is after the last ':' that follows the last '/'.
@@ -103,7 +113,12 @@ impl Reference {
             Some(i) => {
                 let t = &rest[last_slash + i + 1..];
                 if !valid_tag(t) {
-                    return Err(err(input, format!("tag {t:?} is not valid (letters, digits, '_', '.', '-'; at most 128)")));
+                    return Err(err(
+                        input,
+                        format!(
+                            "tag {t:?} is not valid (letters, digits, '_', '.', '-'; at most 128)"
+                        ),
+                    ));
                 }
                 (&rest[..last_slash + i], Some(t.to_string()))
             }
@@ -113,7 +128,12 @@ impl Reference {
             return Err(err(input, "the repository name is empty"));
         }
         let (registry, path) = match name.split_once('/') {
-            Some((first, p)) if first.contains('.') || first.contains(':') || first == "localhost" || first.starts_with('[') => {
+            Some((first, p))
+                if first.contains('.')
+                    || first.contains(':')
+                    || first == "localhost"
+                    || first.starts_with('[') =>
+            {
                 if !valid_domain(first) {
                     return Err(err(input, format!("registry host {first:?} is not valid")));
                 }
@@ -122,7 +142,9 @@ impl Reference {
             _ => (DOCKER_HUB.to_string(), name.to_string()),
         };
         let registry = match registry.as_str() {
-            "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => DOCKER_HUB.to_string(),
+            "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+                DOCKER_HUB.to_string()
+            }
             _ => registry,
         };
         if path.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -133,12 +155,28 @@ impl Reference {
                 return Err(err(input, format!("path component {c:?} is not valid (lower-case letters, digits and single separators)")));
             }
         }
-        let repository = if registry == DOCKER_HUB && !path.contains('/') { format!("library/{path}") } else { path };
+        let repository = if registry == DOCKER_HUB && !path.contains('/') {
+            format!("library/{path}")
+        } else {
+            path
+        };
         if registry.len() + 1 + repository.len() > MAX_NAME_LEN {
-            return Err(err(input, format!("the name is longer than {MAX_NAME_LEN} characters")));
+            return Err(err(
+                input,
+                format!("the name is longer than {MAX_NAME_LEN} characters"),
+            ));
         }
-        let tag = if tag.is_none() && digest.is_none() { Some("latest".to_string()) } else { tag };
-        Ok(Reference { registry, repository, tag, digest })
+        let tag = if tag.is_none() && digest.is_none() {
+            Some("latest".to_string())
+        } else {
+            tag
+        };
+        Ok(Reference {
+            registry,
+            repository,
+            tag,
+            digest,
+        })
     }
 
     /// `registry/repository`, without tag or digest.
@@ -158,7 +196,10 @@ impl Reference {
     /// Short form as docker prints it: `ubuntu:22.04`, `codalab/ubuntu:1.9`, `host:5000/x:y`.
     pub fn familiar(&self) -> String {
         let name = if self.registry == DOCKER_HUB {
-            self.repository.strip_prefix("library/").unwrap_or(&self.repository).to_string()
+            self.repository
+                .strip_prefix("library/")
+                .unwrap_or(&self.repository)
+                .to_string()
         } else {
             self.name()
         };
@@ -175,7 +216,10 @@ impl Reference {
     }
 
     pub fn with_digest(&self, d: Digest) -> Reference {
-        Reference { digest: Some(d), ..self.clone() }
+        Reference {
+            digest: Some(d),
+            ..self.clone()
+        }
     }
 }
 
@@ -214,20 +258,35 @@ mod tests {
         assert_eq!(p("ubuntu:22.04"), "docker.io/library/ubuntu:22.04");
         assert_eq!(p("codalab/ubuntu:1.9"), "docker.io/codalab/ubuntu:1.9");
         assert_eq!(p("docker.io/ubuntu"), "docker.io/library/ubuntu:latest");
-        assert_eq!(p("index.docker.io/library/ubuntu"), "docker.io/library/ubuntu:latest");
+        assert_eq!(
+            p("index.docker.io/library/ubuntu"),
+            "docker.io/library/ubuntu:latest"
+        );
         assert_eq!(p("localhost/foo"), "localhost/foo:latest");
         assert_eq!(p("127.0.0.1:5000/tiny:amd64"), "127.0.0.1:5000/tiny:amd64");
         assert_eq!(p("ghcr.io/a/b/c:v1.2-rc_3"), "ghcr.io/a/b/c:v1.2-rc_3");
-        assert_eq!(p(&format!("host:5000/ns/name@{D}")), format!("host:5000/ns/name@{D}"));
-        assert_eq!(p(&format!("ubuntu:22.04@{D}")), format!("docker.io/library/ubuntu:22.04@{D}"));
+        assert_eq!(
+            p(&format!("host:5000/ns/name@{D}")),
+            format!("host:5000/ns/name@{D}")
+        );
+        assert_eq!(
+            p(&format!("ubuntu:22.04@{D}")),
+            format!("docker.io/library/ubuntu:22.04@{D}")
+        );
         assert_eq!(p("a__b/c--d/e.f_g"), "docker.io/a__b/c--d/e.f_g:latest");
         assert_eq!(p("[::1]:5000/x"), "[::1]:5000/x:latest");
     }
 
     #[test]
     fn familiar_names() {
-        assert_eq!(Reference::parse("ubuntu").unwrap().familiar(), "ubuntu:latest");
-        assert_eq!(Reference::parse("codalab/ubuntu:1.9").unwrap().familiar(), "codalab/ubuntu:1.9");
+        assert_eq!(
+            Reference::parse("ubuntu").unwrap().familiar(),
+            "ubuntu:latest"
+        );
+        assert_eq!(
+            Reference::parse("codalab/ubuntu:1.9").unwrap().familiar(),
+            "codalab/ubuntu:1.9"
+        );
         assert_eq!(Reference::parse("h:1/x:y").unwrap().familiar(), "h:1/x:y");
     }
 

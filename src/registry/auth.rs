@@ -5,7 +5,11 @@ use std::collections::HashMap;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Challenge {
     Basic,
-    Bearer { realm: String, service: Option<String>, scope: Option<String> },
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
 }
 
 /// Parse `Bearer realm="…",service="…",scope="…"` or `Basic realm="…"`.
@@ -78,7 +82,9 @@ pub struct TokenResponse {
 
 impl TokenResponse {
     pub fn into_token(self) -> Option<String> {
-        self.token.filter(|t| !t.is_empty()).or(self.access_token.filter(|t| !t.is_empty()))
+        self.token
+            .filter(|t| !t.is_empty())
+            .or(self.access_token.filter(|t| !t.is_empty()))
     }
 }
 
@@ -88,7 +94,9 @@ mod tests {
 
     #[test]
     fn parses_bearer() {
-        let c = parse_challenge(r#"Bearer realm="http://127.0.0.1:5003/token",service="registry.local",scope="repository:tiny:pull""#);
+        let c = parse_challenge(
+            r#"Bearer realm="http://127.0.0.1:5003/token",service="registry.local",scope="repository:tiny:pull""#,
+        );
         assert_eq!(
             c,
             Some(Challenge::Bearer {
@@ -97,13 +105,20 @@ mod tests {
                 scope: Some("repository:tiny:pull".into())
             })
         );
-        let c = parse_challenge(r#"bearer realm="https://auth.docker.io/token", service="registry.docker.io",error="insufficient_scope""#);
-        assert!(matches!(c, Some(Challenge::Bearer { service: Some(s), scope: None, .. }) if s == "registry.docker.io"));
+        let c = parse_challenge(
+            r#"bearer realm="https://auth.docker.io/token", service="registry.docker.io",error="insufficient_scope""#,
+        );
+        assert!(
+            matches!(c, Some(Challenge::Bearer { service: Some(s), scope: None, .. }) if s == "registry.docker.io")
+        );
     }
 
     #[test]
     fn parses_basic_and_rejects_unknown() {
-        assert_eq!(parse_challenge(r#"Basic realm="basic-realm""#), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge(r#"Basic realm="basic-realm""#),
+            Some(Challenge::Basic)
+        );
         assert_eq!(parse_challenge("Negotiate"), None);
         assert_eq!(parse_challenge("Bearer service=x"), None);
     }

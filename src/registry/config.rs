@@ -53,13 +53,28 @@ pub enum ConfigError {
 }
 
 fn is_loopback(host: &str) -> bool {
-    let h = host.rsplit_once(':').map(|(h, p)| if p.bytes().all(|b| b.is_ascii_digit()) { h } else { host }).unwrap_or(host);
+    let h = host
+        .rsplit_once(':')
+        .map(|(h, p)| {
+            if p.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        })
+        .unwrap_or(host);
     let h = h.trim_start_matches('[').trim_end_matches(']');
-    h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    h == "localhost"
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 pub fn parse_mirror_url(s: &str) -> Result<Url, ConfigError> {
-    let with_scheme = if s.contains("://") { s.to_string() } else { format!("https://{s}") };
+    let with_scheme = if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("https://{s}")
+    };
     let u = Url::parse(&with_scheme).map_err(|_| ConfigError::BadMirror(s.to_string()))?;
     if !(u.scheme() == "http" || u.scheme() == "https") || u.host_str().is_none() {
         return Err(ConfigError::BadMirror(s.to_string()));
@@ -75,12 +90,19 @@ impl RegistryConfig {
             None => (DOCKER_HUB.to_string(), arg.trim()),
         };
         parse_mirror_url(url)?;
-        self.registries.entry(reg).or_default().mirrors.push(url.to_string());
+        self.registries
+            .entry(reg)
+            .or_default()
+            .mirrors
+            .push(url.to_string());
         Ok(())
     }
 
     pub fn add_insecure(&mut self, host: &str) {
-        self.registries.entry(host.trim().to_string()).or_default().insecure = true;
+        self.registries
+            .entry(host.trim().to_string())
+            .or_default()
+            .insecure = true;
     }
 
     fn insecure(&self, host: &str) -> bool {
@@ -99,7 +121,11 @@ impl RegistryConfig {
                     let _ = u.set_scheme("http");
                 }
                 if seen.insert(u.to_string()) {
-                    out.push(Endpoint { base: trim(u), host, mirror: true });
+                    out.push(Endpoint {
+                        base: trim(u),
+                        host,
+                        mirror: true,
+                    });
                 }
             }
         }
@@ -110,8 +136,13 @@ impl RegistryConfig {
         } else {
             ("https", registry.to_string())
         };
-        let u = Url::parse(&format!("{scheme}://{api_host}")).map_err(|_| ConfigError::BadMirror(registry.to_string()))?;
-        out.push(Endpoint { base: trim(u), host: registry.to_string(), mirror: false });
+        let u = Url::parse(&format!("{scheme}://{api_host}"))
+            .map_err(|_| ConfigError::BadMirror(registry.to_string()))?;
+        out.push(Endpoint {
+            base: trim(u),
+            host: registry.to_string(),
+            mirror: false,
+        });
         Ok(out)
     }
 
@@ -120,22 +151,43 @@ impl RegistryConfig {
         if let Some((u, p)) = &self.creds {
             return Some(Credential::Basic(u.clone(), p.clone()));
         }
-        let dir = self.docker_config_dir.clone().or_else(|| std::env::var_os("DOCKER_CONFIG").map(PathBuf::from)).or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker"))
-        })?;
+        let dir = self
+            .docker_config_dir
+            .clone()
+            .or_else(|| std::env::var_os("DOCKER_CONFIG").map(PathBuf::from))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?;
         let text = std::fs::read(dir.join("config.json")).ok()?;
         let keys: Vec<String> = if host == DOCKER_HUB {
-            vec!["https://index.docker.io/v1/".into(), "index.docker.io".into(), "docker.io".into(), "registry-1.docker.io".into()]
+            vec![
+                "https://index.docker.io/v1/".into(),
+                "index.docker.io".into(),
+                "docker.io".into(),
+                "registry-1.docker.io".into(),
+            ]
         } else {
-            vec![host.to_string(), format!("https://{host}"), format!("http://{host}"), format!("https://{host}/v1/")]
+            vec![
+                host.to_string(),
+                format!("https://{host}"),
+                format!("http://{host}"),
+                format!("https://{host}/v1/"),
+            ]
         };
         for k in keys {
             match docker_credential::get_credential_from_reader(&text[..], &k) {
-                Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => return Some(Credential::Basic(u, p)),
-                Ok(docker_credential::DockerCredential::IdentityToken(t)) => return Some(Credential::IdentityToken(t)),
-                Err(docker_credential::CredentialRetrievalError::NoCredentialConfigured) => continue,
+                Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => {
+                    return Some(Credential::Basic(u, p))
+                }
+                Ok(docker_credential::DockerCredential::IdentityToken(t)) => {
+                    return Some(Credential::IdentityToken(t))
+                }
+                Err(docker_credential::CredentialRetrievalError::NoCredentialConfigured) => {
+                    continue
+                }
                 Err(e) => {
-                    tracing::warn!("credentials for {host} from {}: {e:?}", dir.join("config.json").display());
+                    tracing::warn!(
+                        "credentials for {host} from {}: {e:?}",
+                        dir.join("config.json").display()
+                    );
                     return None;
                 }
             }
@@ -177,11 +229,23 @@ mod tests {
     #[test]
     fn loopback_and_insecure_use_http() {
         let mut c = RegistryConfig::default();
-        assert_eq!(c.endpoints("127.0.0.1:5000").unwrap()[0].base.scheme(), "http");
-        assert_eq!(c.endpoints("localhost:5000").unwrap()[0].base.scheme(), "http");
-        assert_eq!(c.endpoints("reg.example:5000").unwrap()[0].base.scheme(), "https");
+        assert_eq!(
+            c.endpoints("127.0.0.1:5000").unwrap()[0].base.scheme(),
+            "http"
+        );
+        assert_eq!(
+            c.endpoints("localhost:5000").unwrap()[0].base.scheme(),
+            "http"
+        );
+        assert_eq!(
+            c.endpoints("reg.example:5000").unwrap()[0].base.scheme(),
+            "https"
+        );
         c.add_insecure("reg.example:5000");
-        assert_eq!(c.endpoints("reg.example:5000").unwrap()[0].base.scheme(), "http");
+        assert_eq!(
+            c.endpoints("reg.example:5000").unwrap()[0].base.scheme(),
+            "http"
+        );
     }
 
     #[test]
@@ -193,9 +257,18 @@ mod tests {
             r#"{"auths":{"127.0.0.1:5001":{"auth":"dGVzdHVzZXI6dGVzdHBhc3M="},"https://index.docker.io/v1/":{"auth":"dTpw"}}}"#,
         )
         .unwrap();
-        let c = RegistryConfig { docker_config_dir: Some(d.path().into()), ..Default::default() };
-        assert_eq!(c.credential("127.0.0.1:5001"), Some(Credential::Basic("testuser".into(), "testpass".into())));
-        assert_eq!(c.credential("docker.io"), Some(Credential::Basic("u".into(), "p".into())));
+        let c = RegistryConfig {
+            docker_config_dir: Some(d.path().into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.credential("127.0.0.1:5001"),
+            Some(Credential::Basic("testuser".into(), "testpass".into()))
+        );
+        assert_eq!(
+            c.credential("docker.io"),
+            Some(Credential::Basic("u".into(), "p".into()))
+        );
         assert_eq!(c.credential("other:1"), None);
     }
 }

@@ -11,7 +11,10 @@ use crate::image::reference::Reference;
 use auth::{parse_challenge, Challenge, TokenResponse};
 use config::{ConfigError, Credential, Endpoint, RegistryConfig};
 use futures_util::StreamExt;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{
+    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RANGE, RETRY_AFTER,
+    WWW_AUTHENTICATE,
+};
 use reqwest::{Method, Response, StatusCode};
 use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
@@ -28,15 +31,35 @@ pub enum RegistryError {
     #[error("{what} not found at {url} (HTTP 404)")]
     NotFound { what: String, url: String },
     #[error("{url}: access denied (HTTP {status}){detail}; check the credentials (~/.docker/config.json or --creds)")]
-    Denied { url: String, status: u16, detail: String },
+    Denied {
+        url: String,
+        status: u16,
+        detail: String,
+    },
     #[error("{url}: HTTP {status}: {body}")]
-    Status { url: String, status: u16, body: String },
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
     #[error("{what}: digest mismatch: expected {expected}, got {actual}")]
-    DigestMismatch { what: String, expected: Digest, actual: Digest },
+    DigestMismatch {
+        what: String,
+        expected: Digest,
+        actual: Digest,
+    },
     #[error("{what}: size mismatch: expected {expected} bytes, got {actual}")]
-    SizeMismatch { what: String, expected: u64, actual: u64 },
+    SizeMismatch {
+        what: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("{what} from {url} is larger than the {limit}-byte limit")]
-    TooLarge { what: String, url: String, limit: usize },
+    TooLarge {
+        what: String,
+        url: String,
+        limit: usize,
+    },
     #[error("token server {realm}: {reason}")]
     Token { realm: String, reason: String },
     #[error(transparent)]
@@ -48,7 +71,13 @@ pub enum RegistryError {
 impl RegistryError {
     /// Worth trying the next mirror/endpoint for.
     pub fn try_next_endpoint(&self) -> bool {
-        matches!(self, RegistryError::Http { .. } | RegistryError::NotFound { .. } | RegistryError::Status { .. } | RegistryError::Denied { .. })
+        matches!(
+            self,
+            RegistryError::Http { .. }
+                | RegistryError::NotFound { .. }
+                | RegistryError::Status { .. }
+                | RegistryError::Denied { .. }
+        )
     }
 }
 
@@ -90,7 +119,11 @@ impl Client {
             .read_timeout(Duration::from_secs(60))
             .build()
             .expect("building the HTTP client");
-        Arc::new(Client { http, cfg, auth: Mutex::new(HashMap::new()) })
+        Arc::new(Client {
+            http,
+            cfg,
+            auth: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn config(&self) -> &RegistryConfig {
@@ -103,18 +136,36 @@ impl Client {
             .cfg
             .endpoints(&r.registry)?
             .into_iter()
-            .map(|endpoint| Repo { client: self.clone(), endpoint, repository: r.repository.clone() })
+            .map(|endpoint| Repo {
+                client: self.clone(),
+                endpoint,
+                repository: r.repository.clone(),
+            })
             .collect())
     }
 
-    async fn fetch_token(&self, ep: &Endpoint, realm: &str, service: Option<&str>, scope: &str) -> Result<HeaderValue> {
-        let terr = |reason: String| RegistryError::Token { realm: realm.to_string(), reason };
+    async fn fetch_token(
+        &self,
+        ep: &Endpoint,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<HeaderValue> {
+        let terr = |reason: String| RegistryError::Token {
+            realm: realm.to_string(),
+            reason,
+        };
         let cred = self.cfg.credential(&ep.host);
         let mut last = String::new();
         for attempt in 0..MAX_ATTEMPTS {
             let req = match &cred {
                 Some(Credential::IdentityToken(t)) => {
-                    let mut form = vec![("grant_type", "refresh_token"), ("refresh_token", t.as_str()), ("client_id", "cw"), ("scope", scope)];
+                    let mut form = vec![
+                        ("grant_type", "refresh_token"),
+                        ("refresh_token", t.as_str()),
+                        ("client_id", "cw"),
+                        ("scope", scope),
+                    ];
                     if let Some(s) = service {
                         form.push(("service", s));
                     }
@@ -135,14 +186,27 @@ impl Client {
             match req.send().await {
                 Ok(resp) if resp.status().is_success() => {
                     let body = resp.bytes().await.map_err(|e| terr(e.to_string()))?;
-                    let t: TokenResponse = serde_json::from_slice(&body).map_err(|e| terr(format!("bad token response: {e}")))?;
-                    let tok = t.into_token().ok_or_else(|| terr("the response has no token".into()))?;
-                    return HeaderValue::from_str(&format!("Bearer {tok}")).map_err(|_| terr("token has invalid characters".into()));
+                    let t: TokenResponse = serde_json::from_slice(&body)
+                        .map_err(|e| terr(format!("bad token response: {e}")))?;
+                    let tok = t
+                        .into_token()
+                        .ok_or_else(|| terr("the response has no token".into()))?;
+                    return HeaderValue::from_str(&format!("Bearer {tok}"))
+                        .map_err(|_| terr("token has invalid characters".into()));
                 }
-                Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN => {
-                    return Err(terr(format!("credentials refused (HTTP {})", resp.status().as_u16())));
+                Ok(resp)
+                    if resp.status() == StatusCode::UNAUTHORIZED
+                        || resp.status() == StatusCode::FORBIDDEN =>
+                {
+                    return Err(terr(format!(
+                        "credentials refused (HTTP {})",
+                        resp.status().as_u16()
+                    )));
                 }
-                Ok(resp) if resp.status().is_server_error() || resp.status() == StatusCode::TOO_MANY_REQUESTS => {
+                Ok(resp)
+                    if resp.status().is_server_error()
+                        || resp.status() == StatusCode::TOO_MANY_REQUESTS =>
+                {
                     last = format!("HTTP {}", resp.status().as_u16());
                 }
                 Ok(resp) => return Err(terr(format!("HTTP {}", resp.status().as_u16()))),
@@ -156,7 +220,11 @@ impl Client {
 
 impl Repo {
     fn url(&self, kind: &str, reference: &str) -> String {
-        format!("{}/v2/{}/{kind}/{reference}", self.endpoint.base.as_str().trim_end_matches('/'), self.repository)
+        format!(
+            "{}/v2/{}/{kind}/{reference}",
+            self.endpoint.base.as_str().trim_end_matches('/'),
+            self.repository
+        )
     }
 
     fn key(&self) -> (String, String) {
@@ -170,7 +238,10 @@ impl Repo {
         let mut answered_challenge = false;
         let mut last_err = String::new();
         for attempt in 0..MAX_ATTEMPTS {
-            let mut rb = client.http.request(method.clone(), url).headers(headers.clone());
+            let mut rb = client
+                .http
+                .request(method.clone(), url)
+                .headers(headers.clone());
             if let Some(h) = client.auth.lock().unwrap().get(&self.key()) {
                 rb = rb.header(AUTHORIZATION, h.clone());
             }
@@ -188,29 +259,45 @@ impl Repo {
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && !answered_challenge {
                 answered_challenge = true;
-                let challenge = resp.headers().get(WWW_AUTHENTICATE).and_then(|h| h.to_str().ok()).and_then(parse_challenge);
-                let value = match challenge {
-                    Some(Challenge::Bearer { realm, service, scope }) => {
-                        let default_scope = format!("repository:{}:pull", self.repository);
-                        let scope = scope.filter(|s| s.contains(&self.repository)).unwrap_or(default_scope);
-                        client.fetch_token(&self.endpoint, &realm, service.as_deref(), &scope).await?
-                    }
-                    Some(Challenge::Basic) => match client.cfg.credential(&self.endpoint.host) {
-                        Some(Credential::Basic(u, p)) => {
-                            use base64::Engine;
-                            let enc = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
-                            HeaderValue::from_str(&format!("Basic {enc}")).expect("base64 is a valid header")
+                let challenge = resp
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(parse_challenge);
+                let value =
+                    match challenge {
+                        Some(Challenge::Bearer {
+                            realm,
+                            service,
+                            scope,
+                        }) => {
+                            let default_scope = format!("repository:{}:pull", self.repository);
+                            let scope = scope
+                                .filter(|s| s.contains(&self.repository))
+                                .unwrap_or(default_scope);
+                            client
+                                .fetch_token(&self.endpoint, &realm, service.as_deref(), &scope)
+                                .await?
                         }
-                        _ => {
-                            return Err(RegistryError::Denied {
+                        Some(Challenge::Basic) => match client.cfg.credential(&self.endpoint.host) {
+                            Some(Credential::Basic(u, p)) => {
+                                use base64::Engine;
+                                let enc = base64::engine::general_purpose::STANDARD
+                                    .encode(format!("{u}:{p}"));
+                                HeaderValue::from_str(&format!("Basic {enc}"))
+                                    .expect("base64 is a valid header")
+                            }
+                            _ => return Err(RegistryError::Denied {
                                 url: url.to_string(),
                                 status: 401,
-                                detail: format!(": {} wants a user name and password and none is configured", self.endpoint.host),
-                            })
-                        }
-                    },
-                    None => return Ok(resp),
-                };
+                                detail: format!(
+                                    ": {} wants a user name and password and none is configured",
+                                    self.endpoint.host
+                                ),
+                            }),
+                        },
+                        None => return Ok(resp),
+                    };
                 client.auth.lock().unwrap().insert(self.key(), value);
                 continue;
             }
@@ -229,7 +316,10 @@ impl Repo {
             }
             return Ok(resp);
         }
-        Err(RegistryError::Http { url: url.to_string(), msg: format!("gave up after retries: {last_err}") })
+        Err(RegistryError::Http {
+            url: url.to_string(),
+            msg: format!("gave up after retries: {last_err}"),
+        })
     }
 
     async fn check(&self, resp: Response, what: &str) -> Result<Response> {
@@ -238,13 +328,32 @@ impl Repo {
             return Ok(resp);
         }
         let url = resp.url().to_string();
-        let body: String = resp.text().await.unwrap_or_default().chars().take(300).collect();
+        let body: String = resp
+            .text()
+            .await
+            .unwrap_or_default()
+            .chars()
+            .take(300)
+            .collect();
         Err(match status {
-            StatusCode::NOT_FOUND => RegistryError::NotFound { what: what.to_string(), url },
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                RegistryError::Denied { url, status: status.as_u16(), detail: if body.is_empty() { String::new() } else { format!(": {body}") } }
-            }
-            _ => RegistryError::Status { url, status: status.as_u16(), body },
+            StatusCode::NOT_FOUND => RegistryError::NotFound {
+                what: what.to_string(),
+                url,
+            },
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => RegistryError::Denied {
+                url,
+                status: status.as_u16(),
+                detail: if body.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {body}")
+                },
+            },
+            _ => RegistryError::Status {
+                url,
+                status: status.as_u16(),
+                body,
+            },
         })
     }
 
@@ -255,7 +364,11 @@ impl Repo {
         h.insert(ACCEPT, HeaderValue::from_static(manifest::ACCEPT));
         let resp = self.send(Method::HEAD, &url, h).await?;
         let resp = self.check(resp, &format!("manifest {reference}")).await?;
-        Ok(resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).and_then(|v| Digest::parse(v).ok()))
+        Ok(resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok()))
     }
 
     /// GET a manifest, bounded in size and verified: against the digest when `reference` is one,
@@ -266,8 +379,16 @@ impl Repo {
         h.insert(ACCEPT, HeaderValue::from_static(manifest::ACCEPT));
         let resp = self.send(Method::GET, &url, h).await?;
         let resp = self.check(resp, &format!("manifest {reference}")).await?;
-        let content_type = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let header_digest = resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).and_then(|v| Digest::parse(v).ok());
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let header_digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok());
         let what = format!("manifest {}@{reference}", self.repository);
         let bytes = read_bounded(resp, &url, &what, manifest::MAX_MANIFEST_BYTES).await?;
         let digest = Digest::of(&bytes);
@@ -277,10 +398,18 @@ impl Repo {
         };
         if let Some(expected) = expected {
             if expected != digest {
-                return Err(RegistryError::DigestMismatch { what, expected, actual: digest });
+                return Err(RegistryError::DigestMismatch {
+                    what,
+                    expected,
+                    actual: digest,
+                });
             }
         }
-        Ok(FetchedManifest { bytes, digest, content_type })
+        Ok(FetchedManifest {
+            bytes,
+            digest,
+            content_type,
+        })
     }
 
     /// A small blob (config) fully in memory, verified.
@@ -291,20 +420,35 @@ impl Repo {
         let bytes = read_bounded(resp, &url, &format!("blob {digest}"), limit).await?;
         let actual = Digest::of(&bytes);
         if &actual != digest {
-            return Err(RegistryError::DigestMismatch { what: format!("blob {digest}"), expected: digest.clone(), actual });
+            return Err(RegistryError::DigestMismatch {
+                what: format!("blob {digest}"),
+                expected: digest.clone(),
+                actual,
+            });
         }
         Ok(bytes)
     }
 
     /// Open a blob stream at `offset`. Returns the response and whether it honoured the range
     /// (`false`: the body starts at byte 0 and the caller must skip `offset` bytes).
-    pub async fn open_blob(&self, digest: &Digest, offset: u64, urls: &[String]) -> Result<(Response, bool)> {
+    pub async fn open_blob(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        urls: &[String],
+    ) -> Result<(Response, bool)> {
         let mut h = HeaderMap::new();
         if offset > 0 {
-            h.insert(RANGE, HeaderValue::from_str(&format!("bytes={offset}-")).unwrap());
+            h.insert(
+                RANGE,
+                HeaderValue::from_str(&format!("bytes={offset}-")).unwrap(),
+            );
         }
         // Foreign layers: their own URLs first, never with our credentials.
-        for u in urls.iter().filter(|u| u.starts_with("https://") || u.starts_with("http://")) {
+        for u in urls
+            .iter()
+            .filter(|u| u.starts_with("https://") || u.starts_with("http://"))
+        {
             match self.client.http.get(u).headers(h.clone()).send().await {
                 Ok(r) if r.status().is_success() => {
                     let ranged = r.status() == StatusCode::PARTIAL_CONTENT;
@@ -324,14 +468,25 @@ impl Repo {
 
 async fn read_bounded(resp: Response, url: &str, what: &str, limit: usize) -> Result<Vec<u8>> {
     if resp.content_length().is_some_and(|l| l > limit as u64) {
-        return Err(RegistryError::TooLarge { what: what.to_string(), url: url.to_string(), limit });
+        return Err(RegistryError::TooLarge {
+            what: what.to_string(),
+            url: url.to_string(),
+            limit,
+        });
     }
     let mut out = Vec::new();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| RegistryError::Http { url: url.to_string(), msg: error_chain(&e) })?;
+        let chunk = chunk.map_err(|e| RegistryError::Http {
+            url: url.to_string(),
+            msg: error_chain(&e),
+        })?;
         if out.len() + chunk.len() > limit {
-            return Err(RegistryError::TooLarge { what: what.to_string(), url: url.to_string(), limit });
+            return Err(RegistryError::TooLarge {
+                what: what.to_string(),
+                url: url.to_string(),
+                limit,
+            });
         }
         out.extend_from_slice(&chunk);
     }

@@ -27,7 +27,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store {path}: {op}: {source}")]
-    Io { path: PathBuf, op: &'static str, source: io::Error },
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: io::Error,
+    },
     #[error("store record {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error("no image {0:?} in the store (cw images lists them; cw pull fetches)")]
@@ -44,7 +48,10 @@ fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> StoreError
 }
 
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -90,14 +97,19 @@ pub fn default_root() -> PathBuf {
     } else if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
         PathBuf::from(x).join("cw")
     } else {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".local/share/cw")
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+            .join(".local/share/cw")
     }
 }
 
 /// Write `data` to `path` atomically (temp file in the same directory, fsync, rename).
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("x"), rand::random::<u64>()));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
+        rand::random::<u64>()
+    ));
     let res = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(data)?;
@@ -152,8 +164,19 @@ impl Store {
 
     fn lock(&self, name: &str, arg: FlockArg) -> Result<Lock> {
         let p = self.root.join("locks").join(name);
-        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&p).map_err(io_err(&p, "opening lock"))?;
-        Flock::lock(f, arg).map(Lock).map_err(|(_, e)| StoreError::Io { path: p, op: "locking", source: e.into() })
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(io_err(&p, "opening lock"))?;
+        Flock::lock(f, arg)
+            .map(Lock)
+            .map_err(|(_, e)| StoreError::Io {
+                path: p,
+                op: "locking",
+                source: e.into(),
+            })
     }
 
     /// Exclusive lock over the store's indexes (refs, image records, GC).
@@ -163,27 +186,43 @@ impl Store {
 
     /// Exclusive lock for unpacking one layer (a second puller of the same layer waits here).
     pub fn lock_layer(&self, diff_id: &Digest) -> Result<Lock> {
-        self.lock(&format!("layer-{}.lock", diff_id.hex()), FlockArg::LockExclusive)
+        self.lock(
+            &format!("layer-{}.lock", diff_id.hex()),
+            FlockArg::LockExclusive,
+        )
     }
 
     pub fn try_lock_layer(&self, diff_id: &Digest) -> Result<Option<Lock>> {
-        match self.lock(&format!("layer-{}.lock", diff_id.hex()), FlockArg::LockExclusiveNonblock) {
+        match self.lock(
+            &format!("layer-{}.lock", diff_id.hex()),
+            FlockArg::LockExclusiveNonblock,
+        ) {
             Ok(l) => Ok(Some(l)),
-            Err(StoreError::Io { source, .. }) if source.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+            Err(StoreError::Io { source, .. })
+                if source.raw_os_error() == Some(libc::EWOULDBLOCK) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
 
     /// A fresh private directory under tmp/.
     pub fn tmp_dir(&self, what: &str) -> Result<PathBuf> {
-        let p = self.root.join("tmp").join(format!("{what}-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+        let p = self.root.join("tmp").join(format!(
+            "{what}-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
         fs::create_dir(&p).map_err(io_err(&p, "creating temp directory"))?;
         Ok(p)
     }
 
     /// Remove leftovers of killed processes from tmp/ (entries whose creator pid is gone).
     pub fn clean_tmp(&self) {
-        let Ok(rd) = fs::read_dir(self.root.join("tmp")) else { return };
+        let Ok(rd) = fs::read_dir(self.root.join("tmp")) else {
+            return;
+        };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let pid: Option<i32> = name.split('-').nth(1).and_then(|p| p.parse().ok());
@@ -207,7 +246,11 @@ impl Store {
 
     /// Store verified bytes under their digest.
     pub fn put_blob(&self, d: &Digest, bytes: &[u8]) -> Result<()> {
-        assert_eq!(&Digest::of(bytes), d, "put_blob called with unverified bytes");
+        assert_eq!(
+            &Digest::of(bytes),
+            d,
+            "put_blob called with unverified bytes"
+        );
         let p = self.blob_path(d);
         if p.exists() {
             return Ok(());
@@ -222,7 +265,9 @@ impl Store {
     }
 
     fn layer_record_path(&self, diff_id: &Digest) -> PathBuf {
-        self.root.join("layers").join(format!("{}.json", diff_id.hex()))
+        self.root
+            .join("layers")
+            .join(format!("{}.json", diff_id.hex()))
     }
 
     pub fn layer(&self, diff_id: &Digest) -> Option<LayerRecord> {
@@ -244,7 +289,8 @@ impl Store {
         }
         fs::rename(tmp, &dst).map_err(io_err(&dst, "publishing layer"))?;
         let rp = self.layer_record_path(&rec.diff_id);
-        write_atomic(&rp, &serde_json::to_vec_pretty(rec).unwrap()).map_err(io_err(&rp, "writing layer record"))
+        write_atomic(&rp, &serde_json::to_vec_pretty(rec).unwrap())
+            .map_err(io_err(&rp, "writing layer record"))
     }
 
     /// Add a compressed digest to a layer's record (another image's blob of the same content).
@@ -253,7 +299,8 @@ impl Store {
             if !rec.compressed.contains(compressed) {
                 rec.compressed.push(compressed.clone());
                 let rp = self.layer_record_path(diff_id);
-                write_atomic(&rp, &serde_json::to_vec_pretty(&rec).unwrap()).map_err(io_err(&rp, "writing layer record"))?;
+                write_atomic(&rp, &serde_json::to_vec_pretty(&rec).unwrap())
+                    .map_err(io_err(&rp, "writing layer record"))?;
             }
         }
         Ok(())
@@ -279,7 +326,9 @@ impl Store {
     // ---- images and refs
 
     fn image_path(&self, manifest: &Digest) -> PathBuf {
-        self.root.join("images").join(format!("{}.json", manifest.hex()))
+        self.root
+            .join("images")
+            .join(format!("{}.json", manifest.hex()))
     }
 
     pub fn image(&self, manifest: &Digest) -> Option<ImageRecord> {
@@ -289,7 +338,10 @@ impl Store {
     /// The image is usable: record present and every layer unpacked.
     pub fn image_complete(&self, manifest: &Digest) -> Option<ImageRecord> {
         let img = self.image(manifest)?;
-        img.layers.iter().all(|l| self.layer(l).is_some()).then_some(img)
+        img.layers
+            .iter()
+            .all(|l| self.layer(l).is_some())
+            .then_some(img)
     }
 
     pub fn images(&self) -> Vec<ImageRecord> {
@@ -309,21 +361,30 @@ impl Store {
 
     pub fn put_image(&self, rec: &ImageRecord) -> Result<()> {
         let p = self.image_path(&rec.manifest);
-        write_atomic(&p, &serde_json::to_vec_pretty(rec).unwrap()).map_err(io_err(&p, "writing image record"))
+        write_atomic(&p, &serde_json::to_vec_pretty(rec).unwrap())
+            .map_err(io_err(&p, "writing image record"))
     }
 
     pub fn refs(&self) -> Result<BTreeMap<String, Digest>> {
         let p = self.root.join("refs.json");
         match fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt { path: p, reason: e.to_string() }),
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
+                path: p,
+                reason: e.to_string(),
+            }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(e) => Err(StoreError::Io { path: p, op: "reading", source: e }),
+            Err(e) => Err(StoreError::Io {
+                path: p,
+                op: "reading",
+                source: e,
+            }),
         }
     }
 
     fn write_refs(&self, refs: &BTreeMap<String, Digest>) -> Result<()> {
         let p = self.root.join("refs.json");
-        write_atomic(&p, &serde_json::to_vec_pretty(refs).unwrap()).map_err(io_err(&p, "writing refs"))
+        write_atomic(&p, &serde_json::to_vec_pretty(refs).unwrap())
+            .map_err(io_err(&p, "writing refs"))
     }
 
     /// Point `name` at an image and record the name on it. Caller holds the index lock.
@@ -359,7 +420,11 @@ impl Store {
         let refs = self.refs()?;
         if let Ok(r) = crate::image::reference::Reference::parse(what) {
             if let Some(d) = &r.digest {
-                if let Some(img) = self.image(d).or_else(|| self.images().into_iter().find(|i| i.index.as_ref() == Some(d))) {
+                if let Some(img) = self.image(d).or_else(|| {
+                    self.images()
+                        .into_iter()
+                        .find(|i| i.index.as_ref() == Some(d))
+                }) {
                     return Ok(img);
                 }
             }
@@ -371,7 +436,11 @@ impl Store {
         }
         let hex = what.strip_prefix("sha256:").unwrap_or(what);
         if hex.len() >= 4 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let matches: Vec<ImageRecord> = self.images().into_iter().filter(|i| i.manifest.hex().starts_with(hex)).collect();
+            let matches: Vec<ImageRecord> = self
+                .images()
+                .into_iter()
+                .filter(|i| i.manifest.hex().starts_with(hex))
+                .collect();
             if matches.len() == 1 {
                 return Ok(matches.into_iter().next().unwrap());
             }
@@ -394,10 +463,14 @@ impl Store {
     /// Layers used by live rootfs mounts. Records whose mountpoint no longer exists are dropped.
     pub fn layers_in_use(&self) -> HashSet<Digest> {
         let mut out = HashSet::new();
-        let Ok(rd) = fs::read_dir(self.root.join("inuse")) else { return out };
+        let Ok(rd) = fs::read_dir(self.root.join("inuse")) else {
+            return out;
+        };
         for e in rd.flatten() {
             let Ok(b) = fs::read(e.path()) else { continue };
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) else { continue };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) else {
+                continue;
+            };
             let mp = v["mountpoint"].as_str().map(PathBuf::from);
             if mp.as_ref().is_some_and(|m| m.exists()) {
                 if let Ok(ls) = serde_json::from_value::<Vec<Digest>>(v["layers"].clone()) {
@@ -419,11 +492,17 @@ impl Store {
         let in_use = self.layers_in_use();
         let users = img.layers.iter().filter(|l| in_use.contains(l)).count();
         if users > 0 && !force {
-            return Err(StoreError::InUse { name: what.to_string(), users });
+            return Err(StoreError::InUse {
+                name: what.to_string(),
+                users,
+            });
         }
         let mut refs = self.refs()?;
         // A plain name removes just that tag when the image has others (like docker rmi).
-        let by_name = crate::image::reference::Reference::parse(what).ok().map(|r| r.to_string()).filter(|n| refs.get(n) == Some(&img.manifest));
+        let by_name = crate::image::reference::Reference::parse(what)
+            .ok()
+            .map(|r| r.to_string())
+            .filter(|n| refs.get(n) == Some(&img.manifest));
         let mut removed = Vec::new();
         if let Some(n) = &by_name {
             if img.names.len() > 1 {
@@ -447,7 +526,11 @@ impl Store {
         let p = self.image_path(&img.manifest);
         fs::remove_file(&p).map_err(io_err(&p, "removing image record"))?;
         removed.push(format!("Deleted: {}", img.manifest));
-        removed.extend(self.gc_unreferenced(&in_use)?.into_iter().map(|d| format!("Deleted layer: {d}")));
+        removed.extend(
+            self.gc_unreferenced(&in_use)?
+                .into_iter()
+                .map(|d| format!("Deleted layer: {d}")),
+        );
         Ok(removed)
     }
 
@@ -470,7 +553,9 @@ impl Store {
                 continue;
             }
             // skip a layer someone is unpacking right now
-            let Some(_lk) = self.try_lock_layer(&l.diff_id)? else { continue };
+            let Some(_lk) = self.try_lock_layer(&l.diff_id)? else {
+                continue;
+            };
             let _ = fs::remove_file(self.layer_record_path(&l.diff_id));
             let d = self.layer_dir(&l.diff_id);
             remove_tree(&d).map_err(io_err(&d, "removing layer"))?;
@@ -500,11 +585,19 @@ impl Store {
         let _g = self.lock_index()?;
         let before = self.size();
         let in_use = self.layers_in_use();
-        let mut removed: Vec<String> = self.gc_unreferenced(&in_use)?.into_iter().map(|d| format!("layer {d}")).collect();
+        let mut removed: Vec<String> = self
+            .gc_unreferenced(&in_use)?
+            .into_iter()
+            .map(|d| format!("layer {d}"))
+            .collect();
         if let Some(target) = target {
             let mut images = self.images();
             images.sort_by_key(|i| i.last_used);
-            let sizes: HashMap<Digest, u64> = self.layers().into_iter().map(|l| (l.diff_id.clone(), l.size)).collect();
+            let sizes: HashMap<Digest, u64> = self
+                .layers()
+                .into_iter()
+                .map(|l| (l.diff_id.clone(), l.size))
+                .collect();
             let mut total: u64 = sizes.values().sum();
             let mut refs = self.refs()?;
             for img in images {
@@ -517,7 +610,11 @@ impl Store {
                 refs.retain(|_, d| *d != img.manifest);
                 self.write_refs(&refs)?;
                 let _ = fs::remove_file(self.image_path(&img.manifest));
-                removed.push(format!("image {} ({})", img.names.first().cloned().unwrap_or_default(), img.manifest.short()));
+                removed.push(format!(
+                    "image {} ({})",
+                    img.names.first().cloned().unwrap_or_default(),
+                    img.manifest.short()
+                ));
                 for l in self.gc_unreferenced(&in_use)? {
                     total = total.saturating_sub(sizes.get(&l).copied().unwrap_or(0));
                     removed.push(format!("layer {l}"));
@@ -532,7 +629,9 @@ impl Store {
 /// `rm -rf` that never follows symlinks and makes unreadable directories removable.
 pub fn remove_tree(p: &Path) -> io::Result<()> {
     let parent = p.parent().unwrap_or(Path::new("/"));
-    let name = p.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let name = p
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
     let pf = File::open(parent)?;
     use std::os::fd::AsRawFd;
     use std::os::unix::ffi::OsStrExt;

@@ -33,7 +33,11 @@ pub enum UnpackError {
     #[error("reading the layer: {0}")]
     Read(#[source] io::Error),
     #[error("layer entry {path:?}: {op}: {source}")]
-    Entry { path: String, op: &'static str, source: io::Error },
+    Entry {
+        path: String,
+        op: &'static str,
+        source: io::Error,
+    },
     #[error("layer entry {path:?}: {reason}")]
     Invalid { path: String, reason: String },
 }
@@ -56,7 +60,10 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { whiteouts: Whiteouts::Overlay, chown: nix::unistd::geteuid().is_root() }
+        Options {
+            whiteouts: Whiteouts::Overlay,
+            chown: nix::unistd::geteuid().is_root(),
+        }
     }
 }
 
@@ -101,7 +108,8 @@ pub fn clean_components(p: &[u8]) -> Vec<&[u8]> {
 }
 
 fn cstr(b: &[u8]) -> io::Result<CString> {
-    CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains a NUL byte"))
+    CString::new(b)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains a NUL byte"))
 }
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -114,7 +122,14 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 
 fn openat(dir: RawFd, name: &[u8], flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
     let c = cstr(name)?;
-    let fd = check(unsafe { libc::openat(dir, c.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) })?;
+    let fd = check(unsafe {
+        libc::openat(
+            dir,
+            c.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    })?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -144,10 +159,17 @@ fn is_whiteout(st: &libc::stat) -> bool {
 
 /// Remove `name` in `dir`, recursively if a directory. Never follows symlinks.
 pub fn remove_all_at(dir: RawFd, name: &[u8]) -> io::Result<()> {
-    let Some(st) = lstatat(dir, name)? else { return Ok(()) };
+    let Some(st) = lstatat(dir, name)? else {
+        return Ok(());
+    };
     let c = cstr(name)?;
     if is_type(&st, libc::S_IFDIR) {
-        let d = openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
+        let d = openat(
+            dir,
+            name,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )?;
         for child in list_dir(d.as_raw_fd())? {
             remove_all_at(d.as_raw_fd(), &child)?;
         }
@@ -183,8 +205,16 @@ pub struct Tree {
 impl Tree {
     pub fn open(root: &Path) -> io::Result<Tree> {
         let c = cstr(root.as_os_str().as_bytes())?;
-        let fd = check(unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) })?;
-        Ok(Tree { root: unsafe { OwnedFd::from_raw_fd(fd) }, cache: None })
+        let fd = check(unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        })?;
+        Ok(Tree {
+            root: unsafe { OwnedFd::from_raw_fd(fd) },
+            cache: None,
+        })
     }
 
     fn dup_root(&self) -> io::Result<OwnedFd> {
@@ -201,7 +231,8 @@ impl Tree {
             }
         }
         let mut stack: Vec<OwnedFd> = vec![self.dup_root()?];
-        let mut queue: std::collections::VecDeque<Vec<u8>> = comps.iter().map(|c| c.to_vec()).collect();
+        let mut queue: std::collections::VecDeque<Vec<u8>> =
+            comps.iter().map(|c| c.to_vec()).collect();
         let mut links = 0;
         while let Some(c) = queue.pop_front() {
             match &c[..] {
@@ -236,7 +267,8 @@ impl Tree {
                 if links > MAX_SYMLINKS {
                     return Err(io::Error::from_raw_os_error(libc::ELOOP));
                 }
-                let target = nix::fcntl::readlinkat(Some(cur), OsStr::from_bytes(&c)).map_err(io::Error::from)?;
+                let target = nix::fcntl::readlinkat(Some(cur), OsStr::from_bytes(&c))
+                    .map_err(io::Error::from)?;
                 let t = target.as_bytes();
                 if t.first() == Some(&b'/') {
                     stack.truncate(1);
@@ -292,10 +324,16 @@ fn parse_mtime(v: &[u8]) -> Option<libc::timespec> {
         let f: String = frac.chars().take(9).collect();
         ns = f.parse::<i64>().ok()? * 10i64.pow(9 - f.len() as u32);
         if secs < 0 && ns > 0 {
-            return Some(libc::timespec { tv_sec: secs - 1, tv_nsec: 1_000_000_000 - ns });
+            return Some(libc::timespec {
+                tv_sec: secs - 1,
+                tv_nsec: 1_000_000_000 - ns,
+            });
         }
     }
-    Some(libc::timespec { tv_sec: secs, tv_nsec: ns })
+    Some(libc::timespec {
+        tv_sec: secs,
+        tv_nsec: ns,
+    })
 }
 
 fn entry_meta<R: Read>(e: &mut tar::Entry<'_, R>, stats: &mut UnpackStats) -> io::Result<Meta> {
@@ -304,7 +342,10 @@ fn entry_meta<R: Read>(e: &mut tar::Entry<'_, R>, stats: &mut UnpackStats) -> io
         mode: h.mode().unwrap_or(0o644) & 0o7777,
         uid: h.uid().unwrap_or(0),
         gid: h.gid().unwrap_or(0),
-        mtime: libc::timespec { tv_sec: h.mtime().unwrap_or(0) as i64, tv_nsec: 0 },
+        mtime: libc::timespec {
+            tv_sec: h.mtime().unwrap_or(0) as i64,
+            tv_nsec: 0,
+        },
         xattrs: Vec::new(),
     };
     if let Some(pax) = e.pax_extensions()? {
@@ -313,8 +354,18 @@ fn entry_meta<R: Read>(e: &mut tar::Entry<'_, R>, stats: &mut UnpackStats) -> io
             let k = ext.key_bytes();
             let v = ext.value_bytes();
             match k {
-                b"uid" => m.uid = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()).unwrap_or(m.uid),
-                b"gid" => m.gid = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()).unwrap_or(m.gid),
+                b"uid" => {
+                    m.uid = std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(m.uid)
+                }
+                b"gid" => {
+                    m.gid = std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(m.gid)
+                }
                 b"mtime" => m.mtime = parse_mtime(v).unwrap_or(m.mtime),
                 _ => {
                     if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
@@ -334,7 +385,15 @@ fn entry_meta<R: Read>(e: &mut tar::Entry<'_, R>, stats: &mut UnpackStats) -> io
 fn set_xattrs(fd: RawFd, xattrs: &[(Vec<u8>, Vec<u8>)], stats: &mut UnpackStats) -> io::Result<()> {
     for (k, v) in xattrs {
         let kc = cstr(k)?;
-        let r = unsafe { libc::fsetxattr(fd, kc.as_ptr(), v.as_ptr() as *const libc::c_void, v.len(), 0) };
+        let r = unsafe {
+            libc::fsetxattr(
+                fd,
+                kc.as_ptr(),
+                v.as_ptr() as *const libc::c_void,
+                v.len(),
+                0,
+            )
+        };
         if r < 0 {
             let e = io::Error::last_os_error();
             // filesystems without user xattrs, or unprivileged stores: keep going, count it
@@ -352,7 +411,15 @@ fn set_opaque(parent: RawFd) -> io::Result<()> {
     // O_PATH fds do not take xattrs: reopen the directory for reading
     let d = openat(parent, b".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
     let k = cstr(b"trusted.overlay.opaque")?;
-    check(unsafe { libc::fsetxattr(d.as_raw_fd(), k.as_ptr(), b"y".as_ptr() as *const libc::c_void, 1, 0) })?;
+    check(unsafe {
+        libc::fsetxattr(
+            d.as_raw_fd(),
+            k.as_ptr(),
+            b"y".as_ptr() as *const libc::c_void,
+            1,
+            0,
+        )
+    })?;
     Ok(())
 }
 
@@ -373,13 +440,23 @@ impl Unpacker {
             return Ok(());
         }
         let c = cstr(name)?;
-        check(unsafe { libc::fchownat(dir, c.as_ptr(), m.uid as libc::uid_t, m.gid as libc::gid_t, libc::AT_SYMLINK_NOFOLLOW) })?;
+        check(unsafe {
+            libc::fchownat(
+                dir,
+                c.as_ptr(),
+                m.uid as libc::uid_t,
+                m.gid as libc::gid_t,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })?;
         Ok(())
     }
 
     /// Make room for a new entry `name`: returns true when an existing directory is kept.
     fn clear_for(&mut self, dir: RawFd, name: &[u8], new_is_dir: bool) -> io::Result<(bool, bool)> {
-        let Some(st) = lstatat(dir, name)? else { return Ok((false, false)) };
+        let Some(st) = lstatat(dir, name)? else {
+            return Ok((false, false));
+        };
         let had_whiteout = is_whiteout(&st);
         if new_is_dir && is_type(&st, libc::S_IFDIR) {
             return Ok((true, false));
@@ -396,7 +473,11 @@ impl Unpacker {
         let shown = String::from_utf8_lossy(&raw_path).into_owned();
         let err = |op: &'static str| {
             let p = shown.clone();
-            move |source: io::Error| UnpackError::Entry { path: p, op, source }
+            move |source: io::Error| UnpackError::Entry {
+                path: p,
+                op,
+                source,
+            }
         };
         let comps = clean_components(&raw_path);
         let kind = e.header().entry_type();
@@ -408,15 +489,23 @@ impl Unpacker {
 
         // whiteouts
         if name == WH_OPAQUE {
-            let pfd = self.tree.resolve_dir(parent, true).map_err(err("resolving parent"))?;
+            let pfd = self
+                .tree
+                .resolve_dir(parent, true)
+                .map_err(err("resolving parent"))?;
             match self.opts.whiteouts {
                 Whiteouts::Overlay => set_opaque(pfd.as_raw_fd()).map_err(err("marking opaque"))?,
                 Whiteouts::Apply => {
                     let prefix = parent.join(&b'/');
                     for child in list_dir(pfd.as_raw_fd()).map_err(err("listing"))? {
-                        let p = if prefix.is_empty() { child.clone() } else { [&prefix[..], b"/", &child].concat() };
+                        let p = if prefix.is_empty() {
+                            child.clone()
+                        } else {
+                            [&prefix[..], b"/", &child].concat()
+                        };
                         if !self.created.contains(&p) {
-                            remove_all_at(pfd.as_raw_fd(), &child).map_err(err("removing for opaque dir"))?;
+                            remove_all_at(pfd.as_raw_fd(), &child)
+                                .map_err(err("removing for opaque dir"))?;
                         }
                     }
                     self.tree.invalidate();
@@ -429,19 +518,28 @@ impl Unpacker {
                 return Ok(()); // other AUFS metadata (.wh..wh.plnk etc.): not content
             }
             if target.is_empty() || target == b"." || target == b".." {
-                return Err(UnpackError::Invalid { path: shown, reason: "whiteout names no file (empty, '.' or '..')".into() });
+                return Err(UnpackError::Invalid {
+                    path: shown,
+                    reason: "whiteout names no file (empty, '.' or '..')".into(),
+                });
             }
-            let pfd = self.tree.resolve_dir(parent, true).map_err(err("resolving parent"))?;
+            let pfd = self
+                .tree
+                .resolve_dir(parent, true)
+                .map_err(err("resolving parent"))?;
             let p = pfd.as_raw_fd();
             let tpath = [&full[..full.len() - name.len()], target].concat();
             match self.opts.whiteouts {
                 Whiteouts::Overlay => match lstatat(p, target).map_err(err("stat"))? {
                     // already in this layer: it hides the lower one anyway; a dir must not merge
-                    Some(st) if is_type(&st, libc::S_IFDIR) => set_opaque_dir(p, target).map_err(err("marking opaque"))?,
+                    Some(st) if is_type(&st, libc::S_IFDIR) => {
+                        set_opaque_dir(p, target).map_err(err("marking opaque"))?
+                    }
                     Some(_) => {}
                     None => {
                         let c = cstr(target).map_err(err("whiteout"))?;
-                        check(unsafe { libc::mknodat(p, c.as_ptr(), libc::S_IFCHR, 0) }).map_err(err("creating whiteout"))?;
+                        check(unsafe { libc::mknodat(p, c.as_ptr(), libc::S_IFCHR, 0) })
+                            .map_err(err("creating whiteout"))?;
                     }
                 },
                 Whiteouts::Apply => {
@@ -461,11 +559,19 @@ impl Unpacker {
         use tar::EntryType as T;
         match kind {
             T::Regular | T::Continuous | T::GNUSparse => {
-                let pfd = self.tree.resolve_dir(parent, true).map_err(err("resolving parent"))?;
+                let pfd = self
+                    .tree
+                    .resolve_dir(parent, true)
+                    .map_err(err("resolving parent"))?;
                 let p = pfd.as_raw_fd();
                 self.clear_for(p, name, false).map_err(err("replacing"))?;
-                let fd = openat(p, name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW, 0o600)
-                    .map_err(err("creating file"))?;
+                let fd = openat(
+                    p,
+                    name,
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+                    0o600,
+                )
+                .map_err(err("creating file"))?;
                 let mut f = File::from(fd);
                 let mut n = 0u64;
                 loop {
@@ -479,7 +585,10 @@ impl Unpacker {
                 self.stats.bytes += n;
                 let fdr = f.as_raw_fd();
                 if self.opts.chown {
-                    check(unsafe { libc::fchown(fdr, meta.uid as libc::uid_t, meta.gid as libc::gid_t) }).map_err(err("chown"))?;
+                    check(unsafe {
+                        libc::fchown(fdr, meta.uid as libc::uid_t, meta.gid as libc::gid_t)
+                    })
+                    .map_err(err("chown"))?;
                 }
                 check(unsafe { libc::fchmod(fdr, meta.mode) }).map_err(err("chmod"))?;
                 set_xattrs(fdr, &meta.xattrs, &mut self.stats).map_err(err("setting xattrs"))?;
@@ -487,73 +596,126 @@ impl Unpacker {
                 check(unsafe { libc::futimens(fdr, ts.as_ptr()) }).map_err(err("setting times"))?;
             }
             T::Directory => {
-                let pfd = self.tree.resolve_dir(parent, true).map_err(err("resolving parent"))?;
+                let pfd = self
+                    .tree
+                    .resolve_dir(parent, true)
+                    .map_err(err("resolving parent"))?;
                 let p = pfd.as_raw_fd();
-                let (kept, had_whiteout) = self.clear_for(p, name, true).map_err(err("replacing"))?;
+                let (kept, had_whiteout) =
+                    self.clear_for(p, name, true).map_err(err("replacing"))?;
                 let c = cstr(name).map_err(err("mkdir"))?;
                 if !kept {
-                    check(unsafe { libc::mkdirat(p, c.as_ptr(), 0o700) }).map_err(err("creating directory"))?;
+                    check(unsafe { libc::mkdirat(p, c.as_ptr(), 0o700) })
+                        .map_err(err("creating directory"))?;
                 }
                 self.chown_at(p, name, &meta).map_err(err("chown"))?;
-                check(unsafe { libc::fchmodat(p, c.as_ptr(), meta.mode, 0) }).map_err(err("chmod"))?;
-                if !meta.xattrs.is_empty() || (had_whiteout && self.opts.whiteouts == Whiteouts::Overlay) {
-                    let d = openat(p, name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0).map_err(err("opening directory"))?;
-                    set_xattrs(d.as_raw_fd(), &meta.xattrs, &mut self.stats).map_err(err("setting xattrs"))?;
+                check(unsafe { libc::fchmodat(p, c.as_ptr(), meta.mode, 0) })
+                    .map_err(err("chmod"))?;
+                if !meta.xattrs.is_empty()
+                    || (had_whiteout && self.opts.whiteouts == Whiteouts::Overlay)
+                {
+                    let d = openat(
+                        p,
+                        name,
+                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                        0,
+                    )
+                    .map_err(err("opening directory"))?;
+                    set_xattrs(d.as_raw_fd(), &meta.xattrs, &mut self.stats)
+                        .map_err(err("setting xattrs"))?;
                     if had_whiteout && self.opts.whiteouts == Whiteouts::Overlay {
                         // whiteout + new directory in one layer: the lower directory must not show through
                         set_opaque(d.as_raw_fd()).map_err(err("marking opaque"))?;
                     }
                 }
-                self.dir_times.push((comps.iter().map(|c| c.to_vec()).collect(), meta.mtime));
+                self.dir_times
+                    .push((comps.iter().map(|c| c.to_vec()).collect(), meta.mtime));
             }
             T::Symlink => {
-                let target = e.link_name_bytes().ok_or_else(|| UnpackError::Invalid { path: shown.clone(), reason: "symlink without a target".into() })?;
+                let target = e.link_name_bytes().ok_or_else(|| UnpackError::Invalid {
+                    path: shown.clone(),
+                    reason: "symlink without a target".into(),
+                })?;
                 let target = cstr(&target).map_err(err("symlink"))?;
-                let pfd = self.tree.resolve_dir(parent, true).map_err(err("resolving parent"))?;
+                let pfd = self
+                    .tree
+                    .resolve_dir(parent, true)
+                    .map_err(err("resolving parent"))?;
                 let p = pfd.as_raw_fd();
                 self.clear_for(p, name, false).map_err(err("replacing"))?;
                 let c = cstr(name).map_err(err("symlink"))?;
-                check(unsafe { libc::symlinkat(target.as_ptr(), p, c.as_ptr()) }).map_err(err("creating symlink"))?;
+                check(unsafe { libc::symlinkat(target.as_ptr(), p, c.as_ptr()) })
+                    .map_err(err("creating symlink"))?;
                 self.chown_at(p, name, &meta).map_err(err("chown"))?;
                 let ts = [meta.mtime, meta.mtime];
-                check(unsafe { libc::utimensat(p, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }).map_err(err("setting times"))?;
+                check(unsafe {
+                    libc::utimensat(p, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+                })
+                .map_err(err("setting times"))?;
                 self.tree.invalidate();
             }
             T::Link => {
-                let target = e.link_name_bytes().ok_or_else(|| UnpackError::Invalid { path: shown.clone(), reason: "hard link without a target".into() })?;
+                let target = e.link_name_bytes().ok_or_else(|| UnpackError::Invalid {
+                    path: shown.clone(),
+                    reason: "hard link without a target".into(),
+                })?;
                 let tcomps = clean_components(&target);
                 let Some((&tname, tparent)) = tcomps.split_last() else {
-                    return Err(UnpackError::Invalid { path: shown, reason: "hard link to the root".into() });
+                    return Err(UnpackError::Invalid {
+                        path: shown,
+                        reason: "hard link to the root".into(),
+                    });
                 };
                 if tcomps == comps {
                     return Ok(());
                 }
-                let tfd = self.tree.resolve_dir(tparent, false).map_err(err("resolving link target"))?;
-                let pfd = self.tree.resolve_dir(parent, true).map_err(err("resolving parent"))?;
+                let tfd = self
+                    .tree
+                    .resolve_dir(tparent, false)
+                    .map_err(err("resolving link target"))?;
+                let pfd = self
+                    .tree
+                    .resolve_dir(parent, true)
+                    .map_err(err("resolving parent"))?;
                 match lstatat(tfd.as_raw_fd(), tname).map_err(err("stat link target"))? {
                     Some(st) if !is_type(&st, libc::S_IFDIR) && !is_whiteout(&st) => {}
                     _ => {
                         return Err(UnpackError::Invalid {
                             path: shown,
-                            reason: format!("hard link target {:?} is not a file in this layer", String::from_utf8_lossy(&target)),
+                            reason: format!(
+                                "hard link target {:?} is not a file in this layer",
+                                String::from_utf8_lossy(&target)
+                            ),
                         })
                     }
                 }
-                self.clear_for(pfd.as_raw_fd(), name, false).map_err(err("replacing"))?;
+                self.clear_for(pfd.as_raw_fd(), name, false)
+                    .map_err(err("replacing"))?;
                 let tc = cstr(tname).map_err(err("link"))?;
                 let c = cstr(name).map_err(err("link"))?;
-                check(unsafe { libc::linkat(tfd.as_raw_fd(), tc.as_ptr(), pfd.as_raw_fd(), c.as_ptr(), 0) }).map_err(err("creating hard link"))?;
+                check(unsafe {
+                    libc::linkat(tfd.as_raw_fd(), tc.as_ptr(), pfd.as_raw_fd(), c.as_ptr(), 0)
+                })
+                .map_err(err("creating hard link"))?;
             }
             T::Fifo => {
-                let pfd = self.tree.resolve_dir(parent, true).map_err(err("resolving parent"))?;
+                let pfd = self
+                    .tree
+                    .resolve_dir(parent, true)
+                    .map_err(err("resolving parent"))?;
                 let p = pfd.as_raw_fd();
                 self.clear_for(p, name, false).map_err(err("replacing"))?;
                 let c = cstr(name).map_err(err("fifo"))?;
-                check(unsafe { libc::mknodat(p, c.as_ptr(), libc::S_IFIFO | 0o600, 0) }).map_err(err("creating fifo"))?;
+                check(unsafe { libc::mknodat(p, c.as_ptr(), libc::S_IFIFO | 0o600, 0) })
+                    .map_err(err("creating fifo"))?;
                 self.chown_at(p, name, &meta).map_err(err("chown"))?;
-                check(unsafe { libc::fchmodat(p, c.as_ptr(), meta.mode, 0) }).map_err(err("chmod"))?;
+                check(unsafe { libc::fchmodat(p, c.as_ptr(), meta.mode, 0) })
+                    .map_err(err("chmod"))?;
                 let ts = [meta.mtime, meta.mtime];
-                check(unsafe { libc::utimensat(p, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }).map_err(err("setting times"))?;
+                check(unsafe {
+                    libc::utimensat(p, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+                })
+                .map_err(err("setting times"))?;
             }
             T::Char | T::Block => {
                 self.stats.skipped_devices += 1;
@@ -570,32 +732,67 @@ impl Unpacker {
         let times = std::mem::take(&mut self.dir_times);
         for (comps, ts) in times.iter().rev() {
             let refs: Vec<&[u8]> = comps.iter().map(|c| &c[..]).collect();
-            let Some((name, parent)) = refs.split_last() else { continue };
+            let Some((name, parent)) = refs.split_last() else {
+                continue;
+            };
             let shown = String::from_utf8_lossy(&comps.join(&b'/')).into_owned();
-            let Ok(p) = self.tree.resolve_dir(parent, false) else { continue }; // removed later in the layer
+            let Ok(p) = self.tree.resolve_dir(parent, false) else {
+                continue;
+            }; // removed later in the layer
             match lstatat(p.as_raw_fd(), name) {
                 Ok(Some(st)) if is_type(&st, libc::S_IFDIR) => {}
                 _ => continue,
             }
-            let c = cstr(name).map_err(|source| UnpackError::Entry { path: shown.clone(), op: "times", source })?;
+            let c = cstr(name).map_err(|source| UnpackError::Entry {
+                path: shown.clone(),
+                op: "times",
+                source,
+            })?;
             let t = [*ts, *ts];
-            check(unsafe { libc::utimensat(p.as_raw_fd(), c.as_ptr(), t.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
-                .map_err(|source| UnpackError::Entry { path: shown, op: "setting directory times", source })?;
+            check(unsafe {
+                libc::utimensat(
+                    p.as_raw_fd(),
+                    c.as_ptr(),
+                    t.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })
+            .map_err(|source| UnpackError::Entry {
+                path: shown,
+                op: "setting directory times",
+                source,
+            })?;
         }
         Ok(())
     }
 }
 
 fn set_opaque_dir(parent: RawFd, name: &[u8]) -> io::Result<()> {
-    let d = openat(parent, name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
+    let d = openat(
+        parent,
+        name,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    )?;
     set_opaque(d.as_raw_fd())
 }
 
 /// Extract an uncompressed tar stream into `dest` (an existing directory). The reader is drained
 /// to its end so that a hash over it covers every byte.
 pub fn unpack<R: Read>(reader: R, dest: &Path, opts: Options) -> Result<UnpackStats, UnpackError> {
-    let tree = Tree::open(dest).map_err(|source| UnpackError::Entry { path: dest.display().to_string(), op: "opening destination", source })?;
-    let mut u = Unpacker { tree, opts, stats: UnpackStats::default(), dir_times: Vec::new(), created: HashSet::new(), buf: vec![0; 1 << 20] };
+    let tree = Tree::open(dest).map_err(|source| UnpackError::Entry {
+        path: dest.display().to_string(),
+        op: "opening destination",
+        source,
+    })?;
+    let mut u = Unpacker {
+        tree,
+        opts,
+        stats: UnpackStats::default(),
+        dir_times: Vec::new(),
+        created: HashSet::new(),
+        buf: vec![0; 1 << 20],
+    };
     let mut ar = tar::Archive::new(reader);
     for entry in ar.entries().map_err(UnpackError::Read)? {
         let entry = entry.map_err(UnpackError::Read)?;
@@ -653,7 +850,10 @@ impl Tree {
         let fd = openat(p.as_raw_fd(), name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
         let st = fstat(fd.as_raw_fd())?;
         if !is_type(&st, libc::S_IFREG) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
         }
         Ok(File::from(fd))
     }

@@ -1,0 +1,435 @@
+//! Pulls from real registries (Debian's docker-registry on 127.0.0.1, see tests/fixtures), compared
+//! with what umoci unpacks for the same images; auth, mirrors, platforms, hostile registries.
+
+mod common;
+use common::*;
+
+fn reference_rootfs(name: &str) -> std::path::PathBuf {
+    fixtures_root().join("ref").join(name).join("rootfs")
+}
+
+fn pull_and_compare(tag: &str, reference: &str) {
+    let cw = Cw::new();
+    let name = format!("{REG}/{tag}");
+    cw.ok(&["pull", "-q", &name]);
+    let m = cw.mount_image(&name);
+    let r = std::panic::catch_unwind(|| assert_same_tree(&m, &reference_rootfs(reference)));
+    umount(&m);
+    r.unwrap();
+}
+
+#[test]
+fn docker_v2s2_matches_umoci() {
+    pull_and_compare("edge:latest", "edge");
+}
+
+#[test]
+fn oci_manifest_matches_umoci() {
+    pull_and_compare("edge:oci", "edge");
+}
+
+#[test]
+fn zstd_layers_match_umoci() {
+    pull_and_compare("edge:zstd", "edge");
+}
+
+#[test]
+fn oci_index_picks_host_platform() {
+    pull_and_compare("tiny:latest", "tiny");
+}
+
+#[test]
+fn docker_manifest_list_picks_host_platform() {
+    pull_and_compare("tiny:list", "tiny");
+}
+
+#[test]
+fn tiny_oci_and_zstd_match_umoci() {
+    pull_and_compare("tiny:amd64-oci", "tiny");
+    pull_and_compare("tiny:zstd", "tiny");
+}
+
+#[test]
+fn platform_flag_selects_arm64() {
+    let cw = Cw::new();
+    let name = format!("{REG}/tiny:latest");
+    cw.ok(&["pull", "-q", "--platform", "linux/arm64", &name]);
+    let img = cw.image_json(&name);
+    assert_eq!(img["platform"], "linux/arm64");
+    let err = cw.fails(&["pull", "-q", "--platform", "linux/s390x", &name]);
+    assert!(
+        err.contains("linux/s390x") && err.contains("linux/amd64") && err.contains("linux/arm64"),
+        "{err}"
+    );
+}
+
+#[test]
+fn warm_repull_is_one_head_and_no_get() {
+    let cw = Cw::new();
+    let p = Proxy::start(REG, Fault::None);
+    let name = format!("{}/edge:latest", p.addr);
+    cw.ok(&["pull", "-q", &name]);
+    let cold_blob_gets = p.count("GET", "/blobs/");
+    assert_eq!(cold_blob_gets, 5, "4 layers + config: {:#?}", p.requests());
+    p.log.lock().unwrap().clear();
+    cw.ok(&["pull", "-q", &name]);
+    let reqs = p.requests();
+    assert_eq!(p.count("HEAD", "/manifests/latest"), 1, "{reqs:#?}");
+    assert_eq!(p.count("GET", ""), 0, "a warm re-pull made GETs: {reqs:#?}");
+}
+
+#[test]
+fn shared_layers_are_fetched_once_across_images() {
+    let cw = Cw::new();
+    let p = Proxy::start(REG, Fault::None);
+    cw.ok(&["pull", "-q", &format!("{}/tiny:amd64", p.addr)]);
+    p.log.lock().unwrap().clear();
+    // edge's base layer is tiny's busybox layer
+    cw.ok(&["pull", "-q", &format!("{}/edge:latest", p.addr)]);
+    assert_eq!(p.count("GET", "/blobs/"), 4, "{:#?}", p.requests());
+    assert_eq!(
+        cw.entries("layers")
+            .iter()
+            .filter(|e| !e.ends_with(".json"))
+            .count(),
+        4
+    );
+}
+
+#[test]
+fn docker_hub_names_through_a_mirror() {
+    let cw = Cw::new();
+    // a dead mirror first: cw must fall through to the next
+    let out = cw.ok(&[
+        "--registry-mirror",
+        "http://127.0.0.1:9",
+        "--registry-mirror",
+        &format!("http://{REG}"),
+        "pull",
+        "-q",
+        "tiny",
+    ]);
+    assert!(out.starts_with("sha256:"), "{out}");
+    let img = cw.image_json("docker.io/library/tiny:latest");
+    assert_eq!(img["names"][0], "docker.io/library/tiny:latest");
+    // the same through the config file
+    let cw2 = Cw::new();
+    let cfg = cw2.dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("[registry.\"docker.io\"]\nmirrors = [\"http://{REG}\"]\n"),
+    )
+    .unwrap();
+    let mut c = cw2.cmd(&["pull", "-q", "edge"]);
+    c.arg("--config").arg(&cfg);
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(cw2.ok(&["images"]).contains("edge:latest"));
+}
+
+#[test]
+fn basic_auth_with_creds_and_docker_config() {
+    let cw = Cw::new();
+    let name = format!("{REG_BASIC}/tiny:amd64");
+    let err = cw.fails(&["pull", "-q", &name]);
+    assert!(
+        err.contains("user name and password") && err.contains(REG_BASIC),
+        "{err}"
+    );
+    cw.assert_store_empty();
+    let err = cw.fails(&["pull", "-q", "--creds", "testuser:wrong", &name]);
+    assert!(err.contains("401") || err.contains("denied"), "{err}");
+    cw.ok(&["pull", "-q", "--creds", "testuser:testpass", &name]);
+    // ~/.docker/config.json
+    let cw2 = Cw::new();
+    std::fs::create_dir_all(cw2.dir.path().join("docker")).unwrap();
+    std::fs::write(
+        cw2.dir.path().join("docker/config.json"),
+        format!(r#"{{"auths":{{"{REG_BASIC}":{{"auth":"dGVzdHVzZXI6dGVzdHBhc3M="}}}}}}"#),
+    )
+    .unwrap();
+    cw2.ok(&["pull", "-q", &name]);
+}
+
+#[test]
+fn bearer_token_auth_anonymous_and_with_creds() {
+    let cw = Cw::new();
+    let name = format!("{REG_TOKEN}/tiny:amd64");
+    cw.ok(&["pull", "-q", &name]);
+    let cw2 = Cw::new();
+    cw2.ok(&["pull", "-q", "--creds", "testuser:testpass", &name]);
+    let cw3 = Cw::new();
+    let err = cw3.fails(&["pull", "-q", "--creds", "testuser:nope", &name]);
+    assert!(
+        err.contains("token server") && err.contains("refused"),
+        "{err}"
+    );
+}
+
+#[test]
+fn pinned_digest_pull_and_mismatch() {
+    let cw = Cw::new();
+    let d = cw
+        .ok(&["pull", "-q", &format!("{REG}/tiny:amd64")])
+        .trim()
+        .to_string();
+    let cw2 = Cw::new();
+    assert_eq!(
+        cw2.ok(&["pull", "-q", &format!("{REG}/tiny@{d}")]).trim(),
+        d
+    );
+    let bogus = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let err = cw2.fails(&["pull", "-q", &format!("{REG}/edge@{bogus}")]);
+    assert!(err.contains("not found") || err.contains("404"), "{err}");
+}
+
+#[test]
+fn hostile_corrupt_blob_leaves_nothing() {
+    let cw = Cw::new();
+    let p = Proxy::start(REG, Fault::CorruptBlobs);
+    let err = cw.fails(&["pull", "-q", &format!("{}/tiny:amd64", p.addr)]);
+    assert!(
+        err.contains("layer sha256:") || err.contains("blob sha256:"),
+        "{err}"
+    );
+    cw.assert_store_empty();
+}
+
+#[test]
+fn hostile_truncated_blob_leaves_nothing() {
+    let cw = Cw::new();
+    let p = Proxy::start(
+        REG,
+        Fault::TruncateBlobs {
+            after: 1000,
+            times: usize::MAX,
+        },
+    );
+    let err = cw.fails(&["pull", "-q", &format!("{}/tiny:amd64", p.addr)]);
+    assert!(err.contains("layer sha256:"), "{err}");
+    cw.assert_store_empty();
+}
+
+#[test]
+fn interrupted_blob_resumes_with_range() {
+    let cw = Cw::new();
+    let p = Proxy::start(
+        REG,
+        Fault::TruncateBlobs {
+            after: 300_000,
+            times: 1,
+        },
+    );
+    cw.ok(&["pull", "-q", &format!("{}/tiny:amd64", p.addr)]);
+    let reqs = p.requests();
+    assert!(
+        reqs.iter()
+            .any(|r| r.contains("Range: bytes=300000-") || r.contains("range: bytes=300000-")),
+        "no resume: {reqs:#?}"
+    );
+    let m = cw.mount_image(&format!("{}/tiny:amd64", p.addr));
+    let r = std::panic::catch_unwind(|| assert_same_tree(&m, &reference_rootfs("tiny")));
+    umount(&m);
+    r.unwrap();
+}
+
+#[test]
+fn hostile_bad_manifest_json() {
+    let cw = Cw::new();
+    let p = Proxy::start(REG, Fault::BadManifest);
+    let err = cw.fails(&["pull", "-q", &format!("{}/tiny:amd64", p.addr)]);
+    assert!(err.contains("not valid JSON"), "{err}");
+    cw.assert_store_empty();
+}
+
+#[test]
+fn hostile_oversized_manifest() {
+    let cw = Cw::new();
+    let p = Proxy::start(REG, Fault::HugeManifest);
+    let err = cw.fails(&["pull", "-q", &format!("{}/tiny:amd64", p.addr)]);
+    assert!(
+        err.contains("larger than") && err.contains("limit"),
+        "{err}"
+    );
+    cw.assert_store_empty();
+}
+
+#[test]
+fn hostile_wrong_config_digest() {
+    let cw = Cw::new();
+    let p = Proxy::start(REG, Fault::WrongConfig);
+    let err = cw.fails(&["pull", "-q", &format!("{}/tiny:amd64", p.addr)]);
+    assert!(err.contains("digest mismatch"), "{err}");
+    cw.assert_store_empty();
+}
+
+#[test]
+fn server_errors_are_retried_then_named() {
+    let cw = Cw::new();
+    let p = Proxy::start(REG, Fault::Status(503));
+    let err = cw.fails(&["pull", "-q", &format!("{}/tiny:amd64", p.addr)]);
+    assert!(
+        err.contains("503") && err.contains("gave up after retries"),
+        "{err}"
+    );
+    assert!(p.requests().len() >= 3, "not retried: {:#?}", p.requests());
+}
+
+#[test]
+fn two_processes_pull_the_same_image_at_once() {
+    let cw = Cw::new();
+    let name = format!("{REG}/edge:latest");
+    let a = cw.cmd(&["pull", "-q", &name]).spawn().unwrap();
+    let b = cw.cmd(&["pull", "-q", &name]).spawn().unwrap();
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(
+        a.status.success() && b.status.success(),
+        "{} / {}",
+        String::from_utf8_lossy(&a.stderr),
+        String::from_utf8_lossy(&b.stderr)
+    );
+    assert_eq!(
+        cw.entries("layers")
+            .iter()
+            .filter(|e| e.ends_with(".json"))
+            .count(),
+        4
+    );
+    assert!(cw.entries("tmp").is_empty());
+    let m = cw.mount_image(&name);
+    let r = std::panic::catch_unwind(|| assert_same_tree(&m, &reference_rootfs("edge")));
+    umount(&m);
+    r.unwrap();
+}
+
+#[test]
+fn rmi_keeps_shared_layers_and_prune_evicts_lru() {
+    let cw = Cw::new();
+    let tiny = format!("{REG}/tiny:amd64");
+    let edge = format!("{REG}/edge:latest");
+    cw.ok(&["pull", "-q", &tiny]);
+    cw.ok(&["pull", "-q", &edge]);
+    let layers = |cw: &Cw| {
+        cw.entries("layers")
+            .iter()
+            .filter(|e| e.ends_with(".json"))
+            .count()
+    };
+    assert_eq!(layers(&cw), 4);
+    let out = cw.ok(&["rmi", &edge]);
+    assert!(out.contains("Deleted"), "{out}");
+    assert_eq!(
+        layers(&cw),
+        1,
+        "the busybox layer tiny still uses must stay"
+    );
+    assert!(cw.fails(&["inspect", &edge]).contains("no image"));
+    cw.ok(&["inspect", &tiny]);
+    // a second name only untags
+    cw.ok(&["pull", "-q", &format!("{REG}/tiny:amd64-oci")]);
+    cw.ok(&["pull", "-q", &edge]);
+    cw.ok(&["pull", "-q", &tiny]); // tiny used last
+    let out = cw.ok(&["prune", "--max-size", "3m"]);
+    assert!(out.contains("edge") || out.contains("image"), "{out}");
+    assert!(
+        cw.run(&["inspect", &edge]).status.code() != Some(0),
+        "LRU image edge should be gone"
+    );
+    cw.ok(&["inspect", &tiny]);
+    let err = cw.fails(&["rmi", "nonexistent:tag"]);
+    assert!(err.contains("no image"), "{err}");
+}
+
+#[test]
+fn bad_references_are_named() {
+    let cw = Cw::new();
+    let err = cw.fails(&["pull", "Ubuntu"]);
+    assert!(
+        err.contains("\"Ubuntu\"") && err.contains("lower case"),
+        "{err}"
+    );
+    let err = cw.fails(&["pull", &format!("{REG}/nosuchrepo:latest")]);
+    assert!(
+        err.contains("not found") && err.contains("nosuchrepo"),
+        "{err}"
+    );
+}
+
+#[test]
+fn load_docker_archive_and_oci_layout() {
+    let cw = Cw::new();
+    let d = cw.dir.path();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new("skopeo")
+            .args(["--insecure-policy"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "skopeo {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let src = format!("docker://{REG}/edge:latest");
+    let archive = d.join("edge-docker.tar");
+    run(&[
+        "copy",
+        "--src-tls-verify=false",
+        &src,
+        &format!(
+            "docker-archive:{}:example.org/edge:saved",
+            archive.display()
+        ),
+    ]);
+    let out = cw.ok(&["load", "-i", archive.to_str().unwrap()]);
+    assert!(out.contains("example.org/edge:saved"), "{out}");
+    let m = cw.mount_image("example.org/edge:saved");
+    let r = std::panic::catch_unwind(|| assert_same_tree(&m, &reference_rootfs("edge")));
+    umount(&m);
+    r.unwrap();
+
+    let cw2 = Cw::new();
+    let layout = d.join("layout");
+    run(&[
+        "copy",
+        "--src-tls-verify=false",
+        &src,
+        &format!("oci:{}:example.org/edge:oci", layout.display()),
+    ]);
+    let out = cw2.ok(&["load", "-i", layout.to_str().unwrap()]);
+    assert!(out.contains("example.org/edge:oci"), "{out}");
+    let oci_archive = d.join("edge-oci.tar");
+    run(&[
+        "copy",
+        "--src-tls-verify=false",
+        &src,
+        &format!(
+            "oci-archive:{}:example.org/edge:ociar",
+            oci_archive.display()
+        ),
+    ]);
+    let cw3 = Cw::new();
+    cw3.ok(&["load", "-i", oci_archive.to_str().unwrap()]);
+    let m = cw3.mount_image("example.org/edge:ociar");
+    let r = std::panic::catch_unwind(|| assert_same_tree(&m, &reference_rootfs("edge")));
+    umount(&m);
+    r.unwrap();
+
+    // a layer that does not match its digest is refused, and nothing is stored
+    let cw4 = Cw::new();
+    let blobs = layout.join("blobs/sha256");
+    let biggest = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .path();
+    let mut data = std::fs::read(&biggest).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 1;
+    std::fs::write(&biggest, data).unwrap();
+    let err = cw4.fails(&["load", "-i", layout.to_str().unwrap()]);
+    assert!(err.contains("digest") || err.contains("layer"), "{err}");
+    assert!(cw4.entries("images").is_empty());
+}
