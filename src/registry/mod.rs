@@ -264,40 +264,41 @@ impl Repo {
                     .get(WWW_AUTHENTICATE)
                     .and_then(|h| h.to_str().ok())
                     .and_then(parse_challenge);
-                let value =
-                    match challenge {
-                        Some(Challenge::Bearer {
-                            realm,
-                            service,
-                            scope,
-                        }) => {
-                            let default_scope = format!("repository:{}:pull", self.repository);
-                            let scope = scope
-                                .filter(|s| s.contains(&self.repository))
-                                .unwrap_or(default_scope);
-                            client
-                                .fetch_token(&self.endpoint, &realm, service.as_deref(), &scope)
-                                .await?
+                let value = match challenge {
+                    Some(Challenge::Bearer {
+                        realm,
+                        service,
+                        scope,
+                    }) => {
+                        let default_scope = format!("repository:{}:pull", self.repository);
+                        let scope = scope
+                            .filter(|s| s.contains(&self.repository))
+                            .unwrap_or(default_scope);
+                        client
+                            .fetch_token(&self.endpoint, &realm, service.as_deref(), &scope)
+                            .await?
+                    }
+                    Some(Challenge::Basic) => match client.cfg.credential(&self.endpoint.host) {
+                        Some(Credential::Basic(u, p)) => {
+                            use base64::Engine;
+                            let enc = base64::engine::general_purpose::STANDARD
+                                .encode(format!("{u}:{p}"));
+                            HeaderValue::from_str(&format!("Basic {enc}"))
+                                .expect("base64 is a valid header")
                         }
-                        Some(Challenge::Basic) => match client.cfg.credential(&self.endpoint.host) {
-                            Some(Credential::Basic(u, p)) => {
-                                use base64::Engine;
-                                let enc = base64::engine::general_purpose::STANDARD
-                                    .encode(format!("{u}:{p}"));
-                                HeaderValue::from_str(&format!("Basic {enc}"))
-                                    .expect("base64 is a valid header")
-                            }
-                            _ => return Err(RegistryError::Denied {
+                        _ => {
+                            return Err(RegistryError::Denied {
                                 url: url.to_string(),
                                 status: 401,
                                 detail: format!(
                                     ": {} wants a user name and password and none is configured",
                                     self.endpoint.host
                                 ),
-                            }),
-                        },
-                        None => return Ok(resp),
-                    };
+                            })
+                        }
+                    },
+                    None => return Ok(resp),
+                };
                 client.auth.lock().unwrap().insert(self.key(), value);
                 continue;
             }

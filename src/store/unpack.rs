@@ -180,10 +180,12 @@ pub fn remove_all_at(dir: RawFd, name: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Names in a directory (not `.`/`..`), read through a duplicate of `fd`.
+/// Names in the directory `fd` refers to (not `.`/`..`). Works on O_PATH fds too: the directory
+/// is opened afresh for reading (an O_PATH fd would silently list nothing).
 fn list_dir(fd: RawFd) -> io::Result<Vec<Vec<u8>>> {
-    let dup = check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
-    let mut d = nix::dir::Dir::from_fd(dup).map_err(io::Error::from)?;
+    let d = openat(fd, b".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    let mut d =
+        nix::dir::Dir::from_fd(std::os::fd::IntoRawFd::into_raw_fd(d)).map_err(io::Error::from)?;
     let mut out = Vec::new();
     for e in d.iter() {
         let e = e.map_err(io::Error::from)?;
