@@ -403,13 +403,16 @@ fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
         rd.write_request(&req)?;
     }
     let exe = std::path::Path::new("/proc/self/exe");
-    let mut child = cw_runtime::monitor::spawn(
-        exe,
-        &rd.path,
-        std::process::Stdio::inherit(),
-        std::process::Stdio::inherit(),
-    )
-    .with_context(|| "starting the run's monitor process")?;
+    // detached: the monitor must not hold our stdout/stderr open (a `$(cw run -d …)` would hang)
+    let stdio = || {
+        if a.detach {
+            std::process::Stdio::null()
+        } else {
+            std::process::Stdio::inherit()
+        }
+    };
+    let mut child = cw_runtime::monitor::spawn(exe, &rd.path, stdio(), stdio())
+        .with_context(|| "starting the run's monitor process")?;
     if a.detach {
         println!("{}", req.id);
         return Ok(());

@@ -259,12 +259,71 @@ fn append_tree<W: io::Write>(b: &mut tar::Builder<W>, root: &Path, rel: &Path) -
             b.append_data(&mut h, rel.join(wh), io::empty())?;
             continue;
         }
-        b.append_path_with_name(e.path(), &p)?;
+        let xs = xattrs_of(&e.path());
+        if !xs.is_empty() {
+            b.append_pax_extensions(xs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+        }
+        if md.file_type().is_fifo() {
+            // the tar builder cannot take special files by path
+            let mut h = tar::Header::new_gnu();
+            h.set_metadata_in_mode(&md, tar::HeaderMode::Complete);
+            h.set_entry_type(tar::EntryType::Fifo);
+            h.set_size(0);
+            b.append_data(&mut h, &p, io::empty())?;
+        } else {
+            b.append_path_with_name(e.path(), &p)
+                .map_err(|err| io::Error::other(format!("{}: {err}", p.display())))?;
+        }
         if md.is_dir() {
             append_tree(b, root, &p)?;
         }
     }
     Ok(())
+}
+
+/// xattrs to carry into a copied tree as PAX `SCHILY.xattr.*` records (not overlay's own).
+fn xattrs_of(p: &Path) -> Vec<(String, Vec<u8>)> {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(cp) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return vec![];
+    };
+    let mut names = vec![0u8; 64 << 10];
+    let n = unsafe {
+        libc::llistxattr(
+            cp.as_ptr(),
+            names.as_mut_ptr() as *mut libc::c_char,
+            names.len(),
+        )
+    };
+    if n <= 0 {
+        return vec![];
+    }
+    let mut out = vec![];
+    for name in names[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|x| !x.is_empty())
+    {
+        if name.starts_with(b"trusted.overlay.") {
+            continue;
+        }
+        let Ok(cn) = std::ffi::CString::new(name) else {
+            continue;
+        };
+        let mut v = vec![0u8; 64 << 10];
+        let k = unsafe {
+            libc::lgetxattr(
+                cp.as_ptr(),
+                cn.as_ptr(),
+                v.as_mut_ptr() as *mut libc::c_void,
+                v.len(),
+            )
+        };
+        if k >= 0 {
+            v.truncate(k as usize);
+            out.push((format!("SCHILY.xattr.{}", String::from_utf8_lossy(name)), v));
+        }
+    }
+    out
 }
 
 fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {

@@ -1,0 +1,516 @@
+//! `cw run` end to end (root): real containers through libcontainer from the fixture images.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const TINY: &str = "127.0.0.1:5000/tiny:amd64";
+const CONFIGURED: &str = "127.0.0.1:5000/tiny:config";
+const EDGE: &str = "127.0.0.1:5000/edge:latest";
+
+fn runner() -> Option<Cw> {
+    if !is_root() {
+        eprintln!("skipped: cw run needs root");
+        return None;
+    }
+    let cw = Cw::new();
+    cw.ok(&["pull", "-q", TINY]);
+    Some(cw)
+}
+
+/// After a run: no mounts under the store, no cgroup, no in-use record, no run dir (unless kept).
+fn assert_no_leftovers(cw: &Cw) {
+    let store = cw.store().display().to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&store),
+        "mounts left under {store}:\n{}",
+        mounts
+            .lines()
+            .filter(|l| l.contains(&store))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        cw.entries("inuse").is_empty(),
+        "in-use records left: {:?}",
+        cw.entries("inuse")
+    );
+    for id in cw.entries("runs") {
+        for ctl in ["memory", "cpu", "pids", "devices"] {
+            let p = format!("/sys/fs/cgroup/{ctl}/cw/{id}");
+            assert!(!Path::new(&p).exists(), "cgroup left: {p}");
+        }
+    }
+}
+
+fn run_out(cw: &Cw, args: &[&str]) -> (i32, String, String) {
+    let o = cw.run(args);
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn exit_codes_and_output_pass_through() {
+    let Some(cw) = runner() else { return };
+    let (rc, out, _) = run_out(
+        &cw,
+        &["run", "--image", TINY, "echo out; echo err >&2; exit 7"],
+    );
+    assert_eq!(rc, 7);
+    assert_eq!(out, "out\n");
+    let (rc, _, _) = run_out(&cw, &["run", "--image", TINY, "--", "true"]);
+    assert_eq!(rc, 0);
+    // a signal's death becomes 128+signal (pid 1 itself cannot be signalled from inside)
+    let (rc, _, _) = run_out(
+        &cw,
+        &["run", "--image", TINY, "sh -c 'kill -9 $$'; exit $?"],
+    );
+    assert_eq!(rc, 137);
+    let (rc, _, err) = run_out(&cw, &["run", "--image", TINY, "--", "/nonexistent"]);
+    assert_ne!(rc, 0, "{err}");
+    assert!(
+        cw.entries("runs").is_empty(),
+        "runs not removed: {:?}",
+        cw.entries("runs")
+    );
+    assert_no_leftovers(&cw);
+}
+
+#[test]
+fn stdout_to_file_and_devnull() {
+    let Some(cw) = runner() else { return };
+    let f = cw.dir.path().join("out.txt");
+    let (rc, out, _) = run_out(
+        &cw,
+        &[
+            "run",
+            "--stdout",
+            f.to_str().unwrap(),
+            "--image",
+            TINY,
+            "echo to-file",
+        ],
+    );
+    assert_eq!((rc, out.as_str()), (0, ""));
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "to-file\n");
+    // cw run with stdout=/dev/null: the container can still write (libcontainer pitfall)
+    let o = cw
+        .cmd(&["run", "--image", TINY, "echo x && echo ok >&2"])
+        .stdout(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_no_leftovers(&cw);
+}
+
+#[test]
+fn image_config_user_workdir_env() {
+    let Some(cw) = runner() else { return };
+    cw.ok(&["pull", "-q", CONFIGURED]);
+    let (rc, out, err) = run_out(
+        &cw,
+        &[
+            "run",
+            "--image",
+            CONFIGURED,
+            "id -u; id -g; pwd; echo $CW_IMAGE_ENV; echo $HOME",
+        ],
+    );
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(out, "65534\n65534\n/tmp\nfrom-image\n/home\n");
+    let (_, out, _) = run_out(
+        &cw,
+        &[
+            "run",
+            "-u",
+            "0:0",
+            "-w",
+            "/etc",
+            "-e",
+            "CW_IMAGE_ENV=flag",
+            "--image",
+            CONFIGURED,
+            "id -u; pwd; echo $CW_IMAGE_ENV",
+        ],
+    );
+    assert_eq!(out, "0\n/etc\nflag\n");
+    let (_, out, _) = run_out(&cw, &["run", "-u", "nobody", "--image", TINY, "id -u"]);
+    assert_eq!(out, "65534\n");
+    let err = cw.fails(&["run", "-u", "nosuchuser", "--image", TINY, "true"]);
+    assert!(
+        err.contains("nosuchuser") && err.contains("/etc/passwd"),
+        "{err}"
+    );
+    assert_no_leftovers(&cw);
+}
+
+#[test]
+fn bind_mounts_readonly_and_readwrite() {
+    let Some(cw) = runner() else { return };
+    let d = cw.dir.path().join("vol");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("in.txt"), "hello").unwrap();
+    let ro = format!("{}:/data:ro", d.display());
+    let (rc, out, _) = run_out(
+        &cw,
+        &[
+            "run",
+            "-v",
+            &ro,
+            "--image",
+            TINY,
+            "cat /data/in.txt; touch /data/new 2>/dev/null && echo wrote || echo refused",
+        ],
+    );
+    assert_eq!((rc, out.as_str()), (0, "hellorefused\n"));
+    let rw = format!("{}:/data", d.display());
+    let (rc, _, _) = run_out(
+        &cw,
+        &["run", "-v", &rw, "--image", TINY, "echo made > /data/new"],
+    );
+    assert_eq!(rc, 0);
+    assert_eq!(std::fs::read_to_string(d.join("new")).unwrap(), "made\n");
+    assert_no_leftovers(&cw);
+}
+
+#[test]
+fn memory_limit_oom_is_detected_for_init_and_for_a_child() {
+    let Some(cw) = runner() else { return };
+    // the command itself is killed
+    let (rc, _, err) = run_out(
+        &cw,
+        &[
+            "run",
+            "--memory",
+            "32m",
+            "--keep",
+            "--name",
+            "oom1",
+            "--image",
+            TINY,
+            "--",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=100M",
+            "count=1",
+        ],
+    );
+    assert_eq!(rc, 137, "{err}");
+    assert!(err.contains("memory limit"), "{err}");
+    let st: serde_json::Value = serde_json::from_str(&cw.ok(&["stats", "oom1"])).unwrap();
+    assert_eq!(st["exit"]["oom_killed"], true);
+    assert!(st["usage"]["oom_kills"].as_u64().unwrap() >= 1);
+    // a child is killed, the command exits 0: still reported, from the kernel's counter
+    let (rc, _, err) = run_out(
+        &cw,
+        &[
+            "run",
+            "--memory",
+            "32m",
+            "--keep",
+            "--name",
+            "oom2",
+            "--image",
+            TINY,
+            "dd if=/dev/zero of=/dev/shm/fill bs=1M count=64 2>/dev/null; exit 0",
+        ],
+    );
+    assert_eq!(rc, 0);
+    assert!(err.contains("memory limit"), "{err}");
+    let st: serde_json::Value = serde_json::from_str(&cw.ok(&["stats", "oom2"])).unwrap();
+    assert_eq!(st["exit"]["oom_killed"], true);
+    // no OOM without pressure
+    let (_, _, err) = run_out(
+        &cw,
+        &[
+            "run", "--memory", "64m", "--keep", "--name", "nooom", "--image", TINY, "true",
+        ],
+    );
+    let st: serde_json::Value = serde_json::from_str(&cw.ok(&["stats", "nooom"])).unwrap();
+    assert_eq!(st["exit"]["oom_killed"], false, "{err}");
+    cw.ok(&["rm", "oom1", "oom2", "nooom"]);
+    assert_no_leftovers(&cw);
+}
+
+#[test]
+fn cpu_time_accounting_matches_the_process_own_counters() {
+    let Some(cw) = runner() else { return };
+    // busy loop, then print the shell's own utime+stime (clock ticks) from /proc
+    let script = "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; set -- $(cat /proc/$$/stat); echo $((${14}+${15}))";
+    let (rc, out, err) = run_out(
+        &cw,
+        &["run", "--keep", "--name", "cpu1", "--image", TINY, script],
+    );
+    assert_eq!(rc, 0, "{err}");
+    let ticks: f64 = out.trim().parse().unwrap();
+    let own_ns = ticks * 1e7; // USER_HZ = 100
+    let st: serde_json::Value = serde_json::from_str(&cw.ok(&["stats", "cpu1"])).unwrap();
+    let cg_ns = (st["usage"]["cpu_user_ns"].as_u64().unwrap()
+        + st["usage"]["cpu_system_ns"].as_u64().unwrap()) as f64;
+    assert!(
+        own_ns > 3e8,
+        "the loop was too short to measure: {own_ns} ns"
+    );
+    let ratio = cg_ns / own_ns;
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "cgroup cpu {cg_ns} ns vs the process's own {own_ns} ns (ratio {ratio:.3})"
+    );
+    cw.ok(&["rm", "cpu1"]);
+    assert_no_leftovers(&cw);
+}
+
+#[test]
+fn time_limit_kills_with_grace() {
+    let Some(cw) = runner() else { return };
+    let t = Instant::now();
+    let (rc, _, err) = run_out(
+        &cw,
+        &[
+            "run",
+            "--time-limit",
+            "2s",
+            "--stop-timeout",
+            "1s",
+            "--image",
+            TINY,
+            "--",
+            "sleep",
+            "60",
+        ],
+    );
+    let el = t.elapsed();
+    assert_eq!(rc, 137, "{err}");
+    assert!(err.contains("time limit"), "{err}");
+    assert!(
+        el >= Duration::from_secs(2) && el < Duration::from_secs(20),
+        "{el:?}"
+    );
+    // a process that handles SIGTERM exits by itself within the grace
+    let (rc, out, _) = run_out(
+        &cw,
+        &[
+            "run",
+            "--time-limit",
+            "1s",
+            "--stop-timeout",
+            "10s",
+            "--image",
+            TINY,
+            "trap 'echo term; exit 42' TERM; while true; do sleep 0.1; done",
+        ],
+    );
+    assert_eq!((rc, out.as_str()), (42, "term\n"));
+    assert_no_leftovers(&cw);
+}
+
+#[test]
+fn detached_run_killed_from_another_process() {
+    let Some(cw) = runner() else { return };
+    let id = cw
+        .ok(&[
+            "run",
+            "-d",
+            "--stop-timeout",
+            "1s",
+            "--image",
+            TINY,
+            "--",
+            "sleep",
+            "86400",
+        ])
+        .trim()
+        .to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(cw.ok(&["ps"]).contains(&format!("{id}")));
+    assert!(cw
+        .ok(&["ps"])
+        .lines()
+        .any(|l| l.starts_with(&id) && l.contains("running")));
+    let live: serde_json::Value = serde_json::from_str(&cw.ok(&["stats", &id])).unwrap();
+    assert!(live["usage"]["memory_current"].as_u64().unwrap() > 0);
+    cw.ok(&["kill", &id]);
+    let t = Instant::now();
+    while !cw
+        .ok(&["ps"])
+        .lines()
+        .any(|l| l.starts_with(&id) && l.contains("killed"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "not killed: {}",
+            cw.ok(&["ps"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cw.ok(&["rm", &id]);
+    assert_no_leftovers(&cw);
+}
+
+#[test]
+fn run_survives_sigkill_of_cw_and_records_its_end() {
+    let Some(cw) = runner() else { return };
+    let mut child = cw
+        .cmd(&[
+            "run",
+            "--keep",
+            "--name",
+            "orphan",
+            "--image",
+            TINY,
+            "sleep 2; echo done > /tmp/x; exit 5",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        cw.ok(&["ps"])
+            .lines()
+            .any(|l| l.starts_with("orphan") && l.contains("running")),
+        "{}",
+        cw.ok(&["ps"])
+    );
+    let t = Instant::now();
+    loop {
+        let ps = cw.ok(&["ps"]);
+        if ps
+            .lines()
+            .any(|l| l.starts_with("orphan") && l.contains("exited (5)"))
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{ps}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cw.ok(&["rm", "orphan"]);
+    assert_no_leftovers(&cw);
+}
+
+#[test]
+fn isolation_root_cannot_raise_limits_mknod_or_see_host() {
+    let Some(cw) = runner() else { return };
+    let script = r#"
+      v=RAISED
+      echo 1073741824 > /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null && echo ${v}_V1
+      echo max > /sys/fs/cgroup/memory.max 2>/dev/null && echo ${v}_V2
+      mkdir /sys/fs/cgroup/x 2>/dev/null && echo ${v}_MKDIR
+      mount -t cgroup -o memory cgroup /mnt 2>/dev/null && echo ${v}_MOUNT
+      mknod /tmp/null c 1 3 2>/dev/null && echo ${v}_MKNOD
+      unshare -n true 2>/dev/null && echo ${v}_UNSHARE
+      ls /proc | grep -c '^[0-9]'
+      head -c 7 /proc/1/cmdline; echo
+      grep -c . /proc/keys 2>/dev/null || echo nokeys
+      grep NoNewPrivs /proc/self/status
+      grep CapEff /proc/self/status
+    "#;
+    let (rc, out, err) = run_out(&cw, &["run", "--memory", "64m", "--image", TINY, script]);
+    assert_eq!(rc, 0, "{err}");
+    for bad in [
+        "RAISED_V1",
+        "RAISED_V2",
+        "RAISED_MKDIR",
+        "RAISED_MOUNT",
+        "RAISED_MKNOD",
+        "RAISED_UNSHARE",
+    ] {
+        assert!(!out.contains(bad), "container could do {bad}:\n{out}");
+    }
+    let lines: Vec<&str> = out.lines().collect();
+    let pids: usize = lines[0].trim().parse().unwrap();
+    assert!(pids <= 4, "container sees {pids} processes: {out}");
+    assert_eq!(lines[1], "/bin/sh", "pid 1 is not the run's command");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(!out.contains("CapEff:\t000001ffffffffff"), "{out}");
+    // non-root: no capabilities at all
+    let (_, out, _) = run_out(
+        &cw,
+        &[
+            "run",
+            "-u",
+            "65534",
+            "--image",
+            TINY,
+            "grep CapEff /proc/self/status",
+        ],
+    );
+    assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
+    assert_no_leftovers(&cw);
+}
+
+#[test]
+fn network_none_has_only_loopback_and_host_shares() {
+    let Some(cw) = runner() else { return };
+    let probe = "echo | nc -w 2 127.0.0.1 5000 >/dev/null 2>&1 && echo reach || echo noreach; ping -c 1 -W 2 127.0.0.1 >/dev/null && echo lo-ok; grep -c : /proc/net/dev";
+    let (rc, out, err) = run_out(&cw, &["run", "--image", TINY, probe]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains("noreach") && out.contains("lo-ok"), "{out}");
+    assert_eq!(
+        out.lines().last().unwrap().trim(),
+        "1",
+        "only lo expected: {out}"
+    );
+    let (_, out, _) = run_out(
+        &cw,
+        &[
+            "run",
+            "--network",
+            "host",
+            "--image",
+            TINY,
+            "echo | nc -w 2 127.0.0.1 5000 >/dev/null && echo reach",
+        ],
+    );
+    assert!(out.contains("reach"), "{out}");
+    assert_no_leftovers(&cw);
+}
+
+#[test]
+fn copy_fallback_applies_whiteouts() {
+    let Some(cw) = runner() else { return };
+    cw.ok(&["pull", "-q", EDGE]);
+    let check = "test -e /etc/motd && echo motd-present; test -d /usr/share/lintian && echo lintian-present; ls /usr/share/doc | tr '\\n' ' '; echo; cat /opt/edge/hl-a 2>/dev/null | head -c 5; echo";
+    let (rc1, a, e1) = run_out(&cw, &["run", "--image", EDGE, check]);
+    let (rc2, b, e2) = run_out(&cw, &["run", "--no-overlay", "--image", EDGE, check]);
+    assert_eq!((rc1, rc2), (0, 0), "{e1} {e2}");
+    assert_eq!(a, b, "overlay and copy disagree");
+    assert!(
+        !a.contains("motd-present") && !a.contains("lintian-present"),
+        "{a}"
+    );
+    assert_no_leftovers(&cw);
+}
+
+#[test]
+fn limits_are_applied() {
+    let Some(cw) = runner() else { return };
+    let (rc, out, err) = run_out(&cw, &["run", "--memory", "48m", "--cpus", "0.5", "--pids-limit", "20", "--shm-size", "8m", "--keep", "--name", "lim", "--image", TINY, "df -k /dev/shm | tail -1; i=0; while [ $i -lt 40 ]; do sleep 5 & i=$((i+1)); done 2>&1 | tail -1; true"]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains("8192"), "shm size: {out}");
+    let req: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(cw.store().join("runs/lim/bundle/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(req["linux"]["resources"]["memory"]["limit"], 48 << 20);
+    assert_eq!(req["linux"]["resources"]["cpu"]["quota"], 50000);
+    assert!(
+        out.contains("can't fork")
+            || out.contains("Resource temporarily unavailable")
+            || out.contains("fork"),
+        "pids limit not hit: {out}"
+    );
+    cw.ok(&["rm", "lim"]);
+    assert_no_leftovers(&cw);
+}
