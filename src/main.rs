@@ -76,6 +76,12 @@ enum Cmd {
     },
     /// Show an image's record (JSON)
     Inspect { image: String },
+    /// List the NVIDIA GPUs of this node (through NVML)
+    Gpus {
+        /// JSON output
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a command in a new container
     Run(Box<RunArgs>),
     /// List runs
@@ -177,6 +183,9 @@ struct RunArgs {
     /// Copy the layers instead of mounting overlayfs
     #[arg(long)]
     no_overlay: bool,
+    /// GPUs: a count (N free ones), all, none, or indexes/UUIDs (0,2 or GPU-3bb1…)
+    #[arg(long)]
+    gpus: Option<String>,
     /// Command and arguments; one argument with spaces or shell syntax runs under /bin/sh -c
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
@@ -389,7 +398,23 @@ fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
         readonly_rootfs: a.read_only,
         force_copy: a.no_overlay,
         hostname: None,
+        gpus: vec![],
+        driver_version: String::new(),
     };
+    let mut opts = opts;
+    if let Some(spec) = &a.gpus {
+        let inv = cw_runtime::gpu::discover();
+        opts.gpus = cw_runtime::gpu::select(&inv.gpus, &inv.gpus, spec).map_err(|e| {
+            anyhow::anyhow!(
+                "--gpus {spec}: {e}{}",
+                inv.note
+                    .as_deref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default()
+            )
+        })?;
+        opts.driver_version = inv.driver_version.unwrap_or_default();
+    }
     let (rd, mut req) = cw::run::prepare(&ctx.store, &image, &opts)?;
     let meta = serde_json::json!({"image": r.familiar(), "manifest": image.manifest, "created": cw::store::now()});
     std::fs::write(rd.path.join("meta.json"), meta.to_string())?;
@@ -569,6 +594,34 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Run(a) => cmd_run(context(&cli.global)?, *a),
+        Cmd::Gpus { json } => {
+            let inv = cw_runtime::gpu::discover();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&inv)?);
+                return Ok(());
+            }
+            if let Some(n) = &inv.note {
+                eprintln!("cw: {n}");
+            }
+            if !inv.gpus.is_empty() {
+                println!("driver {}", inv.driver_version.as_deref().unwrap_or("?"));
+                println!(
+                    "{:<6} {:<42} {:<6} {:>10}  NAME",
+                    "INDEX", "UUID", "MINOR", "MEMORY"
+                );
+                for g in &inv.gpus {
+                    println!(
+                        "{:<6} {:<42} {:<6} {:>10}  {}",
+                        g.index,
+                        g.uuid,
+                        g.minor,
+                        human(g.memory_bytes),
+                        g.name
+                    );
+                }
+            }
+            Ok(())
+        }
         Cmd::Ps => {
             let ctx = context(&cli.global)?;
             println!(

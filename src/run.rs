@@ -26,6 +26,9 @@ pub struct RunOptions {
     pub readonly_rootfs: bool,
     pub force_copy: bool,
     pub hostname: Option<String>,
+    /// GPUs assigned to the run (empty: none) and the driver version their libraries must have.
+    pub gpus: Vec<cw_runtime::gpu::Gpu>,
+    pub driver_version: String,
 }
 
 pub fn runs_dir(store: &Store) -> PathBuf {
@@ -166,12 +169,51 @@ pub fn prepare(
         if !cwd.starts_with('/') {
             anyhow::bail!("working directory {cwd:?} must be absolute");
         }
-        let host_files = etc_files(&dir, &hostname, o.network)?;
+        let mut host_files = etc_files(&dir, &hostname, o.network)?;
+        let mut env = environment(&image.run, &o.env, &home, &hostname);
+        let mut devices = vec![];
+        if !o.gpus.is_empty() {
+            let get = |k: &str| {
+                env.iter()
+                    .find_map(|e| e.strip_prefix(&format!("{k}=")))
+                    .map(str::to_string)
+            };
+            let caps = get("NVIDIA_DRIVER_CAPABILITIES")
+                .filter(|c| !c.is_empty())
+                .unwrap_or_else(|| "compute,utility".into());
+            let (devs, files, genv) = cw_runtime::gpu::injection(&o.gpus, &o.driver_version, &caps);
+            devices = devs;
+            host_files.extend(files);
+            let ld = match get("LD_LIBRARY_PATH") {
+                Some(l) if !l.is_empty() => format!("{}:{l}", cw_runtime::gpu::CONTAINER_LIB_DIR),
+                _ => cw_runtime::gpu::CONTAINER_LIB_DIR.to_string(),
+            };
+            let path = format!(
+                "{}:{}",
+                get("PATH").unwrap_or_default(),
+                cw_runtime::gpu::CONTAINER_BIN_DIR
+            );
+            env = environment(
+                &RunConfig {
+                    env,
+                    ..Default::default()
+                },
+                &[
+                    genv,
+                    vec![format!("LD_LIBRARY_PATH={ld}"), format!("PATH={path}")],
+                ]
+                .concat(),
+                &home,
+                &hostname,
+            );
+        } else {
+            env.push("NVIDIA_VISIBLE_DEVICES=void".into());
+        }
         Ok(RunRequest {
             id: id.clone(),
             rootfs: rf.path.clone(),
             readonly_rootfs: o.readonly_rootfs,
-            env: environment(&image.run, &o.env, &home, &hostname),
+            env,
             args,
             cwd,
             uid,
@@ -186,7 +228,7 @@ pub fn prepare(
             stdout: o.stdout.clone(),
             stderr: o.stderr.clone(),
             cgroup_parent: o.cgroup_parent.clone(),
-            devices: vec![],
+            devices,
             host_files,
             cleanup,
         })

@@ -3,6 +3,7 @@
 //! ([`cgroup`]). This crate never depends on the `cw` binary crate.
 
 pub mod cgroup;
+pub mod gpu;
 pub mod monitor;
 pub mod request;
 pub mod spec;
