@@ -25,3 +25,5 @@ fi
 
 cargo build --workspace --all-targets
 bash tests/fixtures/build.sh
+# the real CodaLab server (PyPI codalab 1.7.5 + MariaDB) on 127.0.0.1 for the worker tests
+bash tests/fixtures/codalab/server.sh start

@@ -12,3 +12,4 @@ pub mod registry;
 pub mod rootfs;
 pub mod run;
 pub mod store;
+pub mod worker;

@@ -98,6 +98,8 @@ enum Cmd {
     },
     /// Show a run's resource usage (JSON): live from its cgroup, or final
     Stats { id: String },
+    /// Run as a CodaLab Worksheets worker (a drop-in for cl-worker)
+    Worker(Box<cw::worker::WorkerArgs>),
     /// Internal: the per-run monitor process
     #[command(name = "__monitor", hide = true)]
     Monitor { dir: PathBuf },
@@ -520,7 +522,14 @@ fn main() {
         }
         std::process::exit(cw_runtime::monitor::main(dir));
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.global.log)
+    // the worker logs its progress (info, or debug with --verbose) unless --log/CW_LOG says otherwise
+    let level = match &cli.cmd {
+        Cmd::Worker(w) if cli.global.log == "warn" && std::env::var_os("CW_LOG").is_none() => {
+            if w.verbose { "info,cw=debug" } else { "info" }.to_string()
+        }
+        _ => cli.global.log.clone(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -697,6 +706,15 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Monitor { .. } => unreachable!("handled in main"),
+        Cmd::Worker(w) => {
+            let ctx = context(&cli.global)?;
+            let setup = cw::worker::Setup {
+                store: ctx.store,
+                registry: ctx.registry,
+            };
+            let code = cw::worker::main(setup, *w)?;
+            std::process::exit(code);
+        }
         Cmd::Load { input, platform: p } => {
             let ctx = context(&cli.global)?;
             let imgs = cw::load::load(&ctx.store, &input, &platform(&p)?)?;

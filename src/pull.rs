@@ -78,10 +78,10 @@ fn reg(r: &Reference) -> impl Fn(RegistryError) -> PullError + '_ {
     }
 }
 
-/// Bytes from the async downloader to the blocking unpacker.
-struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
-    cur: bytes::Bytes,
+/// Bytes from an async downloader to a blocking consumer (unpacker, decompressor).
+pub struct ChannelReader {
+    pub rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    pub cur: bytes::Bytes,
 }
 
 impl Read for ChannelReader {

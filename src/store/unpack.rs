@@ -26,6 +26,8 @@ pub enum Whiteouts {
     Overlay,
     /// Apply the layer onto an existing flattened tree: whiteouts delete.
     Apply,
+    /// A plain archive, not an image layer (CodaLab bundles): `.wh.` names are ordinary files.
+    Keep,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,12 +109,12 @@ pub fn clean_components(p: &[u8]) -> Vec<&[u8]> {
     out
 }
 
-fn cstr(b: &[u8]) -> io::Result<CString> {
+pub fn cstr(b: &[u8]) -> io::Result<CString> {
     CString::new(b)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains a NUL byte"))
 }
 
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+pub fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -120,7 +122,7 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn openat(dir: RawFd, name: &[u8], flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+pub fn openat(dir: RawFd, name: &[u8], flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
     let c = cstr(name)?;
     let fd = check(unsafe {
         libc::openat(
@@ -133,7 +135,7 @@ fn openat(dir: RawFd, name: &[u8], flags: libc::c_int, mode: libc::mode_t) -> io
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn lstatat(dir: RawFd, name: &[u8]) -> io::Result<Option<libc::stat>> {
+pub fn lstatat(dir: RawFd, name: &[u8]) -> io::Result<Option<libc::stat>> {
     let c = cstr(name)?;
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     match check(unsafe { libc::fstatat(dir, c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) }) {
@@ -143,13 +145,13 @@ fn lstatat(dir: RawFd, name: &[u8]) -> io::Result<Option<libc::stat>> {
     }
 }
 
-fn fstat(fd: RawFd) -> io::Result<libc::stat> {
+pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     check(unsafe { libc::fstat(fd, &mut st) })?;
     Ok(st)
 }
 
-fn is_type(st: &libc::stat, t: libc::mode_t) -> bool {
+pub fn is_type(st: &libc::stat, t: libc::mode_t) -> bool {
     st.st_mode & libc::S_IFMT == t
 }
 
@@ -182,7 +184,7 @@ pub fn remove_all_at(dir: RawFd, name: &[u8]) -> io::Result<()> {
 
 /// Names in the directory `fd` refers to (not `.`/`..`). Works on O_PATH fds too: the directory
 /// is opened afresh for reading (an O_PATH fd would silently list nothing).
-fn list_dir(fd: RawFd) -> io::Result<Vec<Vec<u8>>> {
+pub fn list_dir(fd: RawFd) -> io::Result<Vec<Vec<u8>>> {
     let d = openat(fd, b".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
     let mut d =
         nix::dir::Dir::from_fd(std::os::fd::IntoRawFd::into_raw_fd(d)).map_err(io::Error::from)?;
@@ -490,13 +492,15 @@ impl Unpacker {
         self.stats.entries += 1;
 
         // whiteouts
-        if name == WH_OPAQUE {
+        let layer = self.opts.whiteouts != Whiteouts::Keep;
+        if layer && name == WH_OPAQUE {
             let pfd = self
                 .tree
                 .resolve_dir(parent, true)
                 .map_err(err("resolving parent"))?;
             match self.opts.whiteouts {
                 Whiteouts::Overlay => set_opaque(pfd.as_raw_fd()).map_err(err("marking opaque"))?,
+                Whiteouts::Keep => unreachable!(),
                 Whiteouts::Apply => {
                     let prefix = parent.join(&b'/');
                     for child in list_dir(pfd.as_raw_fd()).map_err(err("listing"))? {
@@ -515,7 +519,7 @@ impl Unpacker {
             }
             return Ok(());
         }
-        if let Some(target) = name.strip_prefix(WH_PREFIX) {
+        if let Some(target) = name.strip_prefix(WH_PREFIX).filter(|_| layer) {
             if target.starts_with(WH_PREFIX) {
                 return Ok(()); // other AUFS metadata (.wh..wh.plnk etc.): not content
             }
@@ -544,6 +548,7 @@ impl Unpacker {
                             .map_err(err("creating whiteout"))?;
                     }
                 },
+                Whiteouts::Keep => unreachable!(),
                 Whiteouts::Apply => {
                     if !self.created.contains(&tpath) {
                         self.tree.invalidate();

@@ -1,0 +1,434 @@
+//! `cw worker` end to end against the real CodaLab server (PyPI codalab 1.7.5 + MariaDB on
+//! 127.0.0.1, started by tests/fixtures/codalab/server.sh) and the real `cl` client. Images come
+//! from the local registry acting as the docker.io mirror. Each test has its own worker(s) on a
+//! tag of its own (`--tag-exclusive`), so tests run side by side on one server.
+//! Bundle states are read from the server's database (each `cl` call costs seconds of imports).
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+struct Server {
+    env: Vec<(String, String)>,
+    cl: String,
+    mycnf: PathBuf,
+    url: String,
+    ws: String,
+}
+
+fn server() -> &'static Server {
+    static S: OnceLock<Server> = OnceLock::new();
+    S.get_or_init(|| {
+        fixtures();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/codalab/server.sh");
+        let lock = std::fs::File::create("/tmp/cw-codalab.lock").unwrap();
+        let _l = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
+        let st = Command::new("bash").arg(&script).arg("start").status().unwrap();
+        assert!(st.success(), "tests/fixtures/codalab/server.sh start failed");
+        let out = Command::new("bash").arg(&script).arg("env").output().unwrap();
+        let mut env = vec![];
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            for kv in line.trim_start_matches("export ").split(' ') {
+                if let Some((k, v)) = kv.split_once('=') {
+                    env.push((k.to_string(), v.to_string()));
+                }
+            }
+        }
+        let get = |k: &str| env.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone()).unwrap();
+        let home = get("CODALAB_HOME");
+        Server {
+            cl: get("CL"),
+            url: get("CL_URL"),
+            ws: get("CL_WS"),
+            mycnf: Path::new(&home).parent().unwrap().join("my.cnf"),
+            env,
+        }
+    })
+}
+
+impl Server {
+    fn cl_output(&self, args: &[&str]) -> Output {
+        Command::new(&self.cl)
+            .args(args)
+            .envs(self.env.iter().cloned())
+            .output()
+            .expect("running cl")
+    }
+    fn cl(&self, args: &[&str]) -> String {
+        let o = self.cl_output(args);
+        assert!(
+            o.status.success(),
+            "cl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+    fn sql(&self, q: &str) -> String {
+        let o = Command::new("mariadb")
+            .arg(format!("--defaults-file={}", self.mycnf.display()))
+            .args(["-uroot", "codalab_bundles", "-N", "-B", "-e", q])
+            .output()
+            .expect("mariadb");
+        assert!(o.status.success(), "{q}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+    fn state(&self, uuid: &str) -> String {
+        self.sql(&format!("select state from bundle where uuid='{uuid}'"))
+    }
+    fn meta(&self, uuid: &str, key: &str) -> String {
+        self.sql(&format!(
+            "select metadata_value from bundle_metadata where bundle_uuid='{uuid}' and metadata_key='{key}'"
+        ))
+    }
+    fn wait_state(&self, uuid: &str, want: &[&str], secs: u64) -> String {
+        let t = Instant::now();
+        loop {
+            let s = self.state(uuid);
+            if want.contains(&s.as_str()) {
+                return s;
+            }
+            if t.elapsed() > Duration::from_secs(secs) {
+                panic!(
+                    "bundle {uuid} is {s:?} after {secs}s, wanted {want:?}; run_status {:?}, failure {:?}",
+                    self.meta(uuid, "run_status"),
+                    self.meta(uuid, "failure_message")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    /// `cl run` on a worker's queue; returns the uuid.
+    fn run(&self, tag: &str, extra: &[&str], cmd: &str) -> String {
+        let mut args = vec!["run", "--request-queue", tag, "--request-docker-image", "codalab/ubuntu:1.9"];
+        args.extend_from_slice(extra);
+        args.push(cmd);
+        let uuid = self.cl(&args);
+        assert!(uuid.starts_with("0x"), "{uuid}");
+        uuid
+    }
+    fn cat(&self, target: &str) -> String {
+        self.cl(&["cat", target])
+    }
+}
+
+struct Worker {
+    child: Option<Child>,
+    dir: PathBuf,
+    id: String,
+    tag: String,
+    extra: Vec<String>,
+}
+
+impl Worker {
+    fn start(tag: &str, extra: &[&str]) -> Worker {
+        Worker::start_as(tag, tag, extra)
+    }
+
+    fn start_as(tag: &str, name: &str, extra: &[&str]) -> Worker {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-stores");
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = base.join(format!("worker-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = Worker {
+            child: None,
+            dir,
+            id: format!("w-{name}"),
+            tag: tag.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        w.spawn();
+        w
+    }
+
+    fn spawn(&mut self) {
+        let s = server();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("worker.log"))
+            .unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cw"));
+        c.args(["--store", self.dir.join("store").to_str().unwrap()])
+            .args(["--registry-mirror", &format!("http://{REG}")])
+            .arg("worker")
+            .args(["--server", &s.url, "--ws-server", &s.ws])
+            .args(["--work-dir", self.dir.join("work").to_str().unwrap()])
+            .args(["--id", &self.id, "--tag", &self.tag, "--tag-exclusive", "--verbose"])
+            .args(&self.extra)
+            .env("CODALAB_USERNAME", "codalab")
+            .env("CODALAB_PASSWORD", "codalab")
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.child = Some(c.spawn().expect("starting cw worker"));
+        // ready once it has logged "Worker started!"
+        let t = Instant::now();
+        while !self.log().contains("Worker started!") {
+            assert!(t.elapsed() < Duration::from_secs(30), "worker did not start:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("worker.log")).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// After the bundles ended: no run directory, bundle directory or mount of this worker left.
+    fn assert_clean(&self) {
+        let t = Instant::now();
+        loop {
+            let runs: Vec<_> = std::fs::read_dir(self.dir.join("store/runs"))
+                .map(|r| r.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            let bundles: Vec<_> = std::fs::read_dir(self.dir.join("work/runs"))
+                .map(|r| r.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            let ours = mounts.lines().filter(|l| l.contains(self.dir.to_str().unwrap())).count();
+            if runs.is_empty() && bundles.is_empty() && ours == 0 {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "left behind: runs {runs:?}, bundle dirs {bundles:?}, {ours} mounts\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+}
+
+fn tag(name: &str) -> String {
+    format!("{name}-{}", rand_suffix())
+}
+
+fn need_root() -> bool {
+    if !is_root() {
+        eprintln!("SKIP: cw worker tests need root (containers, mounts, cgroups)");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn run_ready_and_failed() {
+    if !need_root() {
+        return;
+    }
+    let s = server();
+    let t = tag("basic");
+    let w = Worker::start(&t, &[]);
+    let ok = s.run(&t, &[], "echo hi; echo err >&2; echo $HOME $CODALAB; pwd; mkdir out; echo 42 > out/answer");
+    let bad = s.run(&t, &[], "echo before; exit 3");
+    assert_eq!(s.wait_state(&ok, &["ready", "failed"], 120), "ready", "{}", w.log());
+    assert_eq!(s.cat(&format!("{ok}/stdout")), format!("hi\n/{ok} true\n/{ok}").trim());
+    assert_eq!(s.cat(&format!("{ok}/stderr")), "err");
+    assert_eq!(s.cat(&format!("{ok}/out/answer")), "42");
+    assert_eq!(s.meta(&ok, "remote"), w.id);
+    assert!(s.meta(&ok, "docker_image").starts_with("codalab/ubuntu@sha256:"), "{}", s.meta(&ok, "docker_image"));
+    assert_eq!(s.wait_state(&bad, &["ready", "failed"], 120), "failed");
+    assert_eq!(s.meta(&bad, "exitcode"), "3");
+    assert_eq!(s.meta(&bad, "failure_message"), "Exit code 3");
+    assert_eq!(s.cat(&format!("{bad}/stdout")), "before");
+    w.assert_clean();
+}
+
+#[test]
+fn dependencies_file_and_directory() {
+    if !need_root() {
+        return;
+    }
+    let s = server();
+    let t = tag("deps");
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("hello.txt"), "hello dep\n").unwrap();
+    let d = src.path().join("dir");
+    std::fs::create_dir_all(d.join("sub")).unwrap();
+    std::fs::write(d.join("sub/b.txt"), "deep\n").unwrap();
+    std::fs::write(d.join(".wh.not-a-whiteout"), "plain file\n").unwrap();
+    let f = s.cl(&["upload", src.path().join("hello.txt").to_str().unwrap()]);
+    let dd = s.cl(&["upload", d.to_str().unwrap()]);
+    let w = Worker::start(&t, &[]);
+    let mut args = vec!["run", "--request-queue", &t, "--request-docker-image", "codalab/ubuntu:1.9"];
+    let (a1, a2, a3) = (format!("h.txt:{f}"), format!("d:{dd}"), format!("nested/deep:{dd}/sub"));
+    args.extend([a1.as_str(), a2.as_str(), a3.as_str()]);
+    args.push("cat h.txt d/sub/b.txt nested/deep/b.txt d/.wh.not-a-whiteout; touch d/x 2>/dev/null && echo writable || echo read-only; echo out > result");
+    let uuid = s.cl(&args);
+    assert_eq!(s.wait_state(&uuid, &["ready", "failed"], 120), "ready", "{}", w.log());
+    assert_eq!(
+        s.cat(&format!("{uuid}/stdout")),
+        "hello dep\ndeep\ndeep\nplain file\nread-only"
+    );
+    // dependencies are not part of the results
+    let listing = s.cat(&uuid);
+    assert!(listing.contains("result") && !listing.contains("h.txt"), "{listing}");
+    // the cache holds one copy per (parent, path) and reports them in checkins
+    let cache: Vec<String> = std::fs::read_dir(w.dir.join("work/dependencies"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(cache.len(), 3, "{cache:?}");
+    let deps = s.sql(&format!("select dependencies from worker_dependency where worker_id='{}'", w.id));
+    assert!(deps.contains(&f) && deps.contains(&dd), "{deps}");
+    w.assert_clean();
+}
+
+#[test]
+fn kill_write_cat_while_running() {
+    if !need_root() {
+        return;
+    }
+    let s = server();
+    let t = tag("kill");
+    let w = Worker::start(&t, &[]);
+    let waiter = s.run(&t, &[], "echo started; while [ ! -f go ]; do sleep 0.2; done; cat go; echo; echo done");
+    let victim = s.run(&t, &[], "echo victim; sleep 86400");
+    s.wait_state(&waiter, &["running"], 120);
+    s.wait_state(&victim, &["running"], 120);
+    // read a running bundle: file contents and the directory listing
+    let t0 = Instant::now();
+    loop {
+        let o = s.cl_output(&["cat", &format!("{waiter}/stdout")]);
+        if String::from_utf8_lossy(&o.stdout).contains("started") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "cl cat of a running bundle: {o:?}");
+    }
+    let ls = s.cat(&waiter);
+    assert!(ls.contains("stdout"), "{ls}");
+    // cl write lands in the running bundle
+    s.cl(&["write", &format!("{waiter}/go"), "hello world"]);
+    assert_eq!(s.wait_state(&waiter, &["ready", "failed"], 120), "ready", "{}", w.log());
+    assert_eq!(s.cat(&format!("{waiter}/stdout")), "started\nhello world\ndone");
+    // cl kill → killed, with the output up to then
+    s.cl(&["kill", &victim]);
+    assert_eq!(s.wait_state(&victim, &["killed", "failed", "ready"], 120), "killed");
+    assert_eq!(s.meta(&victim, "failure_message"), "Kill requested");
+    assert_eq!(s.cat(&format!("{victim}/stdout")), "victim");
+    w.assert_clean();
+}
+
+#[test]
+fn netcat_reaches_the_run() {
+    if !need_root() {
+        return;
+    }
+    let s = server();
+    let t = tag("nc");
+    let w = Worker::start(&t, &[]);
+    let uuid = s.run(&t, &[], "echo pong-from-run | nc -l -p 5005 > got; cat got; echo; echo served");
+    s.wait_state(&uuid, &["running"], 120);
+    let t0 = Instant::now();
+    let reply = loop {
+        let o = s.cl_output(&["netcat", &uuid, "5005", "ping-from-client"]);
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        if out.contains("pong-from-run") {
+            break out;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "cl netcat: {o:?}\n{}", w.log());
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(reply.contains("pong-from-run"), "{reply}");
+    assert_eq!(s.wait_state(&uuid, &["ready", "failed"], 120), "ready");
+    assert_eq!(s.cat(&format!("{uuid}/stdout")), "ping-from-client\nserved");
+    w.assert_clean();
+}
+
+#[test]
+fn limits_time_memory_disk() {
+    if !need_root() {
+        return;
+    }
+    let s = server();
+    let t = tag("limits");
+    let w = Worker::start(&t, &[]);
+    let time = s.run(&t, &["--request-time", "3"], "echo t; sleep 600");
+    let mem = s.run(
+        &t,
+        &["--request-memory", "50m"],
+        "echo m; x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
+    );
+    assert_eq!(s.wait_state(&time, &["ready", "failed", "killed"], 120), "failed", "{}", w.log());
+    let msg = s.meta(&time, "failure_message");
+    assert!(msg.starts_with("Time limit exceeded. (Container uptime "), "{msg}");
+    assert!(msg.ends_with(" > time limit 3.0s)"), "{msg}");
+    assert_eq!(s.wait_state(&mem, &["ready", "failed", "killed"], 120), "failed", "{}", w.log());
+    assert_eq!(s.meta(&mem, "failure_message"), "Memory limit 50m exceeded.");
+    assert_eq!(s.cat(&format!("{mem}/stdout")), "m");
+    let disk = s.run(&t, &["--request-disk", "2m"], "echo d; head -c 5000000 /dev/zero > big; sleep 600");
+    assert_eq!(s.wait_state(&disk, &["ready", "failed", "killed"], 120), "failed", "{}", w.log());
+    assert_eq!(s.meta(&disk, "failure_message"), "Disk limit 2mb exceeded.");
+    // real cpu accounting reaches the server (the official worker always sends 0)
+    let busy = s.run(&t, &[], "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; echo $i");
+    assert_eq!(s.wait_state(&busy, &["ready", "failed"], 120), "ready");
+    let user: f64 = s.meta(&busy, "time_user").parse().unwrap();
+    assert!(user > 0.2, "time_user {user}");
+    w.assert_clean();
+}
+
+#[test]
+fn two_workers_share_the_queue() {
+    if !need_root() {
+        return;
+    }
+    let s = server();
+    let t = tag("pair");
+    let a = Worker::start_as(&t, &format!("{t}-a"), &["--slots", "1"]);
+    let b = Worker::start_as(&t, &format!("{t}-b"), &["--slots", "1"]);
+    let uuids: Vec<String> = (0..3).map(|i| s.run(&t, &[], &format!("sleep 3; echo run{i}"))).collect();
+    let mut remotes = std::collections::BTreeSet::new();
+    for (i, u) in uuids.iter().enumerate() {
+        assert_eq!(s.wait_state(u, &["ready", "failed"], 180), "ready", "{}\n{}", a.log(), b.log());
+        assert_eq!(s.cat(&format!("{u}/stdout")), format!("run{i}"));
+        remotes.insert(s.meta(u, "remote"));
+    }
+    assert_eq!(remotes.len(), 2, "both workers ran bundles: {remotes:?}");
+    a.assert_clean();
+    b.assert_clean();
+}
+
+#[test]
+fn worker_sigkill_and_restart_keeps_the_run() {
+    if !need_root() {
+        return;
+    }
+    let s = server();
+    let t = tag("restart");
+    let mut w = Worker::start(&t, &[]);
+    let uuid = s.run(&t, &[], "for i in 1 2 3 4 5 6 7 8; do echo line$i; sleep 1; done");
+    s.wait_state(&uuid, &["running"], 120);
+    std::thread::sleep(Duration::from_secs(2));
+    w.kill9();
+    // the monitor keeps the container going while no worker exists
+    std::thread::sleep(Duration::from_secs(4));
+    w.spawn();
+    assert_eq!(s.wait_state(&uuid, &["ready", "failed"], 120), "ready", "{}", w.log());
+    let want: String = (1..=8).map(|i| format!("line{i}\n")).collect();
+    assert_eq!(s.cat(&format!("{uuid}/stdout")), want.trim());
+    assert!(w.log().contains("resuming 1 run(s)"), "{}", w.log());
+    w.assert_clean();
+}
