@@ -146,8 +146,9 @@ struct RunArgs {
     /// Size of /dev/shm
     #[arg(long, default_value = "64m")]
     shm_size: String,
-    /// none: a private network with only loopback; host: the host's network
-    #[arg(long, default_value = "none", value_parser = ["none", "host"])]
+    /// none: a network namespace with only loopback; private: its own namespace with outbound
+    /// access through pasta (no host loopback, no inbound); host: the host's network
+    #[arg(long, default_value = "none", value_parser = ["none", "private", "host"])]
     network: String,
     /// Kill the run after this long, e.g. 30s, 30m, 2h
     #[arg(long)]
@@ -383,10 +384,10 @@ fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
             pids: a.pids_limit,
             shm_size: config::parse_size(&a.shm_size).map_err(anyhow::Error::msg)?,
         },
-        network: if a.network == "host" {
-            cw_runtime::request::Network::Host
-        } else {
-            cw_runtime::request::Network::None
+        network: match a.network.as_str() {
+            "host" => cw_runtime::request::Network::Host,
+            "private" => cw_runtime::request::Network::Private,
+            _ => cw_runtime::request::Network::None,
         },
         time_limit: a
             .time_limit

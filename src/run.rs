@@ -255,7 +255,9 @@ fn etc_files(dir: &Path, hostname: &str, net: Network) -> anyhow::Result<Vec<Bin
     std::fs::write(etc.join("hostname"), format!("{hostname}\n"))?;
     std::fs::write(etc.join("hosts"), format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"))?;
     let resolv = match net {
-        Network::Host => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        Network::Host | Network::Private => {
+            std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()
+        }
         Network::None => String::new(),
     };
     std::fs::write(etc.join("resolv.conf"), resolv)?;

@@ -305,7 +305,89 @@ fn output(path: &Option<PathBuf>, ours: RawFd, drains: &mut Vec<OwnedFd>) -> io:
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Where the `pasta` binary is (PATH, then /usr/bin and /usr/local/bin).
+pub fn pasta_path() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
+        .map(|d| d.join("pasta"))
+        .find(|p| p.is_file())
+}
+
+/// Connect this (new) network namespace to the outside with pasta, started from the host's
+/// namespace: no port forwarding either way, the gateway address not mapped to the host (so the
+/// host's loopback services stay out of reach). pasta forks into the background once the
+/// interface is configured; its pid is kept for cleanup.
+fn start_pasta(dir: &Path, host_ns: &File) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let pasta = pasta_path().ok_or(
+        "network \"private\" needs pasta (Debian/Ubuntu package passt); install it or use --network none|host",
+    )?;
+    // pasta joins a namespace bound to a file (as `ip netns` makes them); /proc/PID/ns/net is
+    // refused by the packaged version. It quits by itself when the file is unmounted.
+    let nsf = dir.join("netns");
+    File::create(&nsf).map_err(|e| format!("{}: {e}", nsf.display()))?;
+    nix::mount::mount(
+        Some("/proc/self/ns/net"),
+        &nsf,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| format!("binding the run's network namespace: {e}"))?;
+    let ns = nsf.to_string_lossy().into_owned();
+    let pidfile = dir.join("pasta.pid");
+    let host_fd = host_ns.as_raw_fd();
+    let mut cmd = Command::new(&pasta);
+    cmd.args(["--runas", "0", "--config-net", "--no-map-gw", "--quiet"])
+        .args(["-t", "none", "-u", "none", "-T", "none", "-U", "none"])
+        .args(["--netns", &ns, "--netns-only", "-P"])
+        .arg(&pidfile)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(host_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("starting {}: {e}", pasta.display()))?;
+    if !out.status.success() {
+        let err: String = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| !l.contains("syslog"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(format!("pasta could not connect the run's network ({}): {err}", out.status));
+    }
+    Ok(())
+}
+
+fn stop_pasta(dir: &Path) {
+    if let Ok(s) = fs::read_to_string(dir.join("pasta.pid")) {
+        if let Ok(pid) = s.trim().parse::<i32>() {
+            // only if it still is pasta (the pid may have been reused after a reboot)
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "pasta" || comm.trim() == "passt" {
+                let _ = signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        let _ = fs::remove_file(dir.join("pasta.pid"));
+    }
+    let nsf = dir.join("netns");
+    if nsf.exists() {
+        let _ = nix::mount::umount2(&nsf, nix::mount::MntFlags::MNT_DETACH);
+        let _ = fs::remove_file(&nsf);
+    }
+}
+
 fn cleanup(req: &RunRequest, dir: &Path) {
+    stop_pasta(dir);
     for m in &req.cleanup.unmount {
         if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
             if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
@@ -391,9 +473,13 @@ pub fn main(dir: &Path) -> i32 {
     // a broken stdout pipe must not kill the monitor
     unsafe { signal::signal(Signal::SIGPIPE, SigHandler::SigIgn) }.ok();
 
-    if req.network == Network::None {
+    if matches!(req.network, Network::None | Network::Private) {
         // The container inherits this private namespace (the spec asks for none of its own):
-        // only loopback, and it is up.
+        // only loopback, and it is up; for Private, pasta adds the way out.
+        let host_ns = match File::open("/proc/self/ns/net") {
+            Ok(f) => f,
+            Err(e) => return fail(dir, &req, started, format!("opening the host network namespace: {e}")),
+        };
         if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
             return fail(
                 dir,
@@ -404,6 +490,11 @@ pub fn main(dir: &Path) -> i32 {
         }
         if let Err(e) = loopback_up() {
             return fail(dir, &req, started, format!("bringing up loopback: {e}"));
+        }
+        if req.network == Network::Private {
+            if let Err(e) = start_pasta(dir, &host_ns) {
+                return fail(dir, &req, started, e);
+            }
         }
     }
 

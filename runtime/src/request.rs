@@ -18,6 +18,10 @@ pub enum Network {
     None,
     /// The host's network namespace.
     Host,
+    /// A new network namespace with outbound access through `pasta` (user-mode NAT, Debian
+    /// package passt): the run reaches the network but not the host's loopback services, and
+    /// nothing outside can connect in.
+    Private,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Default)]

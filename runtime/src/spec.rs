@@ -162,8 +162,8 @@ pub fn build(req: &RunRequest) -> Result<Spec, String> {
         }
         mounts.push(json!({"destination": m.destination, "type": "bind", "source": m.source, "options": opts}));
     }
-    // No network namespace here: for Network::None the monitor made a fresh one (loopback up)
-    // that the container inherits; for Network::Host it shares the host's.
+    // No network namespace here: for Network::None/Private the monitor made a fresh one
+    // (loopback up, pasta for Private) that the container inherits; Host shares the host's.
     let _: Network = req.network;
     let namespaces = vec![
         json!({"type": "pid"}),

@@ -142,6 +142,8 @@ pub struct Ctx {
     pub shm_size: u64,
     pub slots: usize,
     pub cgroup_parent: String,
+    /// Runs that ask for network get their own namespace through pasta (else the host's).
+    pub private_network: bool,
     pub max_image_size: Option<u64>,
     pub max_image_cache_size: Option<u64>,
     pub args: WorkerArgs,
@@ -703,6 +705,10 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
     let state_file = work_dir.join(format!("worker-state-{}.json", id.replace('/', "_")));
     let ws_url = a.ws_server.clone().unwrap_or_else(|| default_ws(&a.server));
     let server = Arc::new(Server::new(&a.server, user, password)?);
+    let private_network = cw_runtime::monitor::pasta_path().is_some();
+    if !private_network {
+        tracing::warn!("pasta (package passt) not found: runs that request network will share the host's network, loopback services included");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(16)
@@ -747,6 +753,7 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
             shm_size: a.shared_memory_size_gb << 30,
             slots: a.slots,
             cgroup_parent: a.cgroup_parent.clone(),
+            private_network,
             max_image_size,
             max_image_cache_size,
             args: a.clone(),

@@ -585,10 +585,10 @@ fn start_container(
             pids: None,
             shm_size: ctx.shm_size,
         },
-        network: if run.resources.network {
-            Network::Host
-        } else {
-            Network::None
+        network: match (run.resources.network, ctx.private_network) {
+            (false, _) => Network::None,
+            (true, true) => Network::Private,
+            (true, false) => Network::Host,
         },
         // the monitor enforces the time limit too, so it holds while the worker is down
         time_limit: (run.resources.time > 0).then_some(run.resources.time + 1),
