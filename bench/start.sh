@@ -26,7 +26,7 @@ PY
 # crun 1.8 refuses the hybrid layout while cgroup2 holds a controller (this VM: hugetlb); moving
 # hugetlb to a v1 hierarchy for the benchmark fixes that (undone at the end).
 mounted_hugetlb=0
-if [ -s /sys/fs/cgroup/unified/cgroup.controllers ] && [ ! -d /sys/fs/cgroup/hugetlb ]; then
+if [ -n "$(cat /sys/fs/cgroup/unified/cgroup.controllers 2>/dev/null)" ] && [ ! -d /sys/fs/cgroup/hugetlb ]; then
   mkdir /sys/fs/cgroup/hugetlb && mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb && mounted_hugetlb=1
 fi
 trap '[ $mounted_hugetlb = 1 ] && umount /sys/fs/cgroup/hugetlb && rmdir /sys/fs/cgroup/hugetlb' EXIT

@@ -24,6 +24,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 cargo build --workspace --all-targets
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 bash tests/fixtures/build.sh
 # the real CodaLab server (PyPI codalab 1.7.5 + MariaDB) on 127.0.0.1 for the worker tests
 bash tests/fixtures/codalab/server.sh start

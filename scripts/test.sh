@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite (as root): unit tests, the extraction breakout corpus, pulls against the
-# local registries, and real containers. Needs scripts/setup.sh to have run once.
+# local registries, real containers, the worker against the real CodaLab server, a smoke run of
+# every fuzz target, and a final check that nothing of cw's is left behind. Needs
+# scripts/setup.sh to have run once. FUZZ_SECS=0 skips fuzzing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 unset RUST_BACKTRACE
 bash tests/fixtures/build.sh registry auth >/dev/null 2>&1 || bash tests/fixtures/build.sh
+bash tests/fixtures/codalab/server.sh start
 # test binaries share the machine's cgroups and loopback registries: a few at a time
 cargo test --workspace -- --test-threads 4
+if [ "${FUZZ_SECS:-60}" != 0 ]; then bash scripts/fuzz.sh "${FUZZ_SECS:-60}"; fi
+bash scripts/leak-check.sh

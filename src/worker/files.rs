@@ -411,11 +411,11 @@ pub fn summarize(f: &mut File, head: u64, tail: u64, max_line: u64, truncation: 
     use std::io::Seek;
     let size = f.metadata()?.len();
     let text = |b: Vec<u8>| String::from_utf8(b).ok();
-    let lines: Vec<String> = if size > (head + tail) * max_line {
+    let lines: Vec<String> = if size > head.saturating_add(tail).saturating_mul(max_line) {
         let mut head_lines = vec![];
         let mut tail_lines = vec![];
         if head > 0 {
-            let b = read_section(f, 0, head * max_line)?;
+            let b = read_section(f, 0, head.saturating_mul(max_line))?;
             let Some(s) = text(b) else {
                 return Ok(BINARY_PLACEHOLDER.into());
             };
@@ -424,10 +424,10 @@ pub fn summarize(f: &mut File, head: u64, tail: u64, max_line: u64, truncation: 
             ensure_newline(&mut head_lines, true);
         }
         if tail > 0 {
-            let start = size.saturating_sub(tail * max_line + 1);
+            let start = size.saturating_sub(tail.saturating_mul(max_line).saturating_add(1));
             f.seek(io::SeekFrom::Start(start))?;
             let mut b = Vec::new();
-            f.take(tail * max_line).read_to_end(&mut b)?;
+            f.take(tail.saturating_mul(max_line)).read_to_end(&mut b)?;
             let Some(s) = text(b) else {
                 return Ok(BINARY_PLACEHOLDER.into());
             };
@@ -453,7 +453,7 @@ pub fn summarize(f: &mut File, head: u64, tail: u64, max_line: u64, truncation: 
         let mut l = split_lines(&s);
         ensure_newline(&mut l, false);
         let (h, t) = (head as usize, tail as usize);
-        if l.len() > h + t {
+        if l.len() > h.saturating_add(t) {
             match (h > 0, t > 0) {
                 (true, true) => {
                     let tl = l[l.len() - t..].to_vec();
