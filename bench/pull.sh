@@ -33,7 +33,7 @@ for i in $(seq "$RUNS"); do
     echo "run $i $tool: $(echo "$t1 - $t0" | bc) s" >&2
   done
 done
-t0=$(now); "$CW" --store "$W/store" pull -q "$IMG" >/dev/null; warm=$(echo "$(now) - $t0" | bc)
+sync; t0=$(now); "$CW" --store "$W/store" pull -q "$IMG" >/dev/null; warm=$(echo "$(now) - $t0" | bc)
 median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 cw=$(echo "${T[cw]}" | median); um=$(echo "${T[umoci]}" | median); tr=$(echo "${T[tar]}" | median)
 echo "environment: $(nproc) CPUs, $(free -g | awk '/Mem/{print $2}') GiB, $(uname -r), store on $(df -T "$W" | awk 'NR==2{print $2}'), $RUNS interleaved runs"

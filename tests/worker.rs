@@ -156,8 +156,11 @@ impl Worker {
         let mut c = Command::new(env!("CARGO_BIN_EXE_cw"));
         c.args(["--store", self.dir.join("store").to_str().unwrap()])
             .args(["--registry-mirror", &format!("http://{REG}")])
-            .arg("worker")
-            .args(["--server", &s.url, "--ws-server", &s.ws])
+            .arg("worker");
+        if !self.extra.iter().any(|a| a == "--server") {
+            c.args(["--server", &s.url, "--ws-server", &s.ws]);
+        }
+        c
             .args(["--work-dir", self.dir.join("work").to_str().unwrap()])
             .args(["--id", &self.id, "--tag", &self.tag, "--tag-exclusive", "--verbose"])
             .args(&self.extra)
@@ -447,5 +450,158 @@ fn worker_sigkill_and_restart_keeps_the_run() {
     let want: String = (1..=8).map(|i| format!("line{i}\n")).collect();
     assert_eq!(s.cat(&format!("{uuid}/stdout")), want.trim());
     assert!(w.log().contains("resuming 1 run(s)"), "{}", w.log());
+    w.assert_clean();
+}
+
+/// A TCP forwarder in front of the CodaLab server that can play dead (connections closed at
+/// once) or answer chosen requests with 502. Each forwarded request carries `Connection: close`
+/// so that every request of the worker passes through the decision here.
+struct Gate {
+    addr: String,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// (path part, how many more requests with it get a 502)
+    faults: std::sync::Arc<std::sync::Mutex<Vec<(String, usize)>>>,
+}
+
+impl Gate {
+    fn start(upstream: &str) -> Gate {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let faults = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, usize)>::new()));
+        let (d, f, up) = (down.clone(), faults.clone(), upstream.to_string());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                let (d, f, up) = (d.clone(), f.clone(), up.clone());
+                std::thread::spawn(move || {
+                    if d.load(std::sync::atomic::Ordering::SeqCst) {
+                        return; // dropped: the server is "down"
+                    }
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match c.read(&mut b) {
+                            Ok(1) => head.push(b[0]),
+                            _ => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    let path = text.split(' ').nth(1).unwrap_or("").to_string();
+                    {
+                        let mut f = f.lock().unwrap();
+                        if let Some(e) = f.iter_mut().find(|(p, n)| *n > 0 && path.contains(p.as_str())) {
+                            e.1 -= 1;
+                            let _ = c.write_all(b"HTTP/1.1 502 Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                            return;
+                        }
+                    }
+                    let upgrade = text.to_ascii_lowercase().contains("\r\nupgrade:");
+                    let mut fwd = String::new();
+                    for line in text.split("\r\n").filter(|l| !l.is_empty()) {
+                        if !upgrade && line.to_ascii_lowercase().starts_with("connection:") {
+                            continue;
+                        }
+                        fwd.push_str(line);
+                        fwd.push_str("\r\n");
+                    }
+                    if !upgrade {
+                        fwd.push_str("Connection: close\r\n");
+                    }
+                    fwd.push_str("\r\n");
+                    let Ok(mut u) = std::net::TcpStream::connect(&up) else { return };
+                    if u.write_all(fwd.as_bytes()).is_err() {
+                        return;
+                    }
+                    let (mut c2, mut u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
+                    let t = std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut c2, &mut u2);
+                        let _ = u2.shutdown(std::net::Shutdown::Write);
+                    });
+                    let _ = std::io::copy(&mut u, &mut c);
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                    let _ = t.join();
+                });
+            }
+        });
+        Gate { addr, down, faults }
+    }
+    fn set_down(&self, v: bool) {
+        self.down.store(v, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn fail_next(&self, path_part: &str, n: usize) {
+        self.faults.lock().unwrap().push((path_part.to_string(), n));
+    }
+}
+
+fn worker_through(gate: &Gate, ws: &Gate, tag: &str, extra: &[&str]) -> Worker {
+    let mut args = vec![
+        "--server".to_string(),
+        format!("http://{}", gate.addr),
+        "--ws-server".to_string(),
+        format!("ws://{}", ws.addr),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    Worker::start(tag, &refs)
+}
+
+#[test]
+fn server_down_two_minutes_during_a_run() {
+    if !need_root() {
+        return;
+    }
+    let s = server();
+    let rest = Gate::start(s.url.trim_start_matches("http://"));
+    let ws = Gate::start(s.ws.trim_start_matches("ws://"));
+    let t = tag("outage");
+    let w = worker_through(&rest, &ws, &t, &[]);
+    let uuid = s.run(&t, &[], "for i in $(seq 1 150); do echo $i; sleep 1; done");
+    s.wait_state(&uuid, &["running"], 120);
+    rest.set_down(true);
+    ws.set_down(true);
+    std::thread::sleep(Duration::from_secs(120));
+    // the server gave the worker up meanwhile; the run itself went on
+    assert_eq!(s.state(&uuid), "worker_offline");
+    assert!(w.log().contains("Disconnected from server! Failed check in"), "{}", w.log());
+    rest.set_down(false);
+    ws.set_down(false);
+    assert_eq!(s.wait_state(&uuid, &["ready", "failed", "killed"], 180), "ready", "{}", w.log());
+    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
+    assert_eq!(s.cat(&format!("{uuid}/stdout")), want.join("\n"));
+    w.assert_clean();
+}
+
+#[test]
+fn dependency_download_fails_then_succeeds() {
+    if !need_root() {
+        return;
+    }
+    let s = server();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("data.txt"), "payload\n").unwrap();
+    let dep = s.cl(&["upload", src.path().join("data.txt").to_str().unwrap()]);
+    let rest = Gate::start(s.url.trim_start_matches("http://"));
+    let ws = Gate::start(s.ws.trim_start_matches("ws://"));
+    let t = tag("depretry");
+    let w = worker_through(&rest, &ws, &t, &["--download-dependencies-max-retries", "3"]);
+    // two failed attempts, the third one works
+    rest.fail_next(&format!("/bundles/{dep}/contents/blob"), 2);
+    let arg = format!("d.txt:{dep}");
+    let ok = s.cl(&["run", "--request-queue", &t, "--request-docker-image", "codalab/ubuntu:1.9", &arg, "cat d.txt"]);
+    assert_eq!(s.wait_state(&ok, &["ready", "failed"], 120), "ready", "{}", w.log());
+    assert_eq!(s.cat(&format!("{ok}/stdout")), "payload");
+    // every attempt failing: the run fails with cl-worker's message
+    let src2 = tempfile::tempdir().unwrap();
+    std::fs::write(src2.path().join("other.txt"), "x\n").unwrap();
+    let dep2 = s.cl(&["upload", src2.path().join("other.txt").to_str().unwrap()]);
+    rest.fail_next(&format!("/bundles/{dep2}/contents/blob"), 100);
+    let arg2 = format!("o.txt:{dep2}");
+    let bad = s.cl(&["run", "--request-queue", &t, "--request-docker-image", "codalab/ubuntu:1.9", &arg2, "cat o.txt"]);
+    assert_eq!(s.wait_state(&bad, &["ready", "failed"], 120), "failed", "{}", w.log());
+    let msg = s.meta(&bad, "failure_message");
+    assert!(msg.starts_with("Failed to download dependency o.txt: Dependency download failed:"), "{msg}");
+    assert!(msg.contains("502"), "{msg}");
     w.assert_clean();
 }

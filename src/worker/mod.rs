@@ -153,6 +153,8 @@ pub struct Ctx {
     pub wake_checkin: Notify,
     pub terminating: AtomicBool,
     pub accepted: AtomicU64,
+    /// A checkin long-poll is open on the server.
+    pub in_checkin: AtomicBool,
     state_file: PathBuf,
 }
 
@@ -348,6 +350,9 @@ impl Ctx {
             }
             if r.stage != before.0 {
                 changed = true;
+                if r.stage == Stage::Finalizing {
+                    self.poke(r.uuid());
+                }
                 tracing::info!("bundle {}: {} -> {}", r.uuid(), before.0.key(), r.stage.key());
             }
         }
@@ -358,6 +363,22 @@ impl Ctx {
             self.deps.evict();
         }
         changed
+    }
+}
+
+impl Ctx {
+    /// A run just finished: the server should hear it now, not when the checkin that is open
+    /// returns (up to 5 s later; checkins must stay serial). Asking the server for the bundle's
+    /// info makes it send us a `read` on that open checkin, which then returns at once and the
+    /// next checkin carries the news. Costs one small request; harmless if nothing is open.
+    fn poke(self: &Arc<Self>, uuid: &str) {
+        if !self.in_checkin.load(Ordering::Relaxed) || self.shared_fs {
+            return;
+        }
+        let (server, uuid) = (self.server.clone(), uuid.to_string());
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), server.contents_info(&uuid, "")).await;
+        });
     }
 }
 
@@ -763,6 +784,7 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
             wake_checkin: Notify::new(),
             terminating: AtomicBool::new(false),
             accepted: AtomicU64::new(0),
+            in_checkin: AtomicBool::new(false),
             state_file,
         });
         run_worker(ctx, ws_url).await
@@ -820,12 +842,14 @@ async fn run_worker(ctx: Arc<Ctx>, ws_url: String) -> anyhow::Result<i32> {
             }
         }
         let body = ctx.checkin_body();
+        ctx.in_checkin.store(true, Ordering::Relaxed);
         let res = tokio::select! {
             r = ctx.server.checkin(&ctx.id, &body) => Some(r),
             _ = term.recv() => None,
             _ = int.recv() => None,
             _ = hup.recv() => None,
         };
+        ctx.in_checkin.store(false, Ordering::Relaxed);
         let Some(res) = res else {
             tracing::info!("termination signal: {}", if restage { "handing runs back to the server" } else { "exiting; runs keep going" });
             ctx.terminating.store(true, Ordering::Relaxed);
