@@ -543,6 +543,21 @@ fn main() {
     }
 }
 
+/// Do `f` for every item, reporting each failure; fail at the end if any did.
+fn each<T>(items: Vec<T>, summary: &str, mut f: impl FnMut(T) -> Result<()>) -> Result<()> {
+    let mut failed = false;
+    for i in items {
+        if let Err(e) = f(i) {
+            eprintln!("cw: error: {}", chain(&e));
+            failed = true;
+        }
+    }
+    if failed {
+        bail!("{summary}");
+    }
+    Ok(())
+}
+
 fn chain(e: &anyhow::Error) -> String {
     let mut s = String::new();
     for (i, c) in e.chain().enumerate() {
@@ -564,20 +579,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Images { quiet } => cmd_images(context(&cli.global)?, quiet),
         Cmd::Rmi { images, force } => {
             let ctx = context(&cli.global)?;
-            let mut failed = false;
-            for i in images {
-                match ctx.store.remove_image(&i, force) {
-                    Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
-                    Err(e) => {
-                        eprintln!("cw: error: {e}");
-                        failed = true;
-                    }
-                }
-            }
-            if failed {
-                bail!("some images were not removed");
-            }
-            Ok(())
+            each(images, "some images were not removed", |i| {
+                let lines = ctx.store.remove_image(&i, force)?;
+                lines.iter().for_each(|l| println!("{l}"));
+                Ok(())
+            })
         }
         Cmd::Prune { max_size } => {
             let ctx = context(&cli.global)?;
@@ -664,27 +670,16 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Rm { ids, force } => {
             let ctx = context(&cli.global)?;
-            let mut failed = false;
-            for id in ids {
-                let r = cw::run::find(&ctx.store, &id).and_then(|rd| {
-                    if force && rd.exit().is_none() {
-                        rd.kill()?;
-                        rd.wait(std::time::Duration::from_millis(50))?;
-                    }
-                    cw::run::remove(&rd)
-                });
-                match r {
-                    Ok(()) => println!("{id}"),
-                    Err(e) => {
-                        eprintln!("cw: error: {}", chain(&e));
-                        failed = true;
-                    }
+            each(ids, "some runs were not removed", |id| {
+                let rd = cw::run::find(&ctx.store, &id)?;
+                if force && rd.exit().is_none() {
+                    rd.kill()?;
+                    rd.wait(std::time::Duration::from_millis(50))?;
                 }
-            }
-            if failed {
-                bail!("some runs were not removed");
-            }
-            Ok(())
+                cw::run::remove(&rd)?;
+                println!("{id}");
+                Ok(())
+            })
         }
         Cmd::Stats { id } => {
             let ctx = context(&cli.global)?;

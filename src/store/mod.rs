@@ -20,7 +20,7 @@ use crate::image::manifest::{Platform, RunConfig};
 use nix::fcntl::{Flock, FlockArg};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -102,25 +102,7 @@ pub fn default_root() -> PathBuf {
     }
 }
 
-/// Write `data` to `path` atomically (temp file in the same directory, fsync, rename).
-pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
-        rand::random::<u64>()
-    ));
-    let res = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res
-}
+pub use cw_runtime::monitor::write_atomic;
 
 /// Total size of regular files under `p` (not following symlinks, counting each inode once).
 pub fn du(p: &Path) -> u64 {
