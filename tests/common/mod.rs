@@ -32,6 +32,7 @@ pub fn fixtures() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         if registry_has(5000, "/v2/tiny/manifests/config")
+            && registry_has(5000, "/v2/codalab/ubuntu/manifests/1.9")
             && registry_has(5001, "/v2/")
             && registry_has(5002, "/v2/")
             && fixtures_root().join("ref/edge/.done").exists()
