@@ -387,9 +387,12 @@ fn start_pasta(dir: &Path, host_ns: &File) -> Result<(), String> {
 fn stop_pasta(dir: &Path) {
     if let Ok(s) = fs::read_to_string(dir.join("pasta.pid")) {
         if let Ok(pid) = s.trim().parse::<i32>() {
-            // only if it still is pasta (the pid may have been reused after a reboot)
-            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == "pasta" || comm.trim() == "passt" {
+            // only if it still is our pasta (the pid may have been reused after a reboot): its
+            // command line names this run's pid file (its comm is e.g. "passt.avx2")
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let ours = dir.join("pasta.pid");
+            let ours = ours.as_os_str().as_encoded_bytes();
+            if cmdline.split(|b| *b == 0).any(|a| a == ours) {
                 let _ = signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
             }
         }
