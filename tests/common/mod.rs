@@ -360,6 +360,8 @@ pub enum Fault {
     WrongConfig,
     /// Answer every request with this status.
     Status(u16),
+    /// Send blob bodies slowly: 16 KiB every 20 ms (~800 KB/s).
+    SlowBlobs,
 }
 
 pub struct Proxy {
@@ -501,6 +503,15 @@ fn handle(mut c: TcpStream, upstream: &str, log: &Mutex<Vec<String>>, fault: &Mu
             let _ = c.write_all(&body[..after]);
             let _ = c.flush();
             let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        Fault::SlowBlobs if is_blob && ok => {
+            let _ = c.write_all(&resp[..split + 4]);
+            for chunk in body.chunks(16 << 10) {
+                if c.write_all(chunk).is_err() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
         Fault::BadManifest if is_manifest && ok => replace(&mut c, b"{not json", true),
         Fault::HugeManifest if is_manifest && ok => replace(&mut c, &vec![b' '; 5 << 20], true),
