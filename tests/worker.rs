@@ -325,7 +325,7 @@ fn kill_write_cat_while_running() {
     let s = server();
     let t = tag("kill");
     let w = Worker::start(&t, &[]);
-    let waiter = s.run(&t, &[], "echo started; while [ ! -f go ]; do sleep 0.2; done; cat go; echo; echo done");
+    let waiter = s.run(&t, &[], "printf 'l1\\nl2\\nl3\\nl4\\nl5\\n' > multi; mkdir sub; echo deep > sub/f; echo started; while [ ! -f go ]; do sleep 0.2; done; cat go; echo; echo done");
     let victim = s.run(&t, &[], "echo victim; sleep 86400");
     s.wait_state(&waiter, &["running"], 120);
     s.wait_state(&victim, &["running"], 120);
@@ -339,7 +339,32 @@ fn kill_write_cat_while_running() {
         assert!(t0.elapsed() < Duration::from_secs(60), "cl cat of a running bundle: {o:?}");
     }
     let ls = s.cat(&waiter);
-    assert!(ls.contains("stdout"), "{ls}");
+    assert!(ls.contains("stdout") && ls.contains("multi"), "{ls}");
+    // summarize_file: head and tail with the server's truncation text between
+    let summary = s.cl(&["cat", "--head", "1", "--tail", "1", &format!("{waiter}/multi")]);
+    assert!(summary.starts_with("l1\n") && summary.ends_with("l5") && !summary.contains("l3"), "{summary}");
+    // stream_directory: the whole running bundle as a tar.gz
+    let dl = tempfile::tempdir().unwrap();
+    let dest = dl.path().join("b");
+    s.cl(&["download", &waiter, "-o", dest.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(dest.join("sub/f")).unwrap(), "deep\n");
+    assert!(dest.join("multi").exists());
+    // read_file_section: a byte range of a running bundle's file, through the REST API
+    let token = Command::new("curl")
+        .args(["-s", "-u", "codalab_cli_client:", "-H", "X-Requested-With: XMLHttpRequest"])
+        .args(["-d", "grant_type=password&username=codalab&password=codalab"])
+        .arg(format!("{}/rest/oauth2/token", s.url))
+        .output()
+        .unwrap();
+    let token: serde_json::Value = serde_json::from_slice(&token.stdout).unwrap();
+    let range = Command::new("curl")
+        .args(["-s", "-H", "X-Requested-With: XMLHttpRequest", "-H", "Range: bytes=3-7"])
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {}", token["access_token"].as_str().unwrap()))
+        .arg(format!("{}/rest/bundles/{waiter}/contents/blob/multi", s.url))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&range.stdout), "l2\nl3", "{range:?}");
     // cl write lands in the running bundle
     s.cl(&["write", &format!("{waiter}/go"), "hello world"]);
     assert_eq!(s.wait_state(&waiter, &["ready", "failed"], 120), "ready", "{}", w.log());
