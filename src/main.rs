@@ -98,6 +98,10 @@ enum Cmd {
     },
     /// Show a run's resource usage (JSON): live from its cgroup, or final
     Stats { id: String },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff); `cw man | man -l -`
+    Man,
     /// Run as a CodaLab Worksheets worker (a drop-in for cl-worker)
     Worker(Box<cw::worker::WorkerArgs>),
     /// Internal: the per-run monitor process
@@ -610,6 +614,16 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Run(a) => cmd_run(context(&cli.global)?, *a),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "cw", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
         Cmd::Gpus { json } => {
             let inv = cw_runtime::gpu::discover();
             if json {
