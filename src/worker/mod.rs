@@ -155,6 +155,8 @@ pub struct Ctx {
     pub accepted: AtomicU64,
     /// A checkin long-poll is open on the server.
     pub in_checkin: AtomicBool,
+    /// A run reached FINALIZING (the checkin loop may be waiting to report it).
+    pub finalizing: Notify,
     state_file: PathBuf,
 }
 
@@ -351,6 +353,7 @@ impl Ctx {
             if r.stage != before.0 {
                 changed = true;
                 if r.stage == Stage::Finalizing {
+                    self.finalizing.notify_one();
                     self.poke(r.uuid());
                 }
                 tracing::info!("bundle {}: {} -> {}", r.uuid(), before.0.key(), r.stage.key());
@@ -785,6 +788,7 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
             terminating: AtomicBool::new(false),
             accepted: AtomicU64::new(0),
             in_checkin: AtomicBool::new(false),
+            finalizing: Notify::new(),
             state_file,
         });
         run_worker(ctx, ws_url).await
@@ -870,6 +874,7 @@ async fn run_worker(ctx: Arc<Ctx>, ws_url: String) -> anyhow::Result<i32> {
                 if ctx.terminating.load(Ordering::Relaxed) {
                     continue; // every message is ignored while terminating
                 }
+                let before = ctx.accepted.load(Ordering::Relaxed);
                 match proto::parse_messages(&bytes) {
                     Ok(msgs) => {
                         for m in msgs {
@@ -883,6 +888,14 @@ async fn run_worker(ctx: Arc<Ctx>, ws_url: String) -> anyhow::Result<i32> {
                 }
                 // as cl-worker: one pass over the runs before the next checkin reports them
                 ctx.process_runs();
+                if ctx.accepted.load(Ordering::Relaxed) > before {
+                    // A run was just accepted. The server holds every checkin 5 s, so a short
+                    // run that ends during the next one would wait that long to be reported:
+                    // give it a moment to finish first. (cl-worker leaves ~5 s between its
+                    // long-polls all the time; this gap is one of at most 1.5 s, only here.)
+                    let _ = tokio::time::timeout(Duration::from_millis(1500), ctx.finalizing.notified()).await;
+                    ctx.process_runs();
+                }
             }
             Err(e) => {
                 failures += 1;
