@@ -9,6 +9,6 @@ unset RUST_BACKTRACE
 bash tests/fixtures/build.sh registry auth >/dev/null 2>&1 || bash tests/fixtures/build.sh
 bash tests/fixtures/codalab/server.sh start
 # test binaries share the machine's cgroups and loopback registries: a few at a time
-cargo test --workspace -- --test-threads 4
+cargo test --workspace --no-fail-fast -- --test-threads 4
 if [ "${FUZZ_SECS:-60}" != 0 ]; then bash scripts/fuzz.sh "${FUZZ_SECS:-60}"; fi
 bash scripts/leak-check.sh
