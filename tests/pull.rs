@@ -443,19 +443,36 @@ fn disk_full_during_unpack_is_named_and_the_store_stays_consistent() {
     let cw = Cw::new();
     // a 1 MiB tmpfs as the store: the busybox layer (2 MB unpacked) cannot fit
     std::fs::create_dir_all(cw.store()).unwrap();
-    nix::mount::mount(Some("tmpfs"), &cw.store(), Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=1m")).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &cw.store(),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
     let err = cw.fails(&["pull", "-q", &format!("{REG}/tiny:amd64")]);
     let listing = |sub: &str| -> Vec<String> {
         std::fs::read_dir(cw.store().join(sub))
-            .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let (tmp, layers, images) = (listing("tmp"), listing("layers"), listing("images"));
     let _ = nix::mount::umount(&cw.store());
     assert!(err.contains("No space left on device"), "{err}");
-    assert!(err.contains("layer sha256:") || err.contains("blob sha256:"), "the error names the layer: {err}");
+    assert!(
+        err.contains("layer sha256:") || err.contains("blob sha256:"),
+        "the error names the layer: {err}"
+    );
     assert!(tmp.is_empty(), "temporary files left: {tmp:?}");
-    assert!(layers.is_empty() && images.is_empty(), "half a pull published: {layers:?} {images:?}");
+    assert!(
+        layers.is_empty() && images.is_empty(),
+        "half a pull published: {layers:?} {images:?}"
+    );
 }
 
 #[test]
@@ -463,11 +480,19 @@ fn sigkill_mid_layer_then_a_second_pull_succeeds() {
     let cw = Cw::new();
     let p = Proxy::start(REG, Fault::SlowBlobs);
     let image = format!("{}/tiny:amd64", p.addr);
-    let mut child = cw.cmd(&["pull", "-q", &image]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = cw
+        .cmd(&["pull", "-q", &image])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     // wait until the layer is on its way, then kill the pull
     let t = std::time::Instant::now();
     while p.count("GET", "/blobs/sha256:") < 2 {
-        assert!(t.elapsed() < std::time::Duration::from_secs(20), "the pull never reached the layer (config + layer GETs)");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "the pull never reached the layer (config + layer GETs)"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -476,7 +501,9 @@ fn sigkill_mid_layer_then_a_second_pull_succeeds() {
     // the killed pull's leftovers are swept and the image arrives whole
     *p.fault.lock().unwrap() = Fault::None;
     cw.ok(&["pull", "-q", &image]);
-    let tmp: Vec<_> = std::fs::read_dir(cw.store().join("tmp")).map(|r| r.flatten().collect()).unwrap_or_default();
+    let tmp: Vec<_> = std::fs::read_dir(cw.store().join("tmp"))
+        .map(|r| r.flatten().collect())
+        .unwrap_or_default();
     assert!(tmp.is_empty(), "leftovers of the killed pull: {tmp:?}");
     let m = cw.mount_image(&image);
     let r = std::panic::catch_unwind(|| assert_same_tree(&m, &reference_rootfs("tiny")));

@@ -489,13 +489,23 @@ fn network_private_goes_out_through_pasta_but_not_to_host_loopback() {
     // an interface besides lo, with an address and a default route; the host's loopback
     // services (the registry on 127.0.0.1:5000) are out of reach
     let probe = "echo | nc -w 2 127.0.0.1 5000 >/dev/null 2>&1 && echo reach || echo noreach; grep -c : /proc/net/dev; ip -4 addr | grep -c 'inet ' ; ip route | grep -c default";
-    let (rc, out, err) = run_out(&cw, &["run", "--network", "private", "--image", TINY, probe]);
+    let (rc, out, err) = run_out(
+        &cw,
+        &["run", "--network", "private", "--image", TINY, probe],
+    );
     assert_eq!(rc, 0, "{err}");
     let l: Vec<&str> = out.lines().collect();
     assert_eq!(l, vec!["noreach", "2", "2", "1"], "{out}");
     // pasta is gone with the run
-    let pastas = std::process::Command::new("pgrep").args(["-f", cw.store().to_str().unwrap()]).output().unwrap();
-    assert!(pastas.stdout.is_empty(), "left running: {}", String::from_utf8_lossy(&pastas.stdout));
+    let pastas = std::process::Command::new("pgrep")
+        .args(["-f", cw.store().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        pastas.stdout.is_empty(),
+        "left running: {}",
+        String::from_utf8_lossy(&pastas.stdout)
+    );
     assert_no_leftovers(&cw);
 }
 

@@ -27,9 +27,20 @@ fn server() -> &'static Server {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/codalab/server.sh");
         let lock = std::fs::File::create("/tmp/cw-codalab.lock").unwrap();
         let _l = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
-        let st = Command::new("bash").arg(&script).arg("start").status().unwrap();
-        assert!(st.success(), "tests/fixtures/codalab/server.sh start failed");
-        let out = Command::new("bash").arg(&script).arg("env").output().unwrap();
+        let st = Command::new("bash")
+            .arg(&script)
+            .arg("start")
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "tests/fixtures/codalab/server.sh start failed"
+        );
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg("env")
+            .output()
+            .unwrap();
         let mut env = vec![];
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             for kv in line.trim_start_matches("export ").split(' ') {
@@ -38,7 +49,12 @@ fn server() -> &'static Server {
                 }
             }
         }
-        let get = |k: &str| env.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone()).unwrap();
+        let get = |k: &str| {
+            env.iter()
+                .find(|(a, _)| a == k)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
         let home = get("CODALAB_HOME");
         Server {
             cl: get("CL"),
@@ -74,7 +90,11 @@ impl Server {
             .args(["-uroot", "codalab_bundles", "-N", "-B", "-e", q])
             .output()
             .expect("mariadb");
-        assert!(o.status.success(), "{q}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{q}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     }
     fn state(&self, uuid: &str) -> String {
@@ -104,7 +124,13 @@ impl Server {
     }
     /// `cl run` on a worker's queue; returns the uuid.
     fn run(&self, tag: &str, extra: &[&str], cmd: &str) -> String {
-        let mut args = vec!["run", "--request-queue", tag, "--request-docker-image", "codalab/ubuntu:1.9"];
+        let mut args = vec![
+            "run",
+            "--request-queue",
+            tag,
+            "--request-docker-image",
+            "codalab/ubuntu:1.9",
+        ];
         args.extend_from_slice(extra);
         args.push(cmd);
         let uuid = self.cl(&args);
@@ -160,9 +186,15 @@ impl Worker {
         if !self.extra.iter().any(|a| a == "--server") {
             c.args(["--server", &s.url, "--ws-server", &s.ws]);
         }
-        c
-            .args(["--work-dir", self.dir.join("work").to_str().unwrap()])
-            .args(["--id", &self.id, "--tag", &self.tag, "--tag-exclusive", "--verbose"])
+        c.args(["--work-dir", self.dir.join("work").to_str().unwrap()])
+            .args([
+                "--id",
+                &self.id,
+                "--tag",
+                &self.tag,
+                "--tag-exclusive",
+                "--verbose",
+            ])
             .args(&self.extra)
             .env("CODALAB_USERNAME", "codalab")
             .env("CODALAB_PASSWORD", "codalab")
@@ -172,7 +204,11 @@ impl Worker {
         // ready once it has logged "Worker started!"
         let t = Instant::now();
         while !self.log().contains("Worker started!") {
-            assert!(t.elapsed() < Duration::from_secs(30), "worker did not start:\n{}", self.log());
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "worker did not start:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -199,7 +235,10 @@ impl Worker {
                 .map(|r| r.flatten().map(|e| e.file_name()).collect())
                 .unwrap_or_default();
             let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-            let ours = mounts.lines().filter(|l| l.contains(self.dir.to_str().unwrap())).count();
+            let ours = mounts
+                .lines()
+                .filter(|l| l.contains(self.dir.to_str().unwrap()))
+                .count();
             if runs.is_empty() && bundles.is_empty() && ours == 0 {
                 return;
             }
@@ -216,14 +255,21 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         if let Some(c) = &self.child {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
         }
         // a worker that stops leaves its runs going (by design): a failed test must not
         let store = self.dir.join("store");
-        for e in std::fs::read_dir(store.join("runs")).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(store.join("runs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let _ = Command::new(env!("CARGO_BIN_EXE_cw"))
                 .args(["--store", store.to_str().unwrap(), "rm", "-f"])
                 .arg(e.file_name())
@@ -259,16 +305,29 @@ fn run_ready_and_failed() {
     // server's database on the host's loopback is out of its reach
     let ok = s.run(&t, &[], "echo hi; echo err >&2; echo $HOME $CODALAB; pwd; mkdir out; echo 42 > out/answer; echo | nc -w 2 127.0.0.1 13306 >/dev/null 2>&1 && echo db-reachable || echo db-unreachable");
     let bad = s.run(&t, &[], "echo before; exit 3");
-    assert_eq!(s.wait_state(&ok, &["ready", "failed"], 120), "ready", "{}", w.log());
+    assert_eq!(
+        s.wait_state(&ok, &["ready", "failed"], 120),
+        "ready",
+        "{}",
+        w.log()
+    );
     let isolated = cw_runtime::monitor::pasta_path().is_some();
     assert_eq!(
         s.cat(&format!("{ok}/stdout")),
-        format!("hi\n/{ok} true\n/{ok}\ndb-{}", if isolated { "unreachable" } else { "reachable" })
+        format!(
+            "hi\n/{ok} true\n/{ok}\ndb-{}",
+            if isolated { "unreachable" } else { "reachable" }
+        )
     );
     assert_eq!(s.cat(&format!("{ok}/stderr")), "err");
     assert_eq!(s.cat(&format!("{ok}/out/answer")), "42");
     assert_eq!(s.meta(&ok, "remote"), w.id);
-    assert!(s.meta(&ok, "docker_image").starts_with("codalab/ubuntu@sha256:"), "{}", s.meta(&ok, "docker_image"));
+    assert!(
+        s.meta(&ok, "docker_image")
+            .starts_with("codalab/ubuntu@sha256:"),
+        "{}",
+        s.meta(&ok, "docker_image")
+    );
     assert_eq!(s.wait_state(&bad, &["ready", "failed"], 120), "failed");
     assert_eq!(s.meta(&bad, "exitcode"), "3");
     assert_eq!(s.meta(&bad, "failure_message"), "Exit code 3");
@@ -292,19 +351,37 @@ fn dependencies_file_and_directory() {
     let f = s.cl(&["upload", src.path().join("hello.txt").to_str().unwrap()]);
     let dd = s.cl(&["upload", d.to_str().unwrap()]);
     let w = Worker::start(&t, &[]);
-    let mut args = vec!["run", "--request-queue", &t, "--request-docker-image", "codalab/ubuntu:1.9"];
-    let (a1, a2, a3) = (format!("h.txt:{f}"), format!("d:{dd}"), format!("nested/deep:{dd}/sub"));
+    let mut args = vec![
+        "run",
+        "--request-queue",
+        &t,
+        "--request-docker-image",
+        "codalab/ubuntu:1.9",
+    ];
+    let (a1, a2, a3) = (
+        format!("h.txt:{f}"),
+        format!("d:{dd}"),
+        format!("nested/deep:{dd}/sub"),
+    );
     args.extend([a1.as_str(), a2.as_str(), a3.as_str()]);
     args.push("cat h.txt d/sub/b.txt nested/deep/b.txt d/.wh.not-a-whiteout; touch d/x 2>/dev/null && echo writable || echo read-only; echo out > result");
     let uuid = s.cl(&args);
-    assert_eq!(s.wait_state(&uuid, &["ready", "failed"], 120), "ready", "{}", w.log());
+    assert_eq!(
+        s.wait_state(&uuid, &["ready", "failed"], 120),
+        "ready",
+        "{}",
+        w.log()
+    );
     assert_eq!(
         s.cat(&format!("{uuid}/stdout")),
         "hello dep\ndeep\ndeep\nplain file\nread-only"
     );
     // dependencies are not part of the results
     let listing = s.cat(&uuid);
-    assert!(listing.contains("result") && !listing.contains("h.txt"), "{listing}");
+    assert!(
+        listing.contains("result") && !listing.contains("h.txt"),
+        "{listing}"
+    );
     // the cache holds one copy per (parent, path) and reports them in checkins
     let cache: Vec<String> = std::fs::read_dir(w.dir.join("work/dependencies"))
         .unwrap()
@@ -312,7 +389,10 @@ fn dependencies_file_and_directory() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(cache.len(), 3, "{cache:?}");
-    let deps = s.sql(&format!("select dependencies from worker_dependency where worker_id='{}'", w.id));
+    let deps = s.sql(&format!(
+        "select dependencies from worker_dependency where worker_id='{}'",
+        w.id
+    ));
     assert!(deps.contains(&f) && deps.contains(&dd), "{deps}");
     w.assert_clean();
 }
@@ -336,42 +416,94 @@ fn kill_write_cat_while_running() {
         if String::from_utf8_lossy(&o.stdout).contains("started") {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "cl cat of a running bundle: {o:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "cl cat of a running bundle: {o:?}"
+        );
     }
     let ls = s.cat(&waiter);
     assert!(ls.contains("stdout") && ls.contains("multi"), "{ls}");
     // summarize_file: head and tail with the server's truncation text between
-    let summary = s.cl(&["cat", "--head", "1", "--tail", "1", &format!("{waiter}/multi")]);
-    assert!(summary.starts_with("l1\n") && summary.ends_with("l5") && !summary.contains("l3"), "{summary}");
+    let summary = s.cl(&[
+        "cat",
+        "--head",
+        "1",
+        "--tail",
+        "1",
+        &format!("{waiter}/multi"),
+    ]);
+    assert!(
+        summary.starts_with("l1\n") && summary.ends_with("l5") && !summary.contains("l3"),
+        "{summary}"
+    );
     // stream_directory: the whole running bundle as a tar.gz
     let dl = tempfile::tempdir().unwrap();
     let dest = dl.path().join("b");
     s.cl(&["download", &waiter, "-o", dest.to_str().unwrap()]);
-    assert_eq!(std::fs::read_to_string(dest.join("sub/f")).unwrap(), "deep\n");
+    assert_eq!(
+        std::fs::read_to_string(dest.join("sub/f")).unwrap(),
+        "deep\n"
+    );
     assert!(dest.join("multi").exists());
     // read_file_section: a byte range of a running bundle's file, through the REST API
     let token = Command::new("curl")
-        .args(["-s", "-u", "codalab_cli_client:", "-H", "X-Requested-With: XMLHttpRequest"])
-        .args(["-d", "grant_type=password&username=codalab&password=codalab"])
+        .args([
+            "-s",
+            "-u",
+            "codalab_cli_client:",
+            "-H",
+            "X-Requested-With: XMLHttpRequest",
+        ])
+        .args([
+            "-d",
+            "grant_type=password&username=codalab&password=codalab",
+        ])
         .arg(format!("{}/rest/oauth2/token", s.url))
         .output()
         .unwrap();
     let token: serde_json::Value = serde_json::from_slice(&token.stdout).unwrap();
     let range = Command::new("curl")
-        .args(["-s", "-H", "X-Requested-With: XMLHttpRequest", "-H", "Range: bytes=3-7"])
+        .args([
+            "-s",
+            "-H",
+            "X-Requested-With: XMLHttpRequest",
+            "-H",
+            "Range: bytes=3-7",
+        ])
         .arg("-H")
-        .arg(format!("Authorization: Bearer {}", token["access_token"].as_str().unwrap()))
-        .arg(format!("{}/rest/bundles/{waiter}/contents/blob/multi", s.url))
+        .arg(format!(
+            "Authorization: Bearer {}",
+            token["access_token"].as_str().unwrap()
+        ))
+        .arg(format!(
+            "{}/rest/bundles/{waiter}/contents/blob/multi",
+            s.url
+        ))
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&range.stdout), "l2\nl3", "{range:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&range.stdout),
+        "l2\nl3",
+        "{range:?}"
+    );
     // cl write lands in the running bundle
     s.cl(&["write", &format!("{waiter}/go"), "hello world"]);
-    assert_eq!(s.wait_state(&waiter, &["ready", "failed"], 120), "ready", "{}", w.log());
-    assert_eq!(s.cat(&format!("{waiter}/stdout")), "started\nhello world\ndone");
+    assert_eq!(
+        s.wait_state(&waiter, &["ready", "failed"], 120),
+        "ready",
+        "{}",
+        w.log()
+    );
+    assert_eq!(
+        s.cat(&format!("{waiter}/stdout")),
+        "started\nhello world\ndone"
+    );
     // cl kill → killed, with the output up to then
     s.cl(&["kill", &victim]);
-    assert_eq!(s.wait_state(&victim, &["killed", "failed", "ready"], 120), "killed");
+    assert_eq!(
+        s.wait_state(&victim, &["killed", "failed", "ready"], 120),
+        "killed"
+    );
     assert_eq!(s.meta(&victim, "failure_message"), "Kill requested");
     assert_eq!(s.cat(&format!("{victim}/stdout")), "victim");
     w.assert_clean();
@@ -385,7 +517,11 @@ fn netcat_reaches_the_run() {
     let s = server();
     let t = tag("nc");
     let w = Worker::start(&t, &[]);
-    let uuid = s.run(&t, &[], "echo pong-from-run | nc -l -p 5005 > got; cat got; echo; echo served");
+    let uuid = s.run(
+        &t,
+        &[],
+        "echo pong-from-run | nc -l -p 5005 > got; cat got; echo; echo served",
+    );
     s.wait_state(&uuid, &["running"], 120);
     let t0 = Instant::now();
     let reply = loop {
@@ -394,7 +530,11 @@ fn netcat_reaches_the_run() {
         if out.contains("pong-from-run") {
             break out;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "cl netcat: {o:?}\n{}", w.log());
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "cl netcat: {o:?}\n{}",
+            w.log()
+        );
         std::thread::sleep(Duration::from_millis(500));
     };
     assert!(reply.contains("pong-from-run"), "{reply}");
@@ -417,18 +557,47 @@ fn limits_time_memory_disk() {
         &["--request-memory", "50m"],
         "echo m; x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
     );
-    assert_eq!(s.wait_state(&time, &["ready", "failed", "killed"], 120), "failed", "{}", w.log());
+    assert_eq!(
+        s.wait_state(&time, &["ready", "failed", "killed"], 120),
+        "failed",
+        "{}",
+        w.log()
+    );
     let msg = s.meta(&time, "failure_message");
-    assert!(msg.starts_with("Time limit exceeded. (Container uptime "), "{msg}");
+    assert!(
+        msg.starts_with("Time limit exceeded. (Container uptime "),
+        "{msg}"
+    );
     assert!(msg.ends_with(" > time limit 3.0s)"), "{msg}");
-    assert_eq!(s.wait_state(&mem, &["ready", "failed", "killed"], 120), "failed", "{}", w.log());
-    assert_eq!(s.meta(&mem, "failure_message"), "Memory limit 50m exceeded.");
+    assert_eq!(
+        s.wait_state(&mem, &["ready", "failed", "killed"], 120),
+        "failed",
+        "{}",
+        w.log()
+    );
+    assert_eq!(
+        s.meta(&mem, "failure_message"),
+        "Memory limit 50m exceeded."
+    );
     assert_eq!(s.cat(&format!("{mem}/stdout")), "m");
-    let disk = s.run(&t, &["--request-disk", "2m"], "echo d; head -c 5000000 /dev/zero > big; sleep 600");
-    assert_eq!(s.wait_state(&disk, &["ready", "failed", "killed"], 120), "failed", "{}", w.log());
+    let disk = s.run(
+        &t,
+        &["--request-disk", "2m"],
+        "echo d; head -c 5000000 /dev/zero > big; sleep 600",
+    );
+    assert_eq!(
+        s.wait_state(&disk, &["ready", "failed", "killed"], 120),
+        "failed",
+        "{}",
+        w.log()
+    );
     assert_eq!(s.meta(&disk, "failure_message"), "Disk limit 2mb exceeded.");
     // real cpu accounting reaches the server (the official worker always sends 0)
-    let busy = s.run(&t, &[], "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; echo $i");
+    let busy = s.run(
+        &t,
+        &[],
+        "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; echo $i",
+    );
     assert_eq!(s.wait_state(&busy, &["ready", "failed"], 120), "ready");
     let user: f64 = s.meta(&busy, "time_user").parse().unwrap();
     assert!(user > 0.2, "time_user {user}");
@@ -444,10 +613,18 @@ fn two_workers_share_the_queue() {
     let t = tag("pair");
     let a = Worker::start_as(&t, &format!("{t}-a"), &["--slots", "1"]);
     let b = Worker::start_as(&t, &format!("{t}-b"), &["--slots", "1"]);
-    let uuids: Vec<String> = (0..3).map(|i| s.run(&t, &[], &format!("sleep 3; echo run{i}"))).collect();
+    let uuids: Vec<String> = (0..3)
+        .map(|i| s.run(&t, &[], &format!("sleep 3; echo run{i}")))
+        .collect();
     let mut remotes = std::collections::BTreeSet::new();
     for (i, u) in uuids.iter().enumerate() {
-        assert_eq!(s.wait_state(u, &["ready", "failed"], 180), "ready", "{}\n{}", a.log(), b.log());
+        assert_eq!(
+            s.wait_state(u, &["ready", "failed"], 180),
+            "ready",
+            "{}\n{}",
+            a.log(),
+            b.log()
+        );
         assert_eq!(s.cat(&format!("{u}/stdout")), format!("run{i}"));
         remotes.insert(s.meta(u, "remote"));
     }
@@ -464,14 +641,23 @@ fn worker_sigkill_and_restart_keeps_the_run() {
     let s = server();
     let t = tag("restart");
     let mut w = Worker::start(&t, &[]);
-    let uuid = s.run(&t, &[], "for i in 1 2 3 4 5 6 7 8; do echo line$i; sleep 1; done");
+    let uuid = s.run(
+        &t,
+        &[],
+        "for i in 1 2 3 4 5 6 7 8; do echo line$i; sleep 1; done",
+    );
     s.wait_state(&uuid, &["running"], 120);
     std::thread::sleep(Duration::from_secs(2));
     w.kill9();
     // the monitor keeps the container going while no worker exists
     std::thread::sleep(Duration::from_secs(4));
     w.spawn();
-    assert_eq!(s.wait_state(&uuid, &["ready", "failed"], 120), "ready", "{}", w.log());
+    assert_eq!(
+        s.wait_state(&uuid, &["ready", "failed"], 120),
+        "ready",
+        "{}",
+        w.log()
+    );
     let want: String = (1..=8).map(|i| format!("line{i}\n")).collect();
     assert_eq!(s.cat(&format!("{uuid}/stdout")), want.trim());
     assert!(w.log().contains("resuming 1 run(s)"), "{}", w.log());
@@ -516,7 +702,10 @@ impl Gate {
                     let path = text.split(' ').nth(1).unwrap_or("").to_string();
                     {
                         let mut f = f.lock().unwrap();
-                        if let Some(e) = f.iter_mut().find(|(p, n)| *n > 0 && path.contains(p.as_str())) {
+                        if let Some(e) = f
+                            .iter_mut()
+                            .find(|(p, n)| *n > 0 && path.contains(p.as_str()))
+                        {
                             e.1 -= 1;
                             let _ = c.write_all(b"HTTP/1.1 502 Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                             return;
@@ -535,7 +724,9 @@ impl Gate {
                         fwd.push_str("Connection: close\r\n");
                     }
                     fwd.push_str("\r\n");
-                    let Ok(mut u) = std::net::TcpStream::connect(&up) else { return };
+                    let Ok(mut u) = std::net::TcpStream::connect(&up) else {
+                        return;
+                    };
                     if u.write_all(fwd.as_bytes()).is_err() {
                         return;
                     }
@@ -589,10 +780,20 @@ fn server_down_two_minutes_during_a_run() {
     std::thread::sleep(Duration::from_secs(120));
     // the server gave the worker up meanwhile; the run itself went on
     assert_eq!(s.state(&uuid), "worker_offline");
-    assert!(w.log().contains("Disconnected from server! Failed check in"), "{}", w.log());
+    assert!(
+        w.log()
+            .contains("Disconnected from server! Failed check in"),
+        "{}",
+        w.log()
+    );
     rest.set_down(false);
     ws.set_down(false);
-    assert_eq!(s.wait_state(&uuid, &["ready", "failed", "killed"], 180), "ready", "{}", w.log());
+    assert_eq!(
+        s.wait_state(&uuid, &["ready", "failed", "killed"], 180),
+        "ready",
+        "{}",
+        w.log()
+    );
     let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
     assert_eq!(s.cat(&format!("{uuid}/stdout")), want.join("\n"));
     w.assert_clean();
@@ -610,12 +811,30 @@ fn dependency_download_fails_then_succeeds() {
     let rest = Gate::start(s.url.trim_start_matches("http://"));
     let ws = Gate::start(s.ws.trim_start_matches("ws://"));
     let t = tag("depretry");
-    let w = worker_through(&rest, &ws, &t, &["--download-dependencies-max-retries", "3"]);
+    let w = worker_through(
+        &rest,
+        &ws,
+        &t,
+        &["--download-dependencies-max-retries", "3"],
+    );
     // two failed attempts, the third one works
     rest.fail_next(&format!("/bundles/{dep}/contents/blob"), 2);
     let arg = format!("d.txt:{dep}");
-    let ok = s.cl(&["run", "--request-queue", &t, "--request-docker-image", "codalab/ubuntu:1.9", &arg, "cat d.txt"]);
-    assert_eq!(s.wait_state(&ok, &["ready", "failed"], 120), "ready", "{}", w.log());
+    let ok = s.cl(&[
+        "run",
+        "--request-queue",
+        &t,
+        "--request-docker-image",
+        "codalab/ubuntu:1.9",
+        &arg,
+        "cat d.txt",
+    ]);
+    assert_eq!(
+        s.wait_state(&ok, &["ready", "failed"], 120),
+        "ready",
+        "{}",
+        w.log()
+    );
     assert_eq!(s.cat(&format!("{ok}/stdout")), "payload");
     // every attempt failing: the run fails with cl-worker's message
     let src2 = tempfile::tempdir().unwrap();
@@ -623,10 +842,26 @@ fn dependency_download_fails_then_succeeds() {
     let dep2 = s.cl(&["upload", src2.path().join("other.txt").to_str().unwrap()]);
     rest.fail_next(&format!("/bundles/{dep2}/contents/blob"), 100);
     let arg2 = format!("o.txt:{dep2}");
-    let bad = s.cl(&["run", "--request-queue", &t, "--request-docker-image", "codalab/ubuntu:1.9", &arg2, "cat o.txt"]);
-    assert_eq!(s.wait_state(&bad, &["ready", "failed"], 120), "failed", "{}", w.log());
+    let bad = s.cl(&[
+        "run",
+        "--request-queue",
+        &t,
+        "--request-docker-image",
+        "codalab/ubuntu:1.9",
+        &arg2,
+        "cat o.txt",
+    ]);
+    assert_eq!(
+        s.wait_state(&bad, &["ready", "failed"], 120),
+        "failed",
+        "{}",
+        w.log()
+    );
     let msg = s.meta(&bad, "failure_message");
-    assert!(msg.starts_with("Failed to download dependency o.txt: Dependency download failed:"), "{msg}");
+    assert!(
+        msg.starts_with("Failed to download dependency o.txt: Dependency download failed:"),
+        "{msg}"
+    );
     assert!(msg.contains("502"), "{msg}");
     w.assert_clean();
 }

@@ -24,21 +24,34 @@ fn bundle() -> &'static (tempfile::TempDir, std::path::PathBuf) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     let (_, b) = bundle();
     let (path, args) = s.split_once('\n').unwrap_or((s, ""));
-    let Ok(t) = files::resolve(b, "0xbundle", path) else { return };
+    let Ok(t) = files::resolve(b, "0xbundle", path) else {
+        return;
+    };
     let dir = std::fs::read_link(format!("/proc/self/fd/{}", t.dir.as_raw_fd())).unwrap();
     assert!(dir.starts_with(b), "{path:?} resolved to {}", dir.display());
     let _ = files::target_info(&t, 2);
     if let Ok(fd) = t.open("0xbundle", path) {
         let real = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
         assert!(real.starts_with(b), "{path:?} opened {}", real.display());
-        let n: Vec<u64> = args.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+        let n: Vec<u64> = args
+            .split(',')
+            .filter_map(|x| x.trim().parse().ok())
+            .collect();
         let mut f = std::fs::File::from(fd);
         if !t.is_dir() {
             let _ = files::read_section(&mut f, *n.first().unwrap_or(&0), *n.get(1).unwrap_or(&10));
-            let _ = files::summarize(&mut f, *n.first().unwrap_or(&1) % 50, *n.get(1).unwrap_or(&1) % 50, n.get(2).copied().unwrap_or(16) % 4096 + 1, "...");
+            let _ = files::summarize(
+                &mut f,
+                *n.first().unwrap_or(&1) % 50,
+                *n.get(1).unwrap_or(&1) % 50,
+                n.get(2).copied().unwrap_or(16) % 4096 + 1,
+                "...",
+            );
         }
     }
 });

@@ -9,6 +9,8 @@ fuzz_target!(|data: &[u8]| {
     std::fs::write(&input, data).unwrap();
     let store = cw::store::Store::open(tmp.path().join("store")).unwrap();
     let _ = cw::load::load(&store, &input, &cw::image::manifest::Platform::host());
-    let leftovers = std::fs::read_dir(tmp.path().join("store/tmp")).map(|r| r.count()).unwrap_or(0);
+    let leftovers = std::fs::read_dir(tmp.path().join("store/tmp"))
+        .map(|r| r.count())
+        .unwrap_or(0);
     assert_eq!(leftovers, 0, "temporary files left in the store");
 });

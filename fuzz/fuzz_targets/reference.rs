@@ -5,7 +5,9 @@ use cw::image::reference::Reference;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(r) = Reference::parse(s) {
         let again = Reference::parse(&r.to_string()).expect("a printed reference parses");
         assert_eq!(r, again);

@@ -5,7 +5,9 @@ use cw::store::unpack::{self, Options, Whiteouts};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((mode, tar)) = data.split_first() else { return };
+    let Some((mode, tar)) = data.split_first() else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     let outside = tmp.path().join("outside");
@@ -16,10 +18,29 @@ fuzz_target!(|data: &[u8]| {
         1 => Whiteouts::Apply,
         _ => Whiteouts::Keep,
     };
-    let _ = unpack::unpack(tar, &root, Options { whiteouts, chown: false });
-    let top: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
-    assert_eq!(top.len(), 2, "something was created beside the root: {top:?}");
-    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "something was created outside the root");
+    let _ = unpack::unpack(
+        tar,
+        &root,
+        Options {
+            whiteouts,
+            chown: false,
+        },
+    );
+    let top: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        top.len(),
+        2,
+        "something was created beside the root: {top:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "something was created outside the root"
+    );
     // no device nodes other than overlay whiteouts (char 0/0)
     fn walk(p: &std::path::Path) {
         use std::os::unix::fs::{FileTypeExt, MetadataExt};

@@ -89,7 +89,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
         path.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed),
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
     ));
     let res = (|| {
         let mut f = File::create(&tmp)?;
@@ -379,7 +382,10 @@ fn start_pasta(dir: &Path, host_ns: &File) -> Result<(), String> {
             .filter(|l| !l.contains("syslog"))
             .collect::<Vec<_>>()
             .join("; ");
-        return Err(format!("pasta could not connect the run's network ({}): {err}", out.status));
+        return Err(format!(
+            "pasta could not connect the run's network ({}): {err}",
+            out.status
+        ));
     }
     Ok(())
 }
@@ -497,7 +503,14 @@ pub fn main(dir: &Path) -> i32 {
         // only loopback, and it is up; for Private, pasta adds the way out.
         let host_ns = match File::open("/proc/self/ns/net") {
             Ok(f) => f,
-            Err(e) => return fail(dir, &req, started, format!("opening the host network namespace: {e}")),
+            Err(e) => {
+                return fail(
+                    dir,
+                    &req,
+                    started,
+                    format!("opening the host network namespace: {e}"),
+                )
+            }
         };
         if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
             return fail(

@@ -22,7 +22,14 @@ fn cgroup2_root() -> Option<(PathBuf, bool)> {
     // none: mount one (the v2 hierarchy is a singleton; controllers bound to v1 stay there)
     let dir = std::env::temp_dir().join(format!("cw-cg2-{}", std::process::id()));
     std::fs::create_dir_all(&dir).ok()?;
-    nix::mount::mount(Some("none"), &dir, Some("cgroup2"), nix::mount::MsFlags::empty(), None::<&str>).ok()?;
+    nix::mount::mount(
+        Some("none"),
+        &dir,
+        Some("cgroup2"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .ok()?;
     Some((dir, true))
 }
 
@@ -72,9 +79,15 @@ fn v2_cpu_and_memory_accounting() {
         std::fs::create_dir(&m).unwrap();
         std::fs::write(m.join("memory.max"), "20M").unwrap();
         std::fs::write(m.join("memory.swap.max"), "0").ok();
-        let (st, _) = run_in(&m, "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo ${#x}");
+        let (st, _) = run_in(
+            &m,
+            "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo ${#x}",
+        );
         let u = cgroup::read_v2(&m);
-        assert!(u.oom_kills >= 1, "OOM kill not counted: {u:?} (status {st})");
+        assert!(
+            u.oom_kills >= 1,
+            "OOM kill not counted: {u:?} (status {st})"
+        );
         assert!(u.memory_peak > 10 << 20, "{u:?}");
         std::fs::remove_dir(&m).unwrap();
     } else {

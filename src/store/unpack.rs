@@ -122,7 +122,12 @@ pub fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-pub fn openat(dir: RawFd, name: &[u8], flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+pub fn openat(
+    dir: RawFd,
+    name: &[u8],
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<OwnedFd> {
     let c = cstr(name)?;
     let fd = check(unsafe {
         libc::openat(

@@ -145,7 +145,10 @@ impl Server {
         let v: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| with(format!("the token response is not JSON: {e}")))?;
         if v["token_type"].as_str() != Some("Bearer") {
-            return Err(with(format!("token_type {} is not Bearer", v["token_type"])));
+            return Err(with(format!(
+                "token_type {} is not Bearer",
+                v["token_type"]
+            )));
         }
         let token = v["access_token"]
             .as_str()
@@ -234,7 +237,12 @@ impl Server {
             .to_vec())
     }
 
-    pub async fn start_bundle(&self, id: &str, uuid: &str, hostname: &str) -> Result<bool, ClientError> {
+    pub async fn start_bundle(
+        &self,
+        id: &str,
+        uuid: &str,
+        hostname: &str,
+    ) -> Result<bool, ClientError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -250,7 +258,12 @@ impl Server {
         Ok(Self::json(resp).await?.as_bool().unwrap_or(false))
     }
 
-    pub async fn reply(&self, id: &str, socket_id: i64, msg: &serde_json::Value) -> Result<(), ClientError> {
+    pub async fn reply(
+        &self,
+        id: &str,
+        socket_id: i64,
+        msg: &serde_json::Value,
+    ) -> Result<(), ClientError> {
         self.request(
             Method::POST,
             &format!("/workers/{}/reply/{socket_id}", quote(id)),
@@ -261,7 +274,13 @@ impl Server {
         Ok(())
     }
 
-    pub async fn reply_error(&self, id: &str, socket_id: i64, code: u16, message: &str) -> Result<(), ClientError> {
+    pub async fn reply_error(
+        &self,
+        id: &str,
+        socket_id: i64,
+        code: u16,
+        message: &str,
+    ) -> Result<(), ClientError> {
         self.reply(
             id,
             socket_id,
@@ -271,7 +290,12 @@ impl Server {
     }
 
     /// Raw bytes for a read or netcat: header `{}` in the query, the body streamed.
-    pub async fn reply_data(&self, id: &str, socket_id: i64, body: Body) -> Result<(), ClientError> {
+    pub async fn reply_data(
+        &self,
+        id: &str,
+        socket_id: i64,
+        body: Body,
+    ) -> Result<(), ClientError> {
         self.request(
             Method::POST,
             &format!("/workers/{}/reply_data/{socket_id}", quote(id)),
@@ -283,7 +307,11 @@ impl Server {
     }
 
     /// `GET /bundles/<uuid>/contents/info/<path>` → `data`.
-    pub async fn contents_info(&self, uuid: &str, path: &str) -> Result<serde_json::Value, ClientError> {
+    pub async fn contents_info(
+        &self,
+        uuid: &str,
+        path: &str,
+    ) -> Result<serde_json::Value, ClientError> {
         let resp = self
             .request(
                 Method::GET,
@@ -298,12 +326,19 @@ impl Server {
 
     /// `GET /bundles/<uuid>/contents/blob/<path>?support_redirect=1`. The caller decodes
     /// `Content-Encoding: gzip` itself (so bytes over the wire can be counted).
-    pub async fn contents_blob(&self, uuid: &str, path: &str) -> Result<reqwest::Response, ClientError> {
+    pub async fn contents_blob(
+        &self,
+        uuid: &str,
+        path: &str,
+    ) -> Result<reqwest::Response, ClientError> {
         self.request(
             Method::GET,
             &format!("/bundles/{}/contents/blob/{}", quote(uuid), quote(path)),
             Duration::from_secs(24 * 3600),
-            |b| b.query(&[("support_redirect", "1")]).header("Accept-Encoding", "gzip"),
+            |b| {
+                b.query(&[("support_redirect", "1")])
+                    .header("Accept-Encoding", "gzip")
+            },
         )
         .await
     }

@@ -79,7 +79,12 @@ fn base_name(uuid: &str, path: &str) -> String {
 }
 
 impl Cache {
-    pub fn open(work_dir: &Path, max_bytes: u64, attempts: u32, server: Arc<Server>) -> std::io::Result<Cache> {
+    pub fn open(
+        work_dir: &Path,
+        max_bytes: u64,
+        attempts: u32,
+        server: Arc<Server>,
+    ) -> std::io::Result<Cache> {
         let dir = work_dir.join("dependencies");
         std::fs::create_dir_all(&dir)?;
         let state_file = work_dir.join("dependencies-state.json");
@@ -88,7 +93,10 @@ impl Cache {
             match serde_json::from_slice::<Vec<Entry>>(&b) {
                 Ok(list) => {
                     for mut e in list {
-                        if !valid_uuid(&e.parent_uuid) || e.name.contains('/') || e.name.starts_with('.') {
+                        if !valid_uuid(&e.parent_uuid)
+                            || e.name.contains('/')
+                            || e.name.starts_with('.')
+                        {
                             continue;
                         }
                         // a download cut off by a restart starts again; its runs re-register
@@ -99,7 +107,9 @@ impl Cache {
                         entries.insert((e.parent_uuid.clone(), e.parent_path.clone()), e);
                     }
                 }
-                Err(e) => tracing::warn!("{}: unreadable, starting empty: {e}", state_file.display()),
+                Err(e) => {
+                    tracing::warn!("{}: unreadable, starting empty: {e}", state_file.display())
+                }
             }
         }
         // orphans: anything on disk no entry names (half-done downloads, evicted leftovers)
@@ -126,7 +136,10 @@ impl Cache {
 
     pub fn save(&self) {
         let list: Vec<Entry> = self.entries.lock().unwrap().values().cloned().collect();
-        let _ = cw_runtime::monitor::write_atomic(&self.state_file, &serde_json::to_vec(&list).unwrap());
+        let _ = cw_runtime::monitor::write_atomic(
+            &self.state_file,
+            &serde_json::to_vec(&list).unwrap(),
+        );
     }
 
     /// Every key in the cache, for the checkin's `dependencies`.
@@ -170,7 +183,12 @@ impl Cache {
         }
         if e.stage == DepStage::Downloading && !e.active {
             e.active = true;
-            let (me, key, name, progress) = (self.clone(), key.clone(), e.name.clone(), e.progress.clone());
+            let (me, key, name, progress) = (
+                self.clone(),
+                key.clone(),
+                e.name.clone(),
+                e.progress.clone(),
+            );
             tokio::spawn(async move { me.download(key, name, progress).await });
         }
         e.size_bytes = e.size_bytes.max(e.progress.load(Ordering::Relaxed));
@@ -227,18 +245,30 @@ impl Cache {
 
     async fn fetch(&self, key: &Key, name: &str, progress: &Arc<AtomicU64>) -> Result<(), String> {
         let (uuid, path) = key;
-        let info = self.server.contents_info(uuid, path).await.map_err(|e| e.to_string())?;
+        let info = self
+            .server
+            .contents_info(uuid, path)
+            .await
+            .map_err(|e| e.to_string())?;
         let kind = info["type"].as_str().unwrap_or("").to_string();
         if kind != "file" && kind != "directory" {
-            return Err(format!("{uuid}/{path} is a {kind:?}, not a file or directory"));
+            return Err(format!(
+                "{uuid}/{path} is a {kind:?}, not a file or directory"
+            ));
         }
-        let resp = self.server.contents_blob(uuid, path).await.map_err(|e| e.to_string())?;
+        let resp = self
+            .server
+            .contents_blob(uuid, path)
+            .await
+            .map_err(|e| e.to_string())?;
         let gz_encoded = resp
             .headers()
             .get(reqwest::header::CONTENT_ENCODING)
             .map(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"))
             .unwrap_or(false);
-        let tmp = self.dir.join(format!(".tmp-{name}-{:08x}", rand::random::<u32>()));
+        let tmp = self
+            .dir
+            .join(format!(".tmp-{name}-{:08x}", rand::random::<u32>()));
         let dest = self.dir.join(name);
         let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
         let tmp2 = tmp.clone();
@@ -254,7 +284,8 @@ impl Cache {
             };
             if kind == "directory" {
                 let mut br = std::io::BufReader::new(r);
-                let d = unpack::decompressor(&mut br).map_err(|e| format!("reading the archive: {e}"))?;
+                let d = unpack::decompressor(&mut br)
+                    .map_err(|e| format!("reading the archive: {e}"))?;
                 std::fs::create_dir_all(&tmp2).map_err(|e| e.to_string())?;
                 unpack::unpack(
                     d,

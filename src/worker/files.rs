@@ -164,13 +164,24 @@ fn readlinkat(dir: RawFd, name: &[u8]) -> io::Result<Vec<u8>> {
     let c = cstr(name)?;
     let mut buf = vec![0u8; 4096];
     let n = check(unsafe {
-        libc::readlinkat(dir, c.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len()) as libc::c_int
+        libc::readlinkat(
+            dir,
+            c.as_ptr(),
+            buf.as_mut_ptr() as *mut libc::c_char,
+            buf.len(),
+        ) as libc::c_int
     })?;
     buf.truncate(n as usize);
     Ok(buf)
 }
 
-fn info_of(dir: RawFd, name: &[u8], display: &str, st: &libc::stat, depth: u64) -> serde_json::Value {
+fn info_of(
+    dir: RawFd,
+    name: &[u8],
+    display: &str,
+    st: &libc::stat,
+    depth: u64,
+) -> serde_json::Value {
     let mut v = serde_json::json!({
         "name": display,
         "size": st.st_size,
@@ -189,14 +200,26 @@ fn info_of(dir: RawFd, name: &[u8], display: &str, st: &libc::stat, depth: u64) 
             let sub = if name.is_empty() {
                 None
             } else {
-                openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0).ok()
+                openat(
+                    dir,
+                    name,
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    0,
+                )
+                .ok()
             };
             let d = sub.as_ref().map(|f| f.as_raw_fd()).unwrap_or(dir);
             if let Ok(mut names) = list_dir(d) {
                 names.sort();
                 for n in names {
                     if let Ok(Some(cst)) = lstatat(d, &n) {
-                        contents.push(info_of(d, &n, &String::from_utf8_lossy(&n), &cst, depth - 1));
+                        contents.push(info_of(
+                            d,
+                            &n,
+                            &String::from_utf8_lossy(&n),
+                            &cst,
+                            depth - 1,
+                        ));
                     }
                 }
             }
@@ -320,16 +343,28 @@ fn walk<W: Write>(
         if excludes.matches(&rel) {
             continue;
         }
-        let Some(st) = lstatat(dir, &n)? else { continue };
+        let Some(st) = lstatat(dir, &n)? else {
+            continue;
+        };
         if is_type(&st, libc::S_IFDIR) {
-            let Ok(sub) = openat(dir, &n, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0) else {
+            let Ok(sub) = openat(
+                dir,
+                &n,
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            ) else {
                 continue;
             };
             let mut h = header_for(&st, tar::EntryType::Directory, 0);
             b.append_data(&mut h, format!("{rel}/"), io::empty())?;
             walk(b, sub.as_raw_fd(), &rel, skip_top, excludes)?;
         } else if is_type(&st, libc::S_IFREG) {
-            let Ok(fd) = openat(dir, &n, libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK, 0) else {
+            let Ok(fd) = openat(
+                dir,
+                &n,
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+                0,
+            ) else {
                 continue;
             };
             let fst = fstat(fd.as_raw_fd())?;
@@ -407,7 +442,13 @@ pub const NONE_PLACEHOLDER: &str = "<none>";
 pub const BINARY_PLACEHOLDER: &str = "<binary>";
 
 /// `codalab.worker.file_util.summarize_file`: head and tail lines with `truncation` between.
-pub fn summarize(f: &mut File, head: u64, tail: u64, max_line: u64, truncation: &str) -> io::Result<String> {
+pub fn summarize(
+    f: &mut File,
+    head: u64,
+    tail: u64,
+    max_line: u64,
+    truncation: &str,
+) -> io::Result<String> {
     use std::io::Seek;
     let size = f.metadata()?.len();
     let text = |b: Vec<u8>| String::from_utf8(b).ok();
@@ -476,10 +517,17 @@ pub fn disk_usage(path: &Path) -> u64 {
     fn walk(dir: RawFd) -> u64 {
         let mut total = 0;
         for n in list_dir(dir).unwrap_or_default() {
-            let Ok(Some(st)) = lstatat(dir, &n) else { continue };
+            let Ok(Some(st)) = lstatat(dir, &n) else {
+                continue;
+            };
             total += st.st_size as u64;
             if is_type(&st, libc::S_IFDIR) {
-                if let Ok(d) = openat(dir, &n, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0) {
+                if let Ok(d) = openat(
+                    dir,
+                    &n,
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    0,
+                ) {
                     total += walk(d.as_raw_fd());
                 }
             }
@@ -494,10 +542,12 @@ pub fn disk_usage(path: &Path) -> u64 {
 
 /// `write`: create or truncate `<bundle>/<subpath>` with `text`, never through a symlink.
 pub fn write_file(bundle: &Path, uuid: &str, sub: &str, text: &str) -> Result<(), ReadError> {
-    let comps = normalize(sub).filter(|c| !c.is_empty()).ok_or_else(|| ReadError {
-        code: 400,
-        message: format!("{} is not inside the bundle.", error_path(uuid, sub)),
-    })?;
+    let comps = normalize(sub)
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| ReadError {
+            code: 400,
+            message: format!("{} is not inside the bundle.", error_path(uuid, sub)),
+        })?;
     let (name, parents) = comps.split_last().unwrap();
     let parent_sub = parents.join("/");
     let t = resolve(bundle, uuid, &parent_sub)?;
@@ -538,7 +588,10 @@ mod tests {
     fn summarize_like_codalab() {
         // the cases of codalab's tests/unit/worker/file_util_test.py
         let lines: String = (0..10).map(|i| format!("line {i}\n")).collect();
-        assert_eq!(summ(&lines, 2, 2, 100), "line 0\nline 1\n...\nline 8\nline 9\n");
+        assert_eq!(
+            summ(&lines, 2, 2, 100),
+            "line 0\nline 1\n...\nline 8\nline 9\n"
+        );
         assert_eq!(summ(&lines, 20, 20, 100), lines);
         assert_eq!(summ("a\nb", 5, 5, 100), "a\nb\n");
         assert_eq!(summ(&lines, 2, 0, 100), "line 0\nline 1\n");
@@ -549,7 +602,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("b");
         std::fs::write(&p, [0xffu8, 0xfe, 0x00]).unwrap();
-        assert_eq!(summarize(&mut File::open(&p).unwrap(), 1, 1, 10, "").unwrap(), BINARY_PLACEHOLDER);
+        assert_eq!(
+            summarize(&mut File::open(&p).unwrap(), 1, 1, 10, "").unwrap(),
+            BINARY_PLACEHOLDER
+        );
     }
 
     #[test]
@@ -582,7 +638,10 @@ mod tests {
         std::os::unix::fs::symlink("sub/f", b.join("ln")).unwrap();
         assert!(resolve(&b, "0xabc", "sub/f").is_ok());
         let e = resolve(&b, "0xabc", "evil/passwd").err().unwrap();
-        assert_eq!(e.message, "0xabc/evil/passwd is a symlink and following symlinks is not allowed.");
+        assert_eq!(
+            e.message,
+            "0xabc/evil/passwd is a symlink and following symlinks is not allowed."
+        );
         let e = resolve(&b, "0xabc", "../x").err().unwrap();
         assert_eq!(e.message, "0xabc/../x is not inside the bundle.");
         let e = resolve(&b, "0xabc", "nope").err().unwrap();
@@ -598,7 +657,9 @@ mod tests {
         assert_eq!(info["contents"].as_array().unwrap().len(), 3);
         // write through a symlinked dir is refused; a plain write works
         assert!(write_file(&b, "0xabc", "evil/x", "no").is_err());
-        assert!(!Path::new("/etc/x").exists() || std::fs::read_to_string("/etc/x").unwrap() != "no");
+        assert!(
+            !Path::new("/etc/x").exists() || std::fs::read_to_string("/etc/x").unwrap() != "no"
+        );
         write_file(&b, "0xabc", "sub/new", "yes").unwrap();
         assert_eq!(std::fs::read_to_string(b.join("sub/new")).unwrap(), "yes");
     }
@@ -616,7 +677,13 @@ mod tests {
         std::os::unix::fs::symlink("/nonexistent", b.join("dep")).unwrap();
         let f = File::open(&b).unwrap();
         let skip: HashSet<String> = ["dep".to_string()].into();
-        let gz = tar_gz_dir(f.as_raw_fd(), &skip, &Excludes::new(&["*.pt".into(), "out/tmp".into()]), Vec::new()).unwrap();
+        let gz = tar_gz_dir(
+            f.as_raw_fd(),
+            &skip,
+            &Excludes::new(&["*.pt".into(), "out/tmp".into()]),
+            Vec::new(),
+        )
+        .unwrap();
         let mut a = tar::Archive::new(flate2::read::GzDecoder::new(&gz[..]));
         let mut names: Vec<String> = a
             .entries()

@@ -168,7 +168,9 @@ fn size_arg(s: &str, what: &str) -> anyhow::Result<u64> {
 pub fn parse_cpuset(spec: &str) -> anyhow::Result<Vec<usize>> {
     let allowed: Vec<usize> = {
         let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
-        (0..nix::sched::CpuSet::count()).filter(|&i| set.is_set(i).unwrap_or(false)).collect()
+        (0..nix::sched::CpuSet::count())
+            .filter(|&i| set.is_set(i).unwrap_or(false))
+            .collect()
     };
     if spec.trim().eq_ignore_ascii_case("all") {
         return Ok(allowed);
@@ -177,7 +179,10 @@ pub fn parse_cpuset(spec: &str) -> anyhow::Result<Vec<usize>> {
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let bad = || anyhow::anyhow!("--cpuset {spec:?}: {part:?} is not a CPU number or range");
         let (a, b) = match part.split_once('-') {
-            Some((a, b)) => (a.parse::<usize>().map_err(|_| bad())?, b.parse::<usize>().map_err(|_| bad())?),
+            Some((a, b)) => (
+                a.parse::<usize>().map_err(|_| bad())?,
+                b.parse::<usize>().map_err(|_| bad())?,
+            ),
             None => {
                 let n = part.parse::<usize>().map_err(|_| bad())?;
                 (n, n)
@@ -199,7 +204,10 @@ pub fn parse_cpuset(spec: &str) -> anyhow::Result<Vec<usize>> {
 }
 
 /// `--gpuset`: ALL, NONE/'' or a list of indexes and UUIDs of the GPUs NVML found.
-pub fn parse_gpuset(spec: &str, all: &[cw_runtime::gpu::Gpu]) -> anyhow::Result<Vec<cw_runtime::gpu::Gpu>> {
+pub fn parse_gpuset(
+    spec: &str,
+    all: &[cw_runtime::gpu::Gpu],
+) -> anyhow::Result<Vec<cw_runtime::gpu::Gpu>> {
     let s = spec.trim();
     if s.eq_ignore_ascii_case("all") {
         return Ok(all.to_vec());
@@ -212,7 +220,12 @@ pub fn parse_gpuset(spec: &str, all: &[cw_runtime::gpu::Gpu]) -> anyhow::Result<
         let g = all
             .iter()
             .find(|g| g.uuid == p || p.parse::<u32>().map(|i| i == g.index).unwrap_or(false))
-            .ok_or_else(|| anyhow::anyhow!("--gpuset {spec:?}: no GPU {p:?} on this node ({} found)", all.len()))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--gpuset {spec:?}: no GPU {p:?} on this node ({} found)",
+                    all.len()
+                )
+            })?;
         if !out.iter().any(|o| o.uuid == g.uuid) {
             out.push(g.clone());
         }
@@ -223,7 +236,8 @@ pub fn parse_gpuset(spec: &str, all: &[cw_runtime::gpu::Gpu]) -> anyhow::Result<
 fn credentials(a: &WorkerArgs) -> anyhow::Result<(String, String)> {
     if let Some(p) = &a.password_file {
         use std::os::unix::fs::PermissionsExt;
-        let md = std::fs::metadata(p).map_err(|e| anyhow::anyhow!("--password-file {}: {e}", p.display()))?;
+        let md = std::fs::metadata(p)
+            .map_err(|e| anyhow::anyhow!("--password-file {}: {e}", p.display()))?;
         if md.permissions().mode() & 0o077 != 0 {
             anyhow::bail!(
                 "--password-file {}: permissions {:o} give group or others access; chmod 600 it",
@@ -234,9 +248,16 @@ fn credentials(a: &WorkerArgs) -> anyhow::Result<(String, String)> {
         let text = std::fs::read_to_string(p)?;
         let mut lines = text.lines();
         let u = lines.next().unwrap_or("").trim().to_string();
-        let pw = lines.next().unwrap_or("").trim_end_matches(['\r', '\n']).to_string();
+        let pw = lines
+            .next()
+            .unwrap_or("")
+            .trim_end_matches(['\r', '\n'])
+            .to_string();
         if u.is_empty() {
-            anyhow::bail!("--password-file {}: line 1 must be the username", p.display());
+            anyhow::bail!(
+                "--password-file {}: line 1 must be the username",
+                p.display()
+            );
         }
         return Ok((u, pw));
     }
@@ -304,7 +325,11 @@ impl Ctx {
         let held_cpus: u64 = runs.values().map(|r| r.resources.cpus.max(1)).sum();
         let full = self.slots > 0 && runs.len() >= self.slots;
         drop(runs);
-        let cpus = if full { held_cpus.min(self.cpus.len() as u64) } else { self.cpus.len() as u64 };
+        let cpus = if full {
+            held_cpus.min(self.cpus.len() as u64)
+        } else {
+            self.cpus.len() as u64
+        };
         let left = self
             .args
             .exit_after_num_runs
@@ -316,7 +341,11 @@ impl Ctx {
             gpus: self.gpus.len() as u64,
             memory_bytes: self.memory_bytes,
             free_disk_bytes: free_disk(&self.work_dir),
-            dependencies: if self.shared_fs { vec![] } else { self.deps.keys() },
+            dependencies: if self.shared_fs {
+                vec![]
+            } else {
+                self.deps.keys()
+            },
             hostname: self.hostname.clone(),
             runs: entries,
             shared_file_system: self.shared_fs,
@@ -356,7 +385,12 @@ impl Ctx {
                     self.finalizing.notify_one();
                     self.poke(r.uuid());
                 }
-                tracing::info!("bundle {}: {} -> {}", r.uuid(), before.0.key(), r.stage.key());
+                tracing::info!(
+                    "bundle {}: {} -> {}",
+                    r.uuid(),
+                    before.0.key(),
+                    r.stage.key()
+                );
             }
         }
         runs.retain(|_, r| r.stage != Stage::Finished);
@@ -380,7 +414,8 @@ impl Ctx {
         }
         let (server, uuid) = (self.server.clone(), uuid.to_string());
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), server.contents_info(&uuid, "")).await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), server.contents_info(&uuid, ""))
+                .await;
         });
     }
 }
@@ -399,7 +434,10 @@ async fn handle_message(ctx: &Arc<Ctx>, m: Message) {
             }
             if let Some(r) = ctx.runs.lock().unwrap().get(&uuid) {
                 if r.stage != Stage::Preparing || r.t.busy {
-                    tracing::warn!("bundle {uuid}: run message for a run already in {}; ignored", r.stage.key());
+                    tracing::warn!(
+                        "bundle {uuid}: run message for a run already in {}; ignored",
+                        r.stage.key()
+                    );
                     return;
                 }
             }
@@ -419,7 +457,10 @@ async fn handle_message(ctx: &Arc<Ctx>, m: Message) {
                 _ => ctx.work_dir.join("runs").join(&uuid),
             };
             tracing::info!("bundle {uuid}: accepted ({})", resources.docker_image);
-            ctx.runs.lock().unwrap().insert(uuid, Run::new(bundle, resources, path));
+            ctx.runs
+                .lock()
+                .unwrap()
+                .insert(uuid, Run::new(bundle, resources, path));
             ctx.accepted.fetch_add(1, Ordering::Relaxed);
             ctx.save();
             ctx.wake_runs.notify_one();
@@ -437,7 +478,11 @@ async fn handle_message(ctx: &Arc<Ctx>, m: Message) {
             }
             ctx.wake_runs.notify_one();
         }
-        Message::Write { uuid, subpath, string } => {
+        Message::Write {
+            uuid,
+            subpath,
+            string,
+        } => {
             let found = ctx
                 .runs
                 .lock()
@@ -445,7 +490,9 @@ async fn handle_message(ctx: &Arc<Ctx>, m: Message) {
                 .get(&uuid)
                 .map(|r| (r.bundle_path.clone(), r.dep_child_paths()));
             let Some((path, deps)) = found else { return };
-            let norm = files::normalize(&subpath).map(|c| c.join("/")).unwrap_or_default();
+            let norm = files::normalize(&subpath)
+                .map(|c| c.join("/"))
+                .unwrap_or_default();
             if deps.contains(&norm) {
                 return;
             }
@@ -455,11 +502,21 @@ async fn handle_message(ctx: &Arc<Ctx>, m: Message) {
                 }
             });
         }
-        Message::Read { socket_id, uuid, path, read_args } => {
+        Message::Read {
+            socket_id,
+            uuid,
+            path,
+            read_args,
+        } => {
             let ctx = ctx.clone();
             tokio::spawn(async move { read(&ctx, socket_id, &uuid, &path, read_args).await });
         }
-        Message::Netcat { socket_id, uuid, port, message } => {
+        Message::Netcat {
+            socket_id,
+            uuid,
+            port,
+            message,
+        } => {
             let ctx = ctx.clone();
             tokio::spawn(async move { netcat(&ctx, socket_id, &uuid, port, &message).await });
         }
@@ -481,7 +538,11 @@ async fn read(ctx: &Arc<Ctx>, socket_id: i64, uuid: &str, path: &str, args: prot
         Some((bundle, deps)) => read_inner(ctx, socket_id, uuid, path, args, bundle, deps).await,
     };
     if let Err(e) = res {
-        if let Err(err) = ctx.server.reply_error(&ctx.id, socket_id, e.code, &e.message).await {
+        if let Err(err) = ctx
+            .server
+            .reply_error(&ctx.id, socket_id, e.code, &e.message)
+            .await
+        {
             tracing::warn!("replying to read {socket_id}: {err}");
         }
     }
@@ -496,12 +557,17 @@ async fn read_inner(
     bundle: PathBuf,
     deps: HashSet<String>,
 ) -> Result<(), files::ReadError> {
-    let internal = |e: String| files::ReadError { code: 500, message: e };
+    let internal = |e: String| files::ReadError {
+        code: 500,
+        message: e,
+    };
     let (u, p) = (uuid.to_string(), path.to_string());
     let resolve = move || files::resolve(&bundle, &u, &p);
     let data: Vec<u8> = match args.kind.as_str() {
         "get_target_info" => {
-            let norm = files::normalize(path).map(|c| c.join("/")).unwrap_or_default();
+            let norm = files::normalize(path)
+                .map(|c| c.join("/"))
+                .unwrap_or_default();
             if !path.is_empty() && deps.contains(&norm) {
                 return Err(files::ReadError {
                     code: 404,
@@ -510,9 +576,11 @@ async fn read_inner(
             }
             let depth = args.depth.unwrap_or(0);
             let (uuid2, path2) = (uuid.to_string(), path.to_string());
-            let mut info = tokio::task::spawn_blocking(move || resolve().map(|t| files::target_info(&t, depth)))
-                .await
-                .map_err(|e| internal(e.to_string()))??;
+            let mut info = tokio::task::spawn_blocking(move || {
+                resolve().map(|t| files::target_info(&t, depth))
+            })
+            .await
+            .map_err(|e| internal(e.to_string()))??;
             if path.is_empty() && depth > 0 {
                 if let Some(c) = info.get_mut("contents").and_then(|c| c.as_array_mut()) {
                     c.retain(|e| !deps.contains(e["name"].as_str().unwrap_or("")));
@@ -521,14 +589,20 @@ async fn read_inner(
             info["resolved_target"] = serde_json::json!({"bundle_uuid": uuid2, "subpath": path2});
             return ctx
                 .server
-                .reply(&ctx.id, socket_id, &serde_json::json!({ "target_info": info }))
+                .reply(
+                    &ctx.id,
+                    socket_id,
+                    &serde_json::json!({ "target_info": info }),
+                )
                 .await
                 .map_err(|e| internal(e.to_string()));
         }
         "stream_directory" | "stream_file" => {
             let (uuid2, path2) = (uuid.to_string(), path.to_string());
             let is_dir = args.kind == "stream_directory";
-            let t = tokio::task::spawn_blocking(resolve).await.map_err(|e| internal(e.to_string()))??;
+            let t = tokio::task::spawn_blocking(resolve)
+                .await
+                .map_err(|e| internal(e.to_string()))??;
             let fd = t.open(&uuid2, &path2)?;
             if is_dir != t.is_dir() {
                 return Err(files::ReadError {
@@ -539,13 +613,22 @@ async fn read_inner(
                     ),
                 });
             }
-            let skip: HashSet<String> = if path.is_empty() { deps } else { HashSet::new() };
+            let skip: HashSet<String> = if path.is_empty() {
+                deps
+            } else {
+                HashSet::new()
+            };
             let (body, producer) = runs::stream_body(Arc::new(AtomicU64::new(0)), move |w| {
                 use std::io::Write;
                 use std::os::fd::AsRawFd;
                 if is_dir {
-                    let ex = vec![".git".to_string(), "._*".to_string(), "__MACOSX".to_string()];
-                    let mut w = files::tar_gz_dir(fd.as_raw_fd(), &skip, &files::Excludes::new(&ex), w)?;
+                    let ex = vec![
+                        ".git".to_string(),
+                        "._*".to_string(),
+                        "__MACOSX".to_string(),
+                    ];
+                    let mut w =
+                        files::tar_gz_dir(fd.as_raw_fd(), &skip, &files::Excludes::new(&ex), w)?;
                     w.flush()
                 } else {
                     let mut e = flate2::write::GzEncoder::new(w, flate2::Compression::fast());
@@ -563,9 +646,13 @@ async fn read_inner(
             tokio::task::spawn_blocking(move || -> Result<Vec<u8>, files::ReadError> {
                 let t = resolve()?;
                 let mut f = std::fs::File::from(t.open(&uuid2, &path2)?);
-                let ioe = |e: std::io::Error| files::ReadError { code: 500, message: e.to_string() };
+                let ioe = |e: std::io::Error| files::ReadError {
+                    code: 500,
+                    message: e.to_string(),
+                };
                 let raw = if a.kind == "read_file_section" {
-                    files::read_section(&mut f, a.offset.unwrap_or(0), a.length.unwrap_or(0)).map_err(ioe)?
+                    files::read_section(&mut f, a.offset.unwrap_or(0), a.length.unwrap_or(0))
+                        .map_err(ioe)?
                 } else {
                     files::summarize(
                         &mut f,
@@ -617,9 +704,15 @@ async fn netcat(ctx: &Arc<Ctx>, socket_id: i64, uuid: &str, port: u16, message: 
     std::thread::spawn(move || {
         let _ = tx.send(netcat_in_netns(pid, port, &msg));
     });
-    let res = rx.await.unwrap_or_else(|_| Err("netcat thread died".into()));
+    let res = rx
+        .await
+        .unwrap_or_else(|_| Err("netcat thread died".into()));
     let r = match res {
-        Ok(data) => ctx.server.reply_data(&ctx.id, socket_id, reqwest::Body::from(data)).await,
+        Ok(data) => {
+            ctx.server
+                .reply_data(&ctx.id, socket_id, reqwest::Body::from(data))
+                .await
+        }
         Err(e) => ctx.server.reply_error(&ctx.id, socket_id, 500, &e).await,
     };
     if let Err(e) = r {
@@ -630,8 +723,10 @@ async fn netcat(ctx: &Arc<Ctx>, socket_id: i64, uuid: &str, port: u16, message: 
 /// Runs on a dedicated thread: `setns` changes only the calling thread's namespace.
 fn netcat_in_netns(pid: i32, port: u16, msg: &[u8]) -> Result<Vec<u8>, String> {
     use std::io::{Read, Write};
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| format!("the run's network: {e}"))?;
-    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| format!("entering the run's network: {e}"))?;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .map_err(|e| format!("the run's network: {e}"))?;
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("entering the run's network: {e}"))?;
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(|e| format!("connecting to port {port} of the run: {e}"))?;
@@ -713,19 +808,26 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
         None => ram,
     };
     let max_deps = size_arg(&a.max_work_dir_size, "--max-work-dir-size")?;
-    let max_image_size = a.max_image_size.as_deref().map(|s| size_arg(s, "--max-image-size")).transpose()?;
+    let max_image_size = a
+        .max_image_size
+        .as_deref()
+        .map(|s| size_arg(s, "--max-image-size"))
+        .transpose()?;
     let max_image_cache_size = a
         .max_image_cache_size
         .as_deref()
         .map(|s| size_arg(s, "--max-image-cache-size"))
         .transpose()?;
-    std::fs::create_dir_all(&a.work_dir).map_err(|e| anyhow::anyhow!("--work-dir {}: {e}", a.work_dir.display()))?;
+    std::fs::create_dir_all(&a.work_dir)
+        .map_err(|e| anyhow::anyhow!("--work-dir {}: {e}", a.work_dir.display()))?;
     let work_dir = std::fs::canonicalize(&a.work_dir)?;
     std::fs::create_dir_all(work_dir.join("runs"))?;
     let hostname = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "localhost".into());
-    let id = a.id.clone().unwrap_or_else(|| format!("{hostname}({})", std::process::id()));
+    let id =
+        a.id.clone()
+            .unwrap_or_else(|| format!("{hostname}({})", std::process::id()));
     let state_file = work_dir.join(format!("worker-state-{}.json", id.replace('/', "_")));
     let ws_url = a.ws_server.clone().unwrap_or_else(|| default_ws(&a.server));
     let server = Arc::new(Server::new(&a.server, user, password)?);
@@ -754,11 +856,18 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
         if let Ok(b) = std::fs::read(&state_file) {
             match serde_json::from_slice(&b) {
                 Ok(r) => runs = r,
-                Err(e) => tracing::warn!("{}: unreadable run table, starting empty: {e}", state_file.display()),
+                Err(e) => tracing::warn!(
+                    "{}: unreadable run table, starting empty: {e}",
+                    state_file.display()
+                ),
             }
         }
         if !runs.is_empty() {
-            tracing::info!("resuming {} run(s) from {}", runs.len(), state_file.display());
+            tracing::info!(
+                "resuming {} run(s) from {}",
+                runs.len(),
+                state_file.display()
+            );
         }
         let ctx = Arc::new(Ctx {
             id,
@@ -814,20 +923,34 @@ async fn run_worker(ctx: Arc<Ctx>, ws_url: String) -> anyhow::Result<i32> {
                     continue;
                 }
                 passes = 0;
-                let _ = tokio::time::timeout(Duration::from_millis(1000), ctx.wake_runs.notified()).await;
+                let _ = tokio::time::timeout(Duration::from_millis(1000), ctx.wake_runs.notified())
+                    .await;
             }
         })
     };
     tokio::spawn(ws_listener(ctx.clone(), ws_url));
     eprintln!("Worker started!");
-    tracing::info!("worker {} at {} ({} cpus, {} gpus, {} memory)", ctx.id, ctx.server.base(), ctx.cpus.len(), ctx.gpus.len(), crate::progress::human(ctx.memory_bytes));
+    tracing::info!(
+        "worker {} at {} ({} cpus, {} gpus, {} memory)",
+        ctx.id,
+        ctx.server.base(),
+        ctx.cpus.len(),
+        ctx.gpus.len(),
+        crate::progress::human(ctx.memory_bytes)
+    );
     let mut failures = 0u32;
     let mut idle_since = Instant::now();
     let mut last_ok = false;
     loop {
         // termination, idleness, run count
         if ctx.terminating.load(Ordering::Relaxed) {
-            let left = ctx.runs.lock().unwrap().values().filter(|r| !matches!(r.stage, Stage::Finished | Stage::Restaged)).count();
+            let left = ctx
+                .runs
+                .lock()
+                .unwrap()
+                .values()
+                .filter(|r| !matches!(r.stage, Stage::Finished | Stage::Restaged))
+                .count();
             if !restage || left == 0 {
                 break;
             }
@@ -836,7 +959,11 @@ async fn run_worker(ctx: Arc<Ctx>, ws_url: String) -> anyhow::Result<i32> {
             if n > 0 {
                 idle_since = Instant::now();
             }
-            if ctx.args.exit_when_idle && n == 0 && last_ok && idle_since.elapsed() > Duration::from_secs(ctx.args.idle_seconds) {
+            if ctx.args.exit_when_idle
+                && n == 0
+                && last_ok
+                && idle_since.elapsed() > Duration::from_secs(ctx.args.idle_seconds)
+            {
                 tracing::info!("idle for {}s: exiting", ctx.args.idle_seconds);
                 break;
             }
@@ -855,7 +982,14 @@ async fn run_worker(ctx: Arc<Ctx>, ws_url: String) -> anyhow::Result<i32> {
         };
         ctx.in_checkin.store(false, Ordering::Relaxed);
         let Some(res) = res else {
-            tracing::info!("termination signal: {}", if restage { "handing runs back to the server" } else { "exiting; runs keep going" });
+            tracing::info!(
+                "termination signal: {}",
+                if restage {
+                    "handing runs back to the server"
+                } else {
+                    "exiting; runs keep going"
+                }
+            );
             ctx.terminating.store(true, Ordering::Relaxed);
             if restage {
                 for r in ctx.runs.lock().unwrap().values_mut() {
@@ -893,7 +1027,11 @@ async fn run_worker(ctx: Arc<Ctx>, ws_url: String) -> anyhow::Result<i32> {
                     // run that ends during the next one would wait that long to be reported:
                     // give it a moment to finish first. (cl-worker leaves ~5 s between its
                     // long-polls all the time; this gap is one of at most 1.5 s, only here.)
-                    let _ = tokio::time::timeout(Duration::from_millis(1500), ctx.finalizing.notified()).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(1500),
+                        ctx.finalizing.notified(),
+                    )
+                    .await;
                     ctx.process_runs();
                 }
             }
@@ -902,7 +1040,9 @@ async fn run_worker(ctx: Arc<Ctx>, ws_url: String) -> anyhow::Result<i32> {
                 last_ok = false;
                 tracing::warn!("Disconnected from server! Failed check in: {e}");
                 if failures >= 2 {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), ctx.wake_checkin.notified()).await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), ctx.wake_checkin.notified())
+                            .await;
                 }
             }
         }
@@ -911,8 +1051,12 @@ async fn run_worker(ctx: Arc<Ctx>, ws_url: String) -> anyhow::Result<i32> {
         // one last report so the server restages at once instead of after 60 s offline
         ctx.process_runs();
         let body = ctx.checkin_body();
-        let _ = tokio::time::timeout(Duration::from_secs(20), ctx.server.checkin(&ctx.id, &body)).await;
-        ctx.runs.lock().unwrap().retain(|_, r| !matches!(r.stage, Stage::Finished | Stage::Restaged));
+        let _ =
+            tokio::time::timeout(Duration::from_secs(20), ctx.server.checkin(&ctx.id, &body)).await;
+        ctx.runs
+            .lock()
+            .unwrap()
+            .retain(|_, r| !matches!(r.stage, Stage::Finished | Stage::Restaged));
     }
     rl.abort();
     ctx.save();
@@ -928,8 +1072,14 @@ mod tests {
 
     #[test]
     fn ws_url() {
-        assert_eq!(default_ws("https://worksheets.codalab.org"), "wss://worksheets.codalab.org/ws");
-        assert_eq!(default_ws("http://127.0.0.1:2900/"), "ws://127.0.0.1:2900/ws");
+        assert_eq!(
+            default_ws("https://worksheets.codalab.org"),
+            "wss://worksheets.codalab.org/ws"
+        );
+        assert_eq!(
+            default_ws("http://127.0.0.1:2900/"),
+            "ws://127.0.0.1:2900/ws"
+        );
     }
 
     #[test]

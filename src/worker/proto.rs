@@ -13,12 +13,18 @@ fn num_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
             .as_u64()
             .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
             .unwrap_or(0),
-        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().map(|f| f.max(0.0) as u64).unwrap_or(0),
+        Some(serde_json::Value::String(s)) => s
+            .trim()
+            .parse::<f64>()
+            .map(|f| f.max(0.0) as u64)
+            .unwrap_or(0),
         _ => 0,
     })
 }
 
-fn null_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+fn null_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(
+    d: D,
+) -> Result<T, D::Error> {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
@@ -162,14 +168,23 @@ pub fn parse_messages(body: &[u8]) -> Result<Vec<Result<Message, String>>, Strin
         serde_json::Value::Array(a) => a,
         serde_json::Value::Null => vec![],
         o @ serde_json::Value::Object(_) => vec![o],
-        other => return Err(format!("checkin response is neither a list nor an object: {other}")),
+        other => {
+            return Err(format!(
+                "checkin response is neither a list nor an object: {other}"
+            ))
+        }
     };
     Ok(items
         .into_iter()
         .filter(|i| !i.is_null())
         .map(|i| {
-            let kind = i.get("type").and_then(|t| t.as_str()).unwrap_or("?").to_string();
-            serde_json::from_value::<Message>(i).map_err(|e| format!("message of type {kind:?}: {e}"))
+            let kind = i
+                .get("type")
+                .and_then(|t| t.as_str())
+                .unwrap_or("?")
+                .to_string();
+            serde_json::from_value::<Message>(i)
+                .map_err(|e| format!("message of type {kind:?}: {e}"))
         })
         .collect())
 }
@@ -350,11 +365,22 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(&m[1], Ok(Message::Kill { kill_message: None, .. })));
+        assert!(matches!(
+            &m[1],
+            Ok(Message::Kill {
+                kill_message: None,
+                ..
+            })
+        ));
         assert!(m[2].as_ref().unwrap_err().contains("bogus"));
         assert!(parse_messages(b"{").is_err());
         assert!(parse_messages(b"[null]").unwrap().is_empty());
         // a bare object (old servers)
-        assert_eq!(parse_messages(br#"{"type":"mark_finalized","uuid":"0x1"}"#).unwrap().len(), 1);
+        assert_eq!(
+            parse_messages(br#"{"type":"mark_finalized","uuid":"0x1"}"#)
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }

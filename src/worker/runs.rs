@@ -124,7 +124,10 @@ impl Run {
             return;
         }
         let t = now();
-        let old = self.bundle_profile_stats.entry(self.stage.key().into()).or_default();
+        let old = self
+            .bundle_profile_stats
+            .entry(self.stage.key().into())
+            .or_default();
         old.end = Some(t);
         old.elapsed = old.start.map(|st| t - st);
         if !matches!(s, Stage::Finished | Stage::Restaged) {
@@ -145,7 +148,10 @@ impl Run {
         for s in Stage::PROFILED {
             stats.insert(
                 s.key().to_string(),
-                self.bundle_profile_stats.get(s.key()).copied().unwrap_or_default(),
+                self.bundle_profile_stats
+                    .get(s.key())
+                    .copied()
+                    .unwrap_or_default(),
             );
         }
         CheckinRun {
@@ -171,7 +177,11 @@ impl Run {
         self.bundle
             .dependencies
             .iter()
-            .map(|d| files::normalize(&d.child_path).map(|c| c.join("/")).unwrap_or_default())
+            .map(|d| {
+                files::normalize(&d.child_path)
+                    .map(|c| c.join("/"))
+                    .unwrap_or_default()
+            })
             .collect()
     }
 
@@ -185,7 +195,10 @@ impl Run {
     /// The `finalize` helper: fold the kill message in, move to FINALIZING.
     fn finalize(&mut self) {
         if self.is_killed {
-            let km = self.kill_message.clone().unwrap_or_else(|| "Kill requested".into());
+            let km = self
+                .kill_message
+                .clone()
+                .unwrap_or_else(|| "Kill requested".into());
             self.add_failure(&km);
         }
         self.set_stage(Stage::Finalizing);
@@ -297,14 +310,18 @@ fn child_components(child: &str) -> Result<Vec<String>, String> {
     if child == "." {
         return Ok(vec![]);
     }
-    let c = files::normalize(child).filter(|c| !c.is_empty()).ok_or_else(|| {
-        format!("dependency path {child:?} is not a path inside the bundle")
-    })?;
+    let c = files::normalize(child)
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| format!("dependency path {child:?} is not a path inside the bundle"))?;
     Ok(c)
 }
 
 /// One pass over one run.
-pub fn step(ctx: &Arc<Ctx>, run: &mut Run, running_sets: &(HashSet<usize>, HashSet<String>, usize)) {
+pub fn step(
+    ctx: &Arc<Ctx>,
+    run: &mut Run,
+    running_sets: &(HashSet<usize>, HashSet<String>, usize),
+) {
     match run.stage {
         Stage::Preparing => preparing(ctx, run, running_sets),
         Stage::Running => running(ctx, run),
@@ -340,11 +357,19 @@ fn preparing(ctx: &Arc<Ctx>, run: &mut Run, held: &(HashSet<usize>, HashSet<Stri
     let uuid = run.uuid().to_string();
     // slots (--slots): at most N containers at once
     if ctx.slots > 0 && held.2 >= ctx.slots {
-        run.run_status = format!("Waiting for a free slot ({} runs at once on this worker)", ctx.slots);
+        run.run_status = format!(
+            "Waiting for a free slot ({} runs at once on this worker)",
+            ctx.slots
+        );
         return;
     }
     // CPUs and GPUs not held by running runs
-    let free_cpus: Vec<usize> = ctx.cpus.iter().copied().filter(|c| !held.0.contains(c)).collect();
+    let free_cpus: Vec<usize> = ctx
+        .cpus
+        .iter()
+        .copied()
+        .filter(|c| !held.0.contains(c))
+        .collect();
     let want_cpus = run.resources.cpus.max(1) as usize;
     if want_cpus > free_cpus.len() {
         run.run_status = format!(
@@ -354,8 +379,11 @@ fn preparing(ctx: &Arc<Ctx>, run: &mut Run, held: &(HashSet<usize>, HashSet<Stri
         );
         return;
     }
-    let free_gpus: Vec<&cw_runtime::gpu::Gpu> =
-        ctx.gpus.iter().filter(|g| !held.1.contains(&g.uuid)).collect();
+    let free_gpus: Vec<&cw_runtime::gpu::Gpu> = ctx
+        .gpus
+        .iter()
+        .filter(|g| !held.1.contains(&g.uuid))
+        .collect();
     let want_gpus = run.resources.gpus as usize;
     if want_gpus > free_gpus.len() {
         run.run_status = format!(
@@ -370,7 +398,10 @@ fn preparing(ctx: &Arc<Ctx>, run: &mut Run, held: &(HashSet<usize>, HashSet<Stri
     let mut dep_paths: Vec<(String, PathBuf)> = vec![];
     for d in &run.bundle.dependencies {
         if let Err(e) = child_components(&d.child_path) {
-            run.fail_preparing(format!("Failed to download dependency {}: {e}", d.child_path));
+            run.fail_preparing(format!(
+                "Failed to download dependency {}: {e}",
+                d.child_path
+            ));
             return;
         }
         if ctx.shared_fs {
@@ -401,7 +432,10 @@ fn preparing(ctx: &Arc<Ctx>, run: &mut Run, held: &(HashSet<usize>, HashSet<Stri
                 size_str(e.size_bytes as f64)
             )),
             DepStage::Failed => {
-                run.fail_preparing(format!("Failed to download dependency {}: {}", d.child_path, e.message));
+                run.fail_preparing(format!(
+                    "Failed to download dependency {}: {}",
+                    d.child_path, e.message
+                ));
                 return;
             }
             DepStage::Ready => dep_paths.push((d.child_path.clone(), ctx.deps.path_of(&e))),
@@ -411,7 +445,11 @@ fn preparing(ctx: &Arc<Ctx>, run: &mut Run, held: &(HashSet<usize>, HashSet<Stri
     let image = run.resources.docker_image.clone();
     let image_rec = match image_state(ctx, &image) {
         ImageState::Downloading(p) => {
-            statuses.push(format!("Pulling docker image {image}. {p}").trim_end().to_string());
+            statuses.push(
+                format!("Pulling docker image {image}. {p}")
+                    .trim_end()
+                    .to_string(),
+            );
             None
         }
         ImageState::Failed(m, _) => {
@@ -424,7 +462,10 @@ fn preparing(ctx: &Arc<Ctx>, run: &mut Run, held: &(HashSet<usize>, HashSet<Stri
         let n = statuses.len();
         let mut s = statuses.pop().unwrap();
         if n > 1 {
-            s.push_str(&format!("(and downloading {} other dependencies and docker images)", n - 1));
+            s.push_str(&format!(
+                "(and downloading {} other dependencies and docker images)",
+                n - 1
+            ));
         }
         run.run_status = s;
         return;
@@ -440,17 +481,25 @@ fn preparing(ctx: &Arc<Ctx>, run: &mut Run, held: &(HashSet<usize>, HashSet<Stri
         return;
     }
     run.cpuset = free_cpus[..want_cpus].to_vec();
-    run.gpuset = free_gpus[..want_gpus].iter().map(|g| g.uuid.clone()).collect();
-    let gpus: Vec<cw_runtime::gpu::Gpu> = free_gpus[..want_gpus].iter().map(|g| (*g).clone()).collect();
+    run.gpuset = free_gpus[..want_gpus]
+        .iter()
+        .map(|g| g.uuid.clone())
+        .collect();
+    let gpus: Vec<cw_runtime::gpu::Gpu> = free_gpus[..want_gpus]
+        .iter()
+        .map(|g| (*g).clone())
+        .collect();
     run.t.busy = true;
     run.run_status = "Starting container.".into();
     let (ctx2, snapshot) = (ctx.clone(), run.clone());
     tokio::spawn(async move {
         let ctx3 = ctx2.clone();
-        let res = tokio::task::spawn_blocking(move || start_container(&ctx3, &snapshot, &rec, &dep_paths, gpus))
-            .await
-            .map_err(|e| format!("start task: {e}"))
-            .and_then(|r| r);
+        let res = tokio::task::spawn_blocking(move || {
+            start_container(&ctx3, &snapshot, &rec, &dep_paths, gpus)
+        })
+        .await
+        .map_err(|e| format!("start task: {e}"))
+        .and_then(|r| r);
         let mut runs = ctx2.runs.lock().unwrap();
         if let Some(r) = runs.get_mut(&uuid) {
             r.t.busy = false;
@@ -532,7 +581,8 @@ fn start_container(
             } else {
                 let mut tree = crate::store::unpack::Tree::open(&bp).map_err(|e| e.to_string())?;
                 let p: Vec<&[u8]> = parents.iter().map(|s| s.as_bytes()).collect();
-                tree.resolve_dir(&p, true).map_err(|e| format!("{}: {e}", parents.join("/")))?
+                tree.resolve_dir(&p, true)
+                    .map_err(|e| format!("{}: {e}", parents.join("/")))?
             };
             use std::os::fd::AsRawFd;
             let _ = crate::store::unpack::remove_all_at(parent.as_raw_fd(), name.as_bytes());
@@ -561,16 +611,27 @@ fn start_container(
     if !gpus.is_empty() {
         env.push(format!(
             "NVIDIA_VISIBLE_DEVICES={}",
-            gpus.iter().map(|g| g.uuid.as_str()).collect::<Vec<_>>().join(",")
+            gpus.iter()
+                .map(|g| g.uuid.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
         ));
     }
     let opts = crate::run::RunOptions {
         name: Some(name.clone()),
-        args: vec!["/bin/bash".into(), "-c".into(), format!("( {cmd} ) >stdout 2>stderr")],
+        args: vec![
+            "/bin/bash".into(),
+            "-c".into(),
+            format!("( {cmd} ) >stdout 2>stderr"),
+        ],
         env,
         mounts,
         workdir: Some(format!("/{uuid}")),
-        user: Some(format!("{}:{}", nix::unistd::getuid(), nix::unistd::getgid())),
+        user: Some(format!(
+            "{}:{}",
+            nix::unistd::getuid(),
+            nix::unistd::getgid()
+        )),
         limits: Limits {
             memory: (run.resources.memory > 0).then_some(run.resources.memory),
             cpus: None,
@@ -602,7 +663,8 @@ fn start_container(
         gpus,
         driver_version: ctx.driver_version.clone(),
     };
-    let (rd, mut req) = crate::run::prepare(&ctx.store, &img, &opts).map_err(|e| format!("{e:#}"))?;
+    let (rd, mut req) =
+        crate::run::prepare(&ctx.store, &img, &opts).map_err(|e| format!("{e:#}"))?;
     req.stdout = Some(rd.path.join("container.out"));
     req.stderr = Some(rd.path.join("container.err"));
     rd.write_request(&req).map_err(|e| e.to_string())?;
@@ -635,7 +697,10 @@ fn limit_messages(run: &Run, oom: bool, time_limit_hit: bool) -> Vec<String> {
         ));
     }
     if oom || (r.memory > 0 && run.max_memory > r.memory) {
-        msgs.push(format!("Memory limit {} exceeded.", size_str(r.memory as f64)));
+        msgs.push(format!(
+            "Memory limit {} exceeded.",
+            size_str(r.memory as f64)
+        ));
     }
     if r.disk > 0 && run.disk_utilization > r.disk {
         msgs.push(format!("Disk limit {}b exceeded.", size_str(r.disk as f64)));
@@ -676,7 +741,10 @@ fn apply_exit(run: &mut Run, ex: &cw_runtime::monitor::ExitStatus, container_err
     let msgs = limit_messages(run, ex.oom_killed, ex.reason == Reason::TimeLimit);
     match ex.reason {
         Reason::Failed | Reason::Lost => {
-            let e = ex.error.clone().unwrap_or_else(|| "the container failed".into());
+            let e = ex
+                .error
+                .clone()
+                .unwrap_or_else(|| "the container failed".into());
             run.add_failure(&e);
         }
         // the wrapper shell's own complaints (e.g. "Killed") only when no limit explains the end
@@ -719,7 +787,11 @@ fn running(ctx: &Arc<Ctx>, run: &mut Run) {
         run.container_time_total = (now() - st.started_at).max(0.0);
     }
     if let Ok(req) = rd.request() {
-        let u = cw_runtime::cgroup::read(&format!("{}/{}", req.cgroup_parent.trim_end_matches('/'), req.id));
+        let u = cw_runtime::cgroup::read(&format!(
+            "{}/{}",
+            req.cgroup_parent.trim_end_matches('/'),
+            req.id
+        ));
         run.container_time_user = u.cpu_user_ns as f64 / 1e9;
         run.container_time_system = u.cpu_system_ns as f64 / 1e9;
         run.max_memory = run.max_memory.max(u.memory_peak).max(u.memory_current);
@@ -788,11 +860,16 @@ fn cleaning_up(ctx: &Arc<Ctx>, run: &mut Run) {
     let uuid = run.uuid().to_string();
     if !ctx.shared_fs {
         for d in &run.bundle.dependencies {
-            ctx.deps.release(&uuid, &(d.parent_uuid.clone(), d.parent_path.clone()));
+            ctx.deps
+                .release(&uuid, &(d.parent_uuid.clone(), d.parent_path.clone()));
         }
     }
     for p in std::mem::take(&mut run.paths_to_remove) {
-        if p.starts_with(&run.bundle_path) || std::fs::canonicalize(&run.bundle_path).map(|b| p.starts_with(b)).unwrap_or(false) {
+        if p.starts_with(&run.bundle_path)
+            || std::fs::canonicalize(&run.bundle_path)
+                .map(|b| p.starts_with(b))
+                .unwrap_or(false)
+        {
             let _ = crate::store::remove_tree(&p);
         }
     }
@@ -806,7 +883,10 @@ fn cleaning_up(ctx: &Arc<Ctx>, run: &mut Run) {
         return;
     }
     if ctx.shared_fs && run.has_contents {
-        delete_excluded(&run.bundle_path, &Excludes::new(&run.bundle.exclude_patterns()));
+        delete_excluded(
+            &run.bundle_path,
+            &Excludes::new(&run.bundle.exclude_patterns()),
+        );
     }
     run.finalize();
 }
@@ -814,10 +894,16 @@ fn cleaning_up(ctx: &Arc<Ctx>, run: &mut Run) {
 /// Shared-FS mode: exclude patterns are deleted in place, never outside the bundle.
 fn delete_excluded(root: &Path, ex: &Excludes) {
     fn walk(dir: &Path, rel: &str, ex: &Excludes) {
-        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let r = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            let r = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
             if ex.matches(&r) {
                 let _ = crate::store::remove_tree(&e.path());
             } else if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
@@ -876,7 +962,9 @@ impl Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.tx
             .blocking_send(bytes::Bytes::copy_from_slice(buf))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped"))?;
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped")
+            })?;
         self.counter.fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(buf.len())
     }
@@ -886,13 +974,19 @@ impl Write for ChannelWriter {
 }
 
 /// A body streamed from a blocking producer through a bounded channel.
-pub fn stream_body<F>(counter: Arc<AtomicU64>, produce: F) -> (reqwest::Body, tokio::task::JoinHandle<std::io::Result<()>>)
+pub fn stream_body<F>(
+    counter: Arc<AtomicU64>,
+    produce: F,
+) -> (reqwest::Body, tokio::task::JoinHandle<std::io::Result<()>>)
 where
     F: FnOnce(std::io::BufWriter<ChannelWriter>) -> std::io::Result<()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
     let h = tokio::task::spawn_blocking(move || {
-        produce(std::io::BufWriter::with_capacity(1 << 16, ChannelWriter { tx, counter }))
+        produce(std::io::BufWriter::with_capacity(
+            1 << 16,
+            ChannelWriter { tx, counter },
+        ))
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
@@ -981,10 +1075,29 @@ mod tests {
         let e = r.checkin_entry("w1");
         assert_eq!(e.state, "finalizing");
         assert_eq!(e.bundle_profile_stats.len(), 5);
-        assert!(e.bundle_profile_stats["RUN_STAGE.PREPARING"].elapsed.is_some());
-        assert!(e.bundle_profile_stats["RUN_STAGE.UPLOADING_RESULTS"].elapsed.is_none());
+        assert!(e.bundle_profile_stats["RUN_STAGE.PREPARING"]
+            .elapsed
+            .is_some());
+        assert!(e.bundle_profile_stats["RUN_STAGE.UPLOADING_RESULTS"]
+            .elapsed
+            .is_none());
         let v = serde_json::to_value(&e).unwrap();
-        for k in ["uuid", "run_status", "bundle_start_time", "container_time_total", "container_time_user", "container_time_system", "docker_image", "state", "remote", "exitcode", "failure_message", "cpu_usage", "memory_usage", "disk_utilization"] {
+        for k in [
+            "uuid",
+            "run_status",
+            "bundle_start_time",
+            "container_time_total",
+            "container_time_user",
+            "container_time_system",
+            "docker_image",
+            "state",
+            "remote",
+            "exitcode",
+            "failure_message",
+            "cpu_usage",
+            "memory_usage",
+            "disk_utilization",
+        ] {
             assert!(v.get(k).is_some(), "{k}");
         }
         let mut r = run(0, 0, 0);
@@ -992,7 +1105,10 @@ mod tests {
         r.is_killed = true;
         r.kill_message = Some("Kill requested: quota".into());
         r.finalize();
-        assert_eq!(r.failure_message.as_deref(), Some("Exit code 1. Kill requested: quota"));
+        assert_eq!(
+            r.failure_message.as_deref(),
+            Some("Exit code 1. Kill requested: quota")
+        );
     }
 
     #[test]
