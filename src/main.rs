@@ -704,11 +704,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 None => {
                     let req = rd.request()?;
-                    let u = cw_runtime::cgroup::read(&format!(
-                        "{}/{}",
-                        req.cgroup_parent.trim_end_matches('/'),
-                        req.id
-                    ));
+                    let u = cw_runtime::cgroup::read(&req.cgroup_path());
                     serde_json::json!({"status": cw::run::status_word(&rd), "usage": u})
                 }
             };

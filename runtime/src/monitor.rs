@@ -582,7 +582,7 @@ pub fn main(dir: &Path) -> i32 {
             return fail(dir, &req, started, msg);
         }
     };
-    let cgroup_path = format!("{}/{}", req.cgroup_parent.trim_end_matches('/'), req.id);
+    let cgroup_path = req.cgroup_path();
     if let Err(e) = container.start() {
         let msg = format!("starting the container: {e}");
         let _ = container.delete(true);

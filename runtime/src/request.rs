@@ -85,6 +85,13 @@ pub struct RunRequest {
     pub cleanup: Cleanup,
 }
 
+impl RunRequest {
+    /// The run's cgroup, within each hierarchy: `<cgroup_parent>/<id>`.
+    pub fn cgroup_path(&self) -> String {
+        format!("{}/{}", self.cgroup_parent.trim_end_matches('/'), self.id)
+    }
+}
+
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64

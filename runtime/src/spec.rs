@@ -225,7 +225,7 @@ pub fn build(req: &RunRequest) -> Result<Spec, String> {
         "hostname": req.hostname,
         "mounts": mounts,
         "linux": {
-            "cgroupsPath": format!("{}/{}", req.cgroup_parent.trim_end_matches('/'), req.id),
+            "cgroupsPath": req.cgroup_path(),
             "namespaces": namespaces,
             "resources": resources,
             "devices": devices,

@@ -100,11 +100,6 @@ impl Server {
     /// The OAuth2 password grant of the built-in client `codalab_worker_client` (no secret).
     pub async fn login(&self) -> Result<(), ClientError> {
         let url = format!("{}/oauth2/token", self.base);
-        let auth = ClientError::Auth {
-            user: self.user.clone(),
-            url: url.clone(),
-            reason: String::new(),
-        };
         let resp = xhr(self.http.post(&url))
             .basic_auth("codalab_worker_client", Some(""))
             .form(&[
@@ -122,13 +117,10 @@ impl Server {
             })?;
         let status = resp.status();
         let body = resp.bytes().await.unwrap_or_default();
-        let with = |reason: String| match &auth {
-            ClientError::Auth { user, url, .. } => ClientError::Auth {
-                user: user.clone(),
-                url: url.clone(),
-                reason,
-            },
-            _ => unreachable!(),
+        let with = |reason: String| ClientError::Auth {
+            user: self.user.clone(),
+            url: url.clone(),
+            reason,
         };
         if !status.is_success() {
             let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();

@@ -6,6 +6,7 @@
 //! start again.
 
 use super::client::Server;
+use super::runs::now;
 use crate::store::unpack::{self, Whiteouts};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -48,13 +49,6 @@ pub struct Cache {
     max_bytes: u64,
     attempts: u32,
     server: Arc<Server>,
-}
-
-fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// A bundle uuid as the server makes them (`0x` + 32 hex); anything else is refused before it

@@ -787,11 +787,7 @@ fn running(ctx: &Arc<Ctx>, run: &mut Run) {
         run.container_time_total = (now() - st.started_at).max(0.0);
     }
     if let Ok(req) = rd.request() {
-        let u = cw_runtime::cgroup::read(&format!(
-            "{}/{}",
-            req.cgroup_parent.trim_end_matches('/'),
-            req.id
-        ));
+        let u = cw_runtime::cgroup::read(&req.cgroup_path());
         run.container_time_user = u.cpu_user_ns as f64 / 1e9;
         run.container_time_system = u.cpu_system_ns as f64 / 1e9;
         run.max_memory = run.max_memory.max(u.memory_peak).max(u.memory_current);
