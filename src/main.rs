@@ -190,9 +190,15 @@ struct RunArgs {
     /// Copy the layers instead of mounting overlayfs
     #[arg(long)]
     no_overlay: bool,
-    /// GPUs: a count (N free ones), all, none, or indexes/UUIDs (0,2 or GPU-3bb1…)
+    /// GPUs: a count (N free ones), all, none, or indexes/UUIDs (0,2 or GPU-3bb1…, MIG-…)
     #[arg(long)]
     gpus: Option<String>,
+    /// Pass a host device node through: HOST[:CONTAINER[:PERMS]] (PERMS ⊆ rwm); repeatable
+    #[arg(long = "device", value_parser = parse_device_arg)]
+    devices: Vec<cw_runtime::request::Device>,
+    /// CDI spec directory for --gpus; repeatable (default: /etc/cdi, /var/run/cdi)
+    #[arg(long = "cdi-spec-dir")]
+    cdi_spec_dirs: Vec<PathBuf>,
     /// Command and arguments; one argument with spaces or shell syntax runs under /bin/sh -c
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
@@ -407,11 +413,14 @@ fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
         hostname: None,
         gpus: vec![],
         driver_version: String::new(),
+        devices: a.devices.clone(),
+        cdi_dirs: a.cdi_spec_dirs.clone(),
     };
     let mut opts = opts;
     if let Some(spec) = &a.gpus {
         let inv = cw_runtime::gpu::discover();
-        opts.gpus = cw_runtime::gpu::select(&inv.gpus, &inv.gpus, spec).map_err(|e| {
+        let all = [inv.gpus.clone(), inv.mig_devices.clone()].concat();
+        opts.gpus = cw_runtime::gpu::select(&all, &inv.gpus, spec).map_err(|e| {
             anyhow::anyhow!(
                 "--gpus {spec}: {e}{}",
                 inv.note
@@ -639,10 +648,14 @@ fn run(cli: Cli) -> Result<()> {
                     "{:<6} {:<42} {:<6} {:>10}  NAME",
                     "INDEX", "UUID", "MINOR", "MEMORY"
                 );
-                for g in &inv.gpus {
+                for g in inv.gpus.iter().chain(&inv.mig_devices) {
+                    let index = match &g.mig {
+                        Some(m) => format!("{}:{}/{}", g.index, m.gpu_instance, m.compute_instance),
+                        None => g.index.to_string(),
+                    };
                     println!(
                         "{:<6} {:<42} {:<6} {:>10}  {}",
-                        g.index,
+                        index,
                         g.uuid,
                         g.minor,
                         human(g.memory_bytes),
@@ -736,4 +749,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn parse_device_arg(s: &str) -> Result<cw_runtime::request::Device, String> {
+    cw::run::parse_device(s)
 }

@@ -29,10 +29,53 @@ pub struct RunOptions {
     /// GPUs assigned to the run (empty: none) and the driver version their libraries must have.
     pub gpus: Vec<cw_runtime::gpu::Gpu>,
     pub driver_version: String,
+    /// Host device nodes passed through (`--device`).
+    pub devices: Vec<cw_runtime::request::Device>,
+    /// CDI spec directories for GPU runs (empty: /etc/cdi and /var/run/cdi).
+    pub cdi_dirs: Vec<PathBuf>,
 }
 
 pub fn runs_dir(store: &Store) -> PathBuf {
     store.root().join("runs")
+}
+
+/// Parse `--device HOST[:CONTAINER[:PERMS]]`: a host character or block device node, created at
+/// CONTAINER (default: the same path) and allowed with PERMS (default `rwm`) in the device cgroup.
+pub fn parse_device(s: &str) -> Result<cw_runtime::request::Device, String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let parts: Vec<&str> = s.split(':').collect();
+    let (host, dst, perms) = match parts.as_slice() {
+        [h] => (*h, *h, "rwm"),
+        [h, d] => (*h, *d, "rwm"),
+        [h, d, p] => (*h, *d, *p),
+        _ => return Err(format!("device {s:?} is not HOST[:CONTAINER[:PERMS]]")),
+    };
+    let m = std::fs::metadata(host).map_err(|e| format!("device {s:?}: {host}: {e}"))?;
+    let ty = if m.file_type().is_char_device() {
+        "c"
+    } else if m.file_type().is_block_device() {
+        "b"
+    } else {
+        return Err(format!("device {s:?}: {host} is not a device node"));
+    };
+    if !dst.starts_with("/dev/") || dst.split('/').any(|c| c == "..") {
+        return Err(format!(
+            "device {s:?}: the container path must be under /dev"
+        ));
+    }
+    if perms.is_empty() || !perms.chars().all(|c| "rwm".contains(c)) {
+        return Err(format!(
+            "device {s:?}: permissions {perms:?} are not a subset of rwm"
+        ));
+    }
+    Ok(cw_runtime::request::Device {
+        path: dst.to_string(),
+        dev_type: ty.into(),
+        major: libc::major(m.rdev()) as i64,
+        minor: libc::minor(m.rdev()) as i64,
+        file_mode: m.mode() & 0o777,
+        access: perms.to_string(),
+    })
 }
 
 /// Parse `-v SRC:DST[:ro|rw]`.
@@ -171,7 +214,8 @@ pub fn prepare(
         }
         let mut host_files = etc_files(&dir, &hostname, o.network)?;
         let mut env = environment(&image.run, &o.env, &home, &hostname);
-        let mut devices = vec![];
+        let mut devices = o.devices.clone();
+        let mut ldconfig_dirs = vec![];
         if !o.gpus.is_empty() {
             let get = |k: &str| {
                 env.iter()
@@ -180,10 +224,29 @@ pub fn prepare(
             };
             let caps = get("NVIDIA_DRIVER_CAPABILITIES")
                 .filter(|c| !c.is_empty())
-                .unwrap_or_else(|| "compute,utility".into());
-            let (devs, files, genv) = cw_runtime::gpu::injection(&o.gpus, &o.driver_version, &caps);
-            devices = devs;
-            host_files.extend(files);
+                .unwrap_or_else(|| cw_runtime::gpu::DEFAULT_CAPS.into());
+            let inj = cw_runtime::gpu::injection(
+                &o.gpus,
+                &o.driver_version,
+                &caps,
+                &if o.cdi_dirs.is_empty() {
+                    cw_runtime::cdi::default_dirs()
+                } else {
+                    o.cdi_dirs.clone()
+                },
+            )
+            .map_err(|e| anyhow::anyhow!("GPUs: {e}"))?;
+            for n in &inj.notes {
+                tracing::warn!("{n}");
+            }
+            for d in inj.devices {
+                if !devices.iter().any(|x| x.path == d.path) {
+                    devices.push(d);
+                }
+            }
+            host_files.extend(inj.files);
+            ldconfig_dirs = inj.ldconfig_dirs;
+            let genv = inj.env;
             let ld = match get("LD_LIBRARY_PATH") {
                 Some(l) if !l.is_empty() => format!("{}:{l}", cw_runtime::gpu::CONTAINER_LIB_DIR),
                 _ => cw_runtime::gpu::CONTAINER_LIB_DIR.to_string(),
@@ -230,6 +293,7 @@ pub fn prepare(
             cgroup_parent: o.cgroup_parent.clone(),
             devices,
             host_files,
+            ldconfig_dirs,
             cleanup,
         })
     })();

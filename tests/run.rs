@@ -546,3 +546,118 @@ fn limits_are_applied() {
     cw.ok(&["rm", "lim"]);
     assert_no_leftovers(&cw);
 }
+
+/// The device cgroup is what stands between a run and the host's devices: the node passed with
+/// `--device` (as a GPU's /dev/nvidiaN is) is created and allowed, an unassigned one is denied
+/// even to a process holding a node for it. Major 42 ("sample drivers") has no driver here, so an
+/// allowed open fails with ENXIO and a denied one with EPERM.
+#[test]
+fn device_cgroup_allows_the_passed_node_and_denies_an_unassigned_one() {
+    let Some(cw) = runner() else { return };
+    // device nodes must live on a filesystem without nodev: /dev itself
+    let dir = Path::new("/dev").join(format!("cw-test-{}", rand_suffix()));
+    std::fs::create_dir(&dir).unwrap();
+    struct Rm(std::path::PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _rm = Rm(dir.clone());
+    for (name, minor) in [("nvidia0", 0), ("nvidia1", 1)] {
+        nix::sys::stat::mknod(
+            &dir.join(name),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(42, minor),
+        )
+        .unwrap();
+    }
+    let assigned = format!("{}:/dev/nvidia1", dir.join("nvidia1").display());
+
+    // inside: only the passed node, with its numbers, and the cgroup lets it be opened
+    let (rc, out, err) = run_out(
+        &cw,
+        &[
+            "run",
+            "--device",
+            &assigned,
+            "--image",
+            TINY,
+            "ls -l /dev/ | grep nvidia; cat /dev/nvidia1",
+        ],
+    );
+    assert_ne!(rc, 0);
+    assert!(out.contains("42,   1") && out.contains("nvidia1"), "{out}");
+    assert!(!out.contains("nvidia0"), "{out}");
+    assert!(
+        err.contains("No such device or address"),
+        "the passed node must reach its (absent) driver: {err}"
+    );
+    assert!(!err.contains("Operation not permitted"), "{err}");
+
+    // from the host, a process joining the run's device cgroup: the unassigned node is denied
+    let id = cw
+        .ok(&[
+            "run", "-d", "--device", &assigned, "--image", TINY, "--", "sleep", "86400",
+        ])
+        .trim()
+        .to_string();
+    let v1 = Path::new("/sys/fs/cgroup/devices").is_dir();
+    let cg = if v1 {
+        format!("/sys/fs/cgroup/devices/cw/{id}")
+    } else {
+        format!("/sys/fs/cgroup/cw/{id}")
+    };
+    let t = Instant::now();
+    while !Path::new(&cg).join("cgroup.procs").exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no cgroup {cg}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let open_in_cgroup = |node: &str| {
+        let o = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {cg}/cgroup.procs && exec cat {}",
+                dir.join(node).display()
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let denied = open_in_cgroup("nvidia0");
+    let allowed = open_in_cgroup("nvidia1");
+    cw.ok(&["kill", &id]);
+    let t = Instant::now();
+    while cw.run(&["rm", &id]).status.code() != Some(0) {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "run {id} not removable"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        denied.contains("Operation not permitted"),
+        "unassigned node: {denied}"
+    );
+    assert!(
+        allowed.contains("No such device or address"),
+        "assigned node: {allowed}"
+    );
+    assert_no_leftovers(&cw);
+
+    let err = cw.fails(&["run", "--device", "/etc/hostname", "--image", TINY, "true"]);
+    assert!(
+        err.contains("/etc/hostname") && err.contains("not a device node"),
+        "{err}"
+    );
+    let err = cw.fails(&[
+        "run",
+        "--device",
+        "/dev/null:/etc/x",
+        "--image",
+        TINY,
+        "true",
+    ]);
+    assert!(err.contains("under /dev"), "{err}");
+}

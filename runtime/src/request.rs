@@ -37,13 +37,43 @@ pub struct Limits {
     pub shm_size: u64,
 }
 
-/// A device node to pass through (GPUs), with its cgroup permission.
+/// A device node to create in the container's /dev (GPUs, `--device`), allowed in its device
+/// cgroup with `access`; every other node stays denied.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct Device {
+    /// Path in the container (`/dev/...`).
     pub path: String,
+    /// `c` (character) or `b` (block).
+    #[serde(default = "char_device")]
+    pub dev_type: String,
     pub major: i64,
     pub minor: i64,
     pub file_mode: u32,
+    /// cgroup access: a subset of `rwm`.
+    #[serde(default = "rwm")]
+    pub access: String,
+}
+
+fn char_device() -> String {
+    "c".into()
+}
+
+fn rwm() -> String {
+    "rwm".into()
+}
+
+impl Device {
+    /// A character device with full access.
+    pub fn char(path: impl Into<String>, major: i64, minor: i64, file_mode: u32) -> Device {
+        Device {
+            path: path.into(),
+            dev_type: char_device(),
+            major,
+            minor,
+            file_mode,
+            access: rwm(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Default)]
@@ -82,6 +112,10 @@ pub struct RunRequest {
     pub devices: Vec<Device>,
     /// Extra read-only bind mounts of host files (driver libraries), source → destination.
     pub host_files: Vec<BindMount>,
+    /// Directories (container paths) to add to the rootfs's ld.so.cache before the container
+    /// starts (GPU driver libraries), by a confined host ldconfig (see `ldcache`).
+    #[serde(default)]
+    pub ldconfig_dirs: Vec<String>,
     pub cleanup: Cleanup,
 }
 

@@ -176,16 +176,35 @@ pub fn build(req: &RunRequest) -> Result<Spec, String> {
     let mut resources = json!({
         "devices": [{"allow": false, "access": "rwm"}],
     });
-    let mut allowed = vec![(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 2)];
+    let mut allowed: Vec<(&str, i64, i64, &str)> =
+        [(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 2)]
+            .iter()
+            .map(|&(a, b)| ("c", a, b, "rwm"))
+            .collect();
     let mut devices = vec![];
     for d in &req.devices {
-        allowed.push((d.major, d.minor));
-        devices.push(json!({"path": d.path, "type": "c", "major": d.major, "minor": d.minor, "fileMode": d.file_mode, "uid": 0, "gid": 0}));
+        if !matches!(d.dev_type.as_str(), "c" | "b") {
+            return Err(format!(
+                "device {}: type {:?} is neither c nor b",
+                d.path, d.dev_type
+            ));
+        }
+        if d.access.is_empty() || !d.access.chars().all(|c| "rwm".contains(c)) {
+            return Err(format!(
+                "device {}: access {:?} is not a subset of rwm",
+                d.path, d.access
+            ));
+        }
+        if !d.path.starts_with("/dev/") || d.path.split('/').any(|c| c == "..") {
+            return Err(format!("device {}: the path must be under /dev", d.path));
+        }
+        allowed.push((d.dev_type.as_str(), d.major, d.minor, d.access.as_str()));
+        devices.push(json!({"path": d.path, "type": d.dev_type, "major": d.major, "minor": d.minor, "fileMode": d.file_mode, "uid": 0, "gid": 0}));
     }
     let dev_rules = resources["devices"].as_array_mut().unwrap();
-    for (maj, min) in allowed {
+    for (ty, maj, min, access) in allowed {
         dev_rules
-            .push(json!({"allow": true, "type": "c", "major": maj, "minor": min, "access": "rwm"}));
+            .push(json!({"allow": true, "type": ty, "major": maj, "minor": min, "access": access}));
     }
     dev_rules.push(json!({"allow": true, "type": "c", "major": 136, "access": "rwm"})); // /dev/pts/*
     if let Some(m) = req.limits.memory {
@@ -274,6 +293,7 @@ mod tests {
             cgroup_parent: "/cw".into(),
             devices: vec![],
             host_files: vec![],
+            ldconfig_dirs: vec![],
             cleanup: Cleanup::default(),
         }
     }
