@@ -79,3 +79,191 @@ fn no_gpu_injection_unless_asked() {
     let o = cw.run(&["run", "--gpus", "0", "--image", IMG, "cuda_check"]);
     assert_ne!(o.status.code(), Some(0));
 }
+
+/// Build the STAND-IN NVML library (runtime/tests/fixtures/gpu/standin_nvml.c: a made-up machine
+/// with two GPUs, minors 0 and 3, and two MIG devices on the second; not NVIDIA's library).
+fn standin_nvml(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("runtime/tests/fixtures/gpu/standin_nvml.c");
+    let lib = dir.join("libnvidia-ml-standin.so");
+    match std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .status()
+    {
+        Ok(s) if s.success() => Some(lib),
+        r => {
+            eprintln!("skipped: cannot build the stand-in NVML ({r:?})");
+            None
+        }
+    }
+}
+
+/// Discovery → selection → injection end to end on a machine without GPUs, with the stand-in
+/// NVML named by CW_NVML_LIBRARY: the run gets exactly its GPU's node (numbers from this host's
+/// /proc/devices, 195 for NVIDIA), the control nodes, and NVIDIA_VISIBLE_DEVICES with its UUID.
+#[test]
+fn stand_in_nvml_drives_cw_gpus_and_the_nodes_a_run_gets() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(lib) = standin_nvml(d.path()) else {
+        return;
+    };
+    let cw = Cw::new();
+    let lib_s = lib.display().to_string();
+    let with_lib = |args: &[&str]| {
+        let mut c = cw.cmd(args);
+        c.env("CW_NVML_LIBRARY", &lib_s);
+        c.output().unwrap()
+    };
+    let o = with_lib(&["gpus", "--json"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["driver_version"], "999.88.77", "{v}");
+    assert_eq!(v["gpus"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["mig_devices"][1]["mig"]["gpu_instance"], 2, "{v}");
+    let table = String::from_utf8_lossy(&with_lib(&["gpus"]).stdout).into_owned();
+    assert!(
+        table.contains("GPU-bbbbbbbb-0000-0000-0000-000000000000") && table.contains("1:2/0"),
+        "{table}"
+    );
+    if !is_root() {
+        eprintln!("skipped the run part: needs root");
+        return;
+    }
+    if std::fs::read_to_string("/proc/devices")
+        .unwrap_or_default()
+        .contains(" nvidia")
+    {
+        eprintln!("skipped the run part: a real NVIDIA driver is loaded here");
+        return;
+    }
+    cw.ok(&["pull", "-q", IMG]);
+    let script =
+        "ls -l /dev/ | grep nvidia | tr -s ' ' | cut -d' ' -f5,6,10; echo $NVIDIA_VISIBLE_DEVICES";
+    let o = with_lib(&["run", "--gpus", "GPU-bbbb", "--image", IMG, script]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        out, "195, 3 nvidia3\n195, 255 nvidiactl\nGPU-bbbbbbbb-0000-0000-0000-000000000000\n",
+        "only the selected GPU's node"
+    );
+    let o = with_lib(&["run", "--gpus", "1", "--image", IMG, script]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.starts_with("195, 0 nvidia0\n") && out.contains("GPU-aaaaaaaa"),
+        "{out}"
+    );
+    // a MIG device needs the nvidia-caps driver, which this host does not have
+    let o = with_lib(&["run", "--gpus", "MIG-2222", "--image", IMG, "true"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("nvidia-caps"), "{err}");
+}
+
+/// A site's CDI spec (here in a directory given by --cdi-spec-dir) replaces cw's own plan: its
+/// device node, its bind of the driver library into a directory the loader does not search by
+/// default, its env; its `update-ldcache` hook becomes cw's confined ldconfig, so the image's
+/// own ld.so.cache resolves `libcuda.so.1` (a stub whose cuInit answers "no device") with
+/// LD_LIBRARY_PATH unset; its other hooks are reported as not run.
+#[test]
+fn cdi_spec_edits_and_ldconfig_in_the_rootfs() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let Some(nvml) = standin_nvml(d.path()) else {
+        return;
+    };
+    let stub = d.path().join("stub.c");
+    std::fs::write(&stub, "int cuInit(unsigned f) { (void)f; return 100; }\n").unwrap();
+    let libcuda = d.path().join("driver/libcuda.so.999.88.77");
+    std::fs::create_dir_all(libcuda.parent().unwrap()).unwrap();
+    let ok = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o"])
+        .arg(&libcuda)
+        .arg(&stub)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let cdi = d.path().join("cdi");
+    std::fs::create_dir_all(&cdi).unwrap();
+    std::fs::write(
+        cdi.join("nvidia.yaml"),
+        format!(
+            r#"cdiVersion: 0.6.0
+kind: nvidia.com/gpu
+devices:
+- name: GPU-aaaaaaaa-0000-0000-0000-000000000000
+  containerEdits:
+    deviceNodes:
+    - {{path: /dev/nvidia0, type: c, major: 42, minor: 0}}
+containerEdits:
+  env: [SPEC_ENV=from-cdi]
+  mounts:
+  - {{hostPath: {lib}, containerPath: /opt/driver/lib/libcuda.so.999.88.77, options: [ro, nosuid, nodev, bind]}}
+  hooks:
+  - {{hookName: createContainer, path: /usr/bin/nvidia-cdi-hook, args: [nvidia-cdi-hook, create-symlinks, --link, "libcuda.so.1::/opt/driver/lib/libcuda.so"]}}
+  - {{hookName: createContainer, path: /usr/bin/nvidia-cdi-hook, args: [nvidia-cdi-hook, update-ldcache, --folder, /opt/driver/lib]}}
+"#,
+            lib = libcuda.display()
+        ),
+    )
+    .unwrap();
+    let cw = Cw::new();
+    cw.ok(&["pull", "-q", IMG]);
+    let cdi_s = cdi.display().to_string();
+    let o = cw
+        .cmd(&[
+            "run",
+            "--cdi-spec-dir",
+            &cdi_s,
+            "--gpus",
+            "1",
+            "--image",
+            IMG,
+            "ls -l /dev/ | grep nvidia | tr -s ' ' | cut -d' ' -f5,6,10; echo $SPEC_ENV $NVIDIA_VISIBLE_DEVICES; unset LD_LIBRARY_PATH; cuda_check",
+        ])
+        .env("CW_NVML_LIBRARY", &nvml)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        out, "42, 0 nvidia0\nfrom-cdi GPU-aaaaaaaa-0000-0000-0000-000000000000\ndevices: 0\n",
+        "{err}"
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "cuda_check: the stub's cuInit said no device"
+    );
+    assert!(
+        err.contains("create-symlinks") && err.contains("not run"),
+        "{err}"
+    );
+    // a GPU the spec does not name: a clear error, no run
+    let o = cw
+        .cmd(&[
+            "run",
+            "--cdi-spec-dir",
+            &cdi_s,
+            "--gpus",
+            "GPU-b",
+            "--image",
+            IMG,
+            "true",
+        ])
+        .env("CW_NVML_LIBRARY", &nvml)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no device named GPU-bbbbbbbb"),
+        "{err}"
+    );
+}

@@ -1,45 +1,85 @@
 //! NVIDIA GPUs: discovery through NVML (the library is loaded at run time; hosts without it have
-//! no GPUs), assignment by index/UUID, and what a run needs to use its GPUs: only the assigned
-//! `/dev/nvidiaN` plus the control nodes, and the host driver's user-space libraries and tools
-//! bind-mounted read-only under `/usr/local/nvidia`. Nothing on the host side ever reads the
-//! image (no hooks, no ldconfig over the rootfs): the image cannot steer a host process
-//! (the NVIDIAScape lesson). Libraries are found through `LD_LIBRARY_PATH`.
+//! no GPUs), selection by count, index or UUID (MIG devices by their `MIG-` UUID), and the plan
+//! of what a run needs to use its GPUs:
+//! - device nodes with numbers from the host's `/proc/devices` (never from the image): only the
+//!   assigned `/dev/nvidiaN`, `nvidiactl`, `nvidia-uvm(-tools)`, `nvidia-modeset` when the
+//!   display/graphics capability is asked for, and the MIG capability nodes of an assigned MIG
+//!   device (`/dev/nvidia-caps/nvidia-capN`, minors from `/proc/driver/nvidia-caps/mig-minors`);
+//!   each is allowed in the run's device cgroup, every other node stays denied;
+//! - the host driver's user-space libraries whose real file carries the running driver's version
+//!   (from the host's ld cache, grouped by NVIDIA_DRIVER_CAPABILITIES), bound read-only under
+//!   `/usr/local/nvidia/lib64`, and tools under `/usr/local/nvidia/bin`, the persistenced socket
+//!   and the GSP firmware;
+//! - the library directory for a confined ldconfig over the run's rootfs (`ldcache`), so
+//!   `libcuda.so.1` resolves without LD_LIBRARY_PATH too.
+//!
+//! When a CDI spec for `nvidia.com/gpu` exists (`/etc/cdi`, `/var/run/cdi`), its edits replace
+//! this plan ([`crate::cdi`]). Nothing here runs a host program chosen or configured by the image,
+//! and the image's environment never reaches a host process (the NVIDIAScape lesson).
 
 use crate::request::{BindMount, Device};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Gpu {
+    /// NVML index (= nvidia-smi's); for a MIG device, its parent's.
     pub index: u32,
     pub uuid: String,
     pub name: String,
+    /// Minor of `/dev/nvidiaN`; for a MIG device, its parent's.
     pub minor: u32,
     pub memory_bytes: u64,
+    /// Set for a MIG device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig: Option<Mig>,
+}
+
+/// Where a MIG device sits: its parent GPU and its GPU/compute instance ids.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mig {
+    pub parent_uuid: String,
+    pub gpu_instance: u32,
+    pub compute_instance: u32,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Inventory {
+    /// Whole GPUs.
     pub gpus: Vec<Gpu>,
+    /// MIG devices of GPUs in MIG mode (selectable by UUID only).
+    #[serde(default)]
+    pub mig_devices: Vec<Gpu>,
     pub driver_version: Option<String>,
     /// Why there are no GPUs, when there are none.
     pub note: Option<String>,
 }
 
-/// Ask NVML. Never fails: no library or no driver means no GPUs, with the reason in `note`.
+/// Environment variable naming the NVML library to load (a site whose driver lives outside the
+/// loader's path; the tests' stand-in library).
+pub const NVML_LIBRARY_ENV: &str = "CW_NVML_LIBRARY";
+
+/// Ask NVML (`$CW_NVML_LIBRARY`, else `libnvidia-ml.so.1` from the loader's path). Never fails:
+/// no library or no driver means no GPUs, with the reason in `note`.
 pub fn discover() -> Inventory {
+    let lib = std::env::var_os(NVML_LIBRARY_ENV)
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| "libnvidia-ml.so.1".into());
+    discover_with(&lib)
+}
+
+/// [`discover`] with the NVML library `lib` (a soname or a path).
+pub fn discover_with(lib: &OsStr) -> Inventory {
     use nvml_wrapper::Nvml;
-    let nvml = Nvml::builder()
-        .lib_path(std::ffi::OsStr::new("libnvidia-ml.so.1"))
-        .init()
-        .or_else(|_| Nvml::init());
-    let nvml = match nvml {
+    let nvml = match Nvml::builder().lib_path(lib).init() {
         Ok(n) => n,
         Err(e) => {
             return Inventory {
                 note: Some(format!(
-                    "NVML is not available ({e}): no NVIDIA GPUs on this node"
+                    "NVML is not available ({}: {e}): no NVIDIA GPUs on this node",
+                    Path::new(lib).display()
                 )),
                 ..Default::default()
             };
@@ -57,18 +97,60 @@ pub fn discover() -> Inventory {
         }
     };
     for i in 0..n {
-        let Ok(d) = nvml.device_by_index(i) else {
-            continue;
+        let d = match nvml.device_by_index(i) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("NVML: GPU {i}: {e}; skipped");
+                continue;
+            }
         };
-        let (Ok(uuid), Ok(minor)) = (d.uuid(), d.minor_number()) else {
-            continue;
+        let (uuid, minor) = match (d.uuid(), d.minor_number()) {
+            (Ok(u), Ok(m)) => (u, m),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!("NVML: GPU {i}: no UUID or minor number ({e}); skipped");
+                continue;
+            }
         };
+        // MIG: enumerate the instances of a GPU whose current mode is enabled
+        if d.mig_mode().map(|m| m.current == 1).unwrap_or(false) {
+            let max = d.mig_device_count().unwrap_or(0);
+            for m in 0..max {
+                let Ok(md) = d.mig_device_by_index(m) else {
+                    continue; // a slot without an instance
+                };
+                let (mut gi, mut ci) = (0u32, 0u32);
+                // SAFETY: handles from this NVML instance; out-pointers to locals
+                let ok = unsafe {
+                    let lib = nvml.lib();
+                    lib.nvmlDeviceGetGpuInstanceId(md.handle(), &mut gi) == 0
+                        && lib.nvmlDeviceGetComputeInstanceId(md.handle(), &mut ci) == 0
+                };
+                let Ok(mig_uuid) = md.uuid() else { continue };
+                if !ok {
+                    tracing::warn!("NVML: MIG device {mig_uuid}: no instance ids; skipped");
+                    continue;
+                }
+                inv.mig_devices.push(Gpu {
+                    index: i,
+                    uuid: mig_uuid,
+                    name: md.name().unwrap_or_default(),
+                    minor,
+                    memory_bytes: md.memory_info().map(|m| m.total).unwrap_or(0),
+                    mig: Some(Mig {
+                        parent_uuid: uuid.clone(),
+                        gpu_instance: gi,
+                        compute_instance: ci,
+                    }),
+                });
+            }
+        }
         inv.gpus.push(Gpu {
             index: i,
             uuid,
             name: d.name().unwrap_or_default(),
             minor,
             memory_bytes: d.memory_info().map(|m| m.total).unwrap_or(0),
+            mig: None,
         });
     }
     if inv.gpus.is_empty() {
@@ -78,35 +160,31 @@ pub fn discover() -> Inventory {
 }
 
 /// Pick GPUs from a spec: `all`, `none`, a count `N` (the first N of `free`), or a comma list of
-/// indexes and/or UUIDs (UUID prefixes accepted).
+/// indexes and/or UUIDs (prefixes accepted; `MIG-…` UUIDs pick MIG devices from `all`).
 pub fn select(all: &[Gpu], free: &[Gpu], spec: &str) -> Result<Vec<Gpu>, String> {
     let s = spec.trim();
+    let whole = || all.iter().filter(|g| g.mig.is_none());
     if s.eq_ignore_ascii_case("all") {
-        return Ok(all.to_vec());
+        return Ok(whole().cloned().collect());
     }
     if s.eq_ignore_ascii_case("none") || s.is_empty() || s == "0" {
         return Ok(vec![]);
     }
     if let Ok(n) = s.parse::<usize>() {
+        let free: Vec<&Gpu> = free.iter().filter(|g| g.mig.is_none()).collect();
         if n > free.len() {
             return Err(format!(
                 "{n} GPU(s) requested but {} free (of {})",
                 free.len(),
-                all.len()
+                whole().count()
             ));
         }
-        return Ok(free[..n].to_vec());
+        return Ok(free[..n].iter().map(|g| (*g).clone()).collect());
     }
     let mut out: Vec<Gpu> = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let g = if let Some(idx) = part
-            .strip_prefix('#')
-            .unwrap_or(part)
-            .parse::<u32>()
-            .ok()
-            .filter(|_| !part.starts_with("GPU-"))
-        {
-            all.iter().find(|g| g.index == idx)
+        let g = if let Ok(idx) = part.parse::<u32>() {
+            whole().find(|g| g.index == idx)
         } else {
             let m: Vec<&Gpu> = all.iter().filter(|g| g.uuid.starts_with(part)).collect();
             if m.len() > 1 {
@@ -119,61 +197,132 @@ pub fn select(all: &[Gpu], free: &[Gpu], spec: &str) -> Result<Vec<Gpu>, String>
             out.push(g.clone());
         }
     }
+    // a MIG device and its whole parent GPU at once would defeat MIG's isolation
+    for g in &out {
+        if let Some(m) = &g.mig {
+            if out.iter().any(|p| p.uuid == m.parent_uuid) {
+                return Err(format!(
+                    "{} is a MIG device of {}, which is also selected",
+                    g.uuid, m.parent_uuid
+                ));
+            }
+        }
+    }
     Ok(out)
 }
 
-/// A device node as it is on the host (path must be a char device).
-fn host_node(path: &str) -> Option<Device> {
-    let m = std::fs::metadata(path).ok()?;
-    if !m.file_type().is_char_device() {
-        return None;
-    }
-    let rdev = m.rdev();
-    Some(Device {
-        path: path.to_string(),
-        major: libc::major(rdev) as i64,
-        minor: libc::minor(rdev) as i64,
-        file_mode: m.mode() & 0o777,
-    })
+/// The host facts a plan is made from. [`Host::system`] reads the real ones; tests point the
+/// directories at fake trees.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// The host's /dev (a node's mode, and its numbers where /proc/devices lacks its driver).
+    pub dev: PathBuf,
+    /// The host's /proc (`devices`, `driver/nvidia-caps/mig-minors`).
+    pub proc_dir: PathBuf,
+    /// Firmware root (`/lib/firmware`): GSP firmware is `nvidia/<version>/*.bin`.
+    pub firmware: PathBuf,
+    /// The persistenced socket.
+    pub persistenced_socket: PathBuf,
+    /// `ldconfig -p` output of the host.
+    pub ldcache: String,
+    /// Where to look for the driver's tools.
+    pub bin_dirs: Vec<PathBuf>,
 }
 
-/// Device nodes for `gpus`: their `/dev/nvidiaN` and the shared control nodes. `dev` is the
-/// host's /dev (tests pass a fake tree).
-pub fn device_nodes(gpus: &[Gpu], dev: &Path) -> Vec<Device> {
-    if gpus.is_empty() {
-        return vec![];
+impl Host {
+    pub fn system() -> Host {
+        let ldcache = std::process::Command::new("/sbin/ldconfig")
+            .arg("-p")
+            .env_clear()
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        Host {
+            dev: "/dev".into(),
+            proc_dir: "/proc".into(),
+            firmware: "/lib/firmware".into(),
+            persistenced_socket: "/run/nvidia-persistenced/socket".into(),
+            ldcache,
+            bin_dirs: [
+                "/usr/bin",
+                "/usr/local/bin",
+                "/usr/local/nvidia/bin",
+                "/opt/nvidia/bin",
+            ]
+            .map(PathBuf::from)
+            .to_vec(),
+        }
     }
-    let mut out = Vec::new();
-    let node = |name: &str| {
-        let p = dev.join(name);
-        host_node(&p.display().to_string()).map(|mut d| {
-            d.path = format!("/dev/{name}");
-            d
+}
+
+/// The major of a character device driver from `/proc/devices` text.
+pub fn proc_major(devices: &str, driver: &str) -> Option<i64> {
+    let mut in_char = false;
+    for l in devices.lines() {
+        let l = l.trim();
+        if l.ends_with(':') {
+            in_char = l == "Character devices:";
+            continue;
+        }
+        if in_char {
+            let mut f = l.split_whitespace();
+            if let (Some(n), Some(name)) = (f.next(), f.next()) {
+                if name == driver {
+                    return n.parse().ok();
+                }
+            }
+        }
+    }
+    None
+}
+
+/// `/proc/driver/nvidia-caps/mig-minors`: `gpu0/gi1/access 12` → ("gpu0/gi1/access", 12).
+pub fn parse_mig_minors(text: &str) -> HashMap<String, i64> {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.trim().split_once(' ')?;
+            Some((k.to_string(), v.trim().parse().ok()?))
         })
-    };
-    for g in gpus {
-        out.extend(node(&format!("nvidia{}", g.minor)));
-    }
-    for n in ["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"] {
-        out.extend(node(n));
-    }
-    out
+        .collect()
 }
 
 /// Libraries of the driver's user-space part, by NVIDIA_DRIVER_CAPABILITIES group.
 const COMPUTE_LIBS: &[&str] = &[
     "libcuda.so",
+    "libcudadebugger.so",
     "libnvidia-ptxjitcompiler.so",
     "libnvidia-nvvm.so",
-    "libcudadebugger.so",
     "libnvidia-gpucomp.so",
     "libnvidia-opencl.so",
 ];
 const UTILITY_LIBS: &[&str] = &["libnvidia-ml.so", "libnvidia-cfg.so"];
+const VIDEO_LIBS: &[&str] = &[
+    "libvdpau_nvidia.so",
+    "libnvidia-encode.so",
+    "libnvidia-opticalflow.so",
+    "libnvcuvid.so",
+];
+const GRAPHICS_LIBS: &[&str] = &[
+    "libnvidia-eglcore.so",
+    "libnvidia-glcore.so",
+    "libnvidia-tls.so",
+    "libnvidia-glsi.so",
+    "libnvidia-fbc.so",
+    "libnvidia-rtcore.so",
+    "libnvoptix.so",
+    "libGLX_nvidia.so",
+    "libEGL_nvidia.so",
+    "libGLESv2_nvidia.so",
+    "libGLESv1_CM_nvidia.so",
+    "libnvidia-glvkspirv.so",
+];
 const UTILITY_BINS: &[&str] = &["nvidia-smi", "nvidia-debugdump", "nvidia-persistenced"];
+const COMPUTE_BINS: &[&str] = &["nvidia-cuda-mps-control", "nvidia-cuda-mps-server"];
 
 pub const CONTAINER_LIB_DIR: &str = "/usr/local/nvidia/lib64";
 pub const CONTAINER_BIN_DIR: &str = "/usr/local/nvidia/bin";
+/// The default NVIDIA_DRIVER_CAPABILITIES.
+pub const DEFAULT_CAPS: &str = "compute,utility";
 
 /// `(soname, path)` of 64-bit libraries from `ldconfig -p` output.
 pub fn parse_ldconfig(out: &str) -> Vec<(String, PathBuf)> {
@@ -187,33 +336,43 @@ pub fn parse_ldconfig(out: &str) -> Vec<(String, PathBuf)> {
         .collect()
 }
 
-/// Host files to bind into a GPU run: driver libraries whose real file carries the running
-/// driver's version (so a stale library from an older driver is never picked), and tools.
-/// `caps` is NVIDIA_DRIVER_CAPABILITIES (`compute,utility` by default; `all`).
-pub fn driver_files(
-    ldconfig_out: &str,
-    driver_version: &str,
-    caps: &str,
-    bin_dirs: &[PathBuf],
-) -> Vec<BindMount> {
-    let caps: HashSet<&str> = caps.split(',').map(str::trim).collect();
-    let all = caps.contains("all");
-    let mut wanted: Vec<&str> = Vec::new();
-    if all || caps.contains("compute") {
-        wanted.extend(COMPUTE_LIBS);
+/// Parsed NVIDIA_DRIVER_CAPABILITIES.
+struct Caps(HashSet<String>);
+
+impl Caps {
+    fn new(caps: &str) -> Caps {
+        Caps(
+            caps.split(',')
+                .map(|c| c.trim().to_ascii_lowercase())
+                .collect(),
+        )
     }
-    if all || caps.contains("utility") {
-        wanted.extend(UTILITY_LIBS);
+    fn has(&self, c: &str) -> bool {
+        self.0.contains("all") || self.0.contains(c)
+    }
+}
+
+/// Host files to bind into a GPU run: driver libraries whose real file carries the running
+/// driver's version (so a stale library from an older driver is never picked), tools, the
+/// persistenced socket and GSP firmware. `caps` is NVIDIA_DRIVER_CAPABILITIES.
+pub fn driver_files(host: &Host, driver_version: &str, caps: &str) -> Vec<BindMount> {
+    let caps = Caps::new(caps);
+    let mut wanted: Vec<&str> = Vec::new();
+    for (c, libs) in [
+        ("compute", COMPUTE_LIBS),
+        ("utility", UTILITY_LIBS),
+        ("video", VIDEO_LIBS),
+        ("graphics", GRAPHICS_LIBS),
+    ] {
+        if caps.has(c) {
+            wanted.extend(libs);
+        }
     }
     let mut out = Vec::new();
     let mut seen = HashSet::new();
-    for (soname, path) in parse_ldconfig(ldconfig_out) {
+    for (soname, path) in parse_ldconfig(&host.ldcache) {
         // versioned sonames only (libcuda.so.1, not the libcuda.so development link)
-        let Some(base) = wanted.iter().find(|w| soname.starts_with(&format!("{w}."))) else {
-            continue;
-        };
-        let _ = base;
-        if seen.contains(&soname) {
+        if !wanted.iter().any(|w| soname.starts_with(&format!("{w}."))) || seen.contains(&soname) {
             continue;
         }
         let Ok(real) = std::fs::canonicalize(&path) else {
@@ -237,54 +396,244 @@ pub fn driver_files(
             readonly: true,
         });
     }
-    if all || caps.contains("utility") {
-        for b in UTILITY_BINS {
-            if let Some(p) = bin_dirs.iter().map(|d| d.join(b)).find(|p| p.is_file()) {
-                out.push(BindMount {
-                    source: p,
-                    destination: format!("{CONTAINER_BIN_DIR}/{b}"),
-                    readonly: true,
-                });
-            }
+    let mut bins: Vec<&str> = vec![];
+    if caps.has("utility") {
+        bins.extend(UTILITY_BINS);
+    }
+    if caps.has("compute") {
+        bins.extend(COMPUTE_BINS);
+    }
+    for b in bins {
+        if let Some(p) = host
+            .bin_dirs
+            .iter()
+            .map(|d| d.join(b))
+            .find(|p| p.is_file())
+        {
+            out.push(BindMount {
+                source: p,
+                destination: format!("{CONTAINER_BIN_DIR}/{b}"),
+                readonly: true,
+            });
         }
     }
-    let sock = Path::new("/run/nvidia-persistenced/socket");
-    if sock.exists() {
+    if std::fs::metadata(&host.persistenced_socket)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false)
+    {
         out.push(BindMount {
-            source: sock.into(),
+            source: host.persistenced_socket.clone(),
             destination: "/run/nvidia-persistenced/socket".into(),
             readonly: true,
         });
     }
+    // GSP firmware of the running driver (read by the driver stack through the container's view)
+    let fw = host.firmware.join("nvidia").join(driver_version);
+    if let Ok(rd) = std::fs::read_dir(&fw) {
+        let mut names: Vec<String> = rd
+            .flatten()
+            .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("gsp") && n.ends_with(".bin"))
+            .collect();
+        names.sort();
+        for n in names {
+            out.push(BindMount {
+                source: fw.join(&n),
+                destination: format!("/lib/firmware/nvidia/{driver_version}/{n}"),
+                readonly: true,
+            });
+        }
+    }
     out
 }
 
-/// Everything a run with `gpus` needs: device nodes, host files, environment.
+/// A node on the host: (major, minor, mode) when `path` is a character device.
+fn host_char(path: &Path) -> Option<(i64, i64, u32)> {
+    let m = std::fs::metadata(path).ok()?;
+    if !m.file_type().is_char_device() {
+        return None;
+    }
+    let rdev = m.rdev();
+    Some((
+        libc::major(rdev) as i64,
+        libc::minor(rdev) as i64,
+        m.mode() & 0o777,
+    ))
+}
+
+/// Device nodes for `gpus`: their `/dev/nvidiaN` and the shared control nodes, with numbers from
+/// the host's /proc/devices (the node on the host is consulted for its mode, and for its numbers
+/// only where /proc/devices does not list the driver).
+pub fn device_nodes(gpus: &[Gpu], caps: &str, host: &Host) -> Result<Vec<Device>, String> {
+    if gpus.is_empty() {
+        return Ok(vec![]);
+    }
+    let caps = Caps::new(caps);
+    let devices = std::fs::read_to_string(host.proc_dir.join("devices")).unwrap_or_default();
+    let nvidia = proc_major(&devices, "nvidia-frontend")
+        .or_else(|| proc_major(&devices, "nvidia"))
+        .unwrap_or(195);
+    let mut out: Vec<Device> = Vec::new();
+    let mut add = |name: &str, numbers: Option<(i64, i64)>| {
+        let host_node = host_char(&host.dev.join(name));
+        let (major, minor, mode) = match (numbers, host_node) {
+            (Some((a, b)), Some((_, _, mode))) => (a, b, mode),
+            (Some((a, b)), None) => (a, b, 0o666),
+            (None, Some(n)) => n,
+            (None, None) => return false,
+        };
+        let path = format!("/dev/{name}");
+        if !out.iter().any(|d| d.path == path) {
+            out.push(Device::char(path, major, minor, mode));
+        }
+        true
+    };
+    for g in gpus {
+        add(
+            &format!("nvidia{}", g.minor),
+            Some((nvidia, g.minor as i64)),
+        );
+    }
+    add("nvidiactl", Some((nvidia, 255)));
+    let uvm = proc_major(&devices, "nvidia-uvm");
+    if !add("nvidia-uvm", uvm.map(|m| (m, 0))) {
+        tracing::warn!(
+            "no nvidia-uvm in {}/devices nor a /dev/nvidia-uvm: CUDA will not work (is the nvidia-uvm module loaded?)",
+            host.proc_dir.display()
+        );
+    }
+    add("nvidia-uvm-tools", uvm.map(|m| (m, 1)));
+    if caps.has("display") || caps.has("graphics") {
+        add("nvidia-modeset", Some((nvidia, 254)));
+    }
+    let migs: Vec<&Gpu> = gpus.iter().filter(|g| g.mig.is_some()).collect();
+    if !migs.is_empty() {
+        let caps_major = proc_major(&devices, "nvidia-caps").ok_or_else(|| {
+            format!(
+                "MIG device {} requested but {}/devices lists no nvidia-caps driver",
+                migs[0].uuid,
+                host.proc_dir.display()
+            )
+        })?;
+        let minors_path = host.proc_dir.join("driver/nvidia-caps/mig-minors");
+        let minors = parse_mig_minors(&std::fs::read_to_string(&minors_path).map_err(|e| {
+            format!(
+                "MIG device {} requested: {}: {e}",
+                migs[0].uuid,
+                minors_path.display()
+            )
+        })?);
+        for g in migs {
+            let m = g.mig.as_ref().unwrap();
+            for key in [
+                format!("gpu{}/gi{}/access", g.minor, m.gpu_instance),
+                format!(
+                    "gpu{}/gi{}/ci{}/access",
+                    g.minor, m.gpu_instance, m.compute_instance
+                ),
+            ] {
+                let minor = *minors.get(&key).ok_or_else(|| {
+                    format!(
+                        "MIG device {}: {key} is not in {}",
+                        g.uuid,
+                        minors_path.display()
+                    )
+                })?;
+                let name = format!("nvidia-caps/nvidia-cap{minor}");
+                add(&name, Some((caps_major, minor)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Everything a run with GPUs gets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Injection {
+    pub devices: Vec<Device>,
+    pub files: Vec<BindMount>,
+    pub env: Vec<String>,
+    /// Container directories to add to the rootfs's ld cache.
+    pub ldconfig_dirs: Vec<String>,
+    /// Things skipped, for the log (CDI hooks cw does not run).
+    pub notes: Vec<String>,
+}
+
+/// The plan for a run with `gpus` (non-empty) from the host facts: device nodes, driver files,
+/// environment, ld cache directories.
+pub fn plan(
+    gpus: &[Gpu],
+    driver_version: &str,
+    caps: &str,
+    host: &Host,
+) -> Result<Injection, String> {
+    let devices = device_nodes(gpus, caps, host)?;
+    let files = driver_files(host, driver_version, caps);
+    let ldconfig_dirs = if files
+        .iter()
+        .any(|f| f.destination.starts_with(CONTAINER_LIB_DIR))
+    {
+        vec![CONTAINER_LIB_DIR.to_string()]
+    } else {
+        vec![]
+    };
+    Ok(Injection {
+        devices,
+        files,
+        env: visible_env(gpus, caps),
+        ldconfig_dirs,
+        notes: vec![],
+    })
+}
+
+fn visible_env(gpus: &[Gpu], caps: &str) -> Vec<String> {
+    let uuids: Vec<&str> = gpus.iter().map(|g| g.uuid.as_str()).collect();
+    vec![
+        format!("NVIDIA_VISIBLE_DEVICES={}", uuids.join(",")),
+        format!("NVIDIA_DRIVER_CAPABILITIES={caps}"),
+    ]
+}
+
+/// The injection for a run on this host: the CDI spec's edits for `nvidia.com/gpu` when one
+/// exists in `cdi_dirs`, else [`plan`] from [`Host::system`]. No GPUs: only
+/// `NVIDIA_VISIBLE_DEVICES=void`.
 pub fn injection(
     gpus: &[Gpu],
     driver_version: &str,
     caps: &str,
-) -> (Vec<Device>, Vec<BindMount>, Vec<String>) {
+    cdi_dirs: &[PathBuf],
+) -> Result<Injection, String> {
     if gpus.is_empty() {
-        return (vec![], vec![], vec!["NVIDIA_VISIBLE_DEVICES=void".into()]);
+        return Ok(Injection {
+            env: vec!["NVIDIA_VISIBLE_DEVICES=void".into()],
+            ..Default::default()
+        });
     }
-    let devices = device_nodes(gpus, Path::new("/dev"));
-    let ldc = std::process::Command::new("/sbin/ldconfig")
-        .arg("-p")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let mut bins: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    bins.extend(["/usr/bin", "/usr/local/nvidia/bin"].map(PathBuf::from));
-    let files = driver_files(&ldc, driver_version, caps, &bins);
-    let uuids: Vec<&str> = gpus.iter().map(|g| g.uuid.as_str()).collect();
-    let env = vec![
-        format!("NVIDIA_VISIBLE_DEVICES={}", uuids.join(",")),
-        format!("NVIDIA_DRIVER_CAPABILITIES={caps}"),
-    ];
-    (devices, files, env)
+    let specs = crate::cdi::load(cdi_dirs, crate::cdi::NVIDIA_GPU_KIND);
+    for e in &specs.errors {
+        tracing::warn!("CDI: {e}");
+    }
+    if !specs.is_empty() {
+        let names: Vec<String> = gpus
+            .iter()
+            .map(|g| specs.device_name_for(&g.uuid, g.index, g.mig.is_some()))
+            .collect::<Result<_, _>>()?;
+        let edits = specs.resolve(&names)?;
+        let mut inj = Injection {
+            devices: edits.devices,
+            files: edits.mounts,
+            env: edits.env,
+            ldconfig_dirs: edits.ldconfig_dirs,
+            notes: edits.ignored,
+        };
+        // the CodaLab contract: runs see their UUIDs whatever the spec sets
+        inj.env
+            .retain(|e| !e.starts_with("NVIDIA_VISIBLE_DEVICES="));
+        inj.env.extend(visible_env(gpus, caps));
+        return Ok(inj);
+    }
+    plan(gpus, driver_version, caps, &Host::system())
 }
 
 #[cfg(test)]
@@ -299,8 +648,21 @@ mod tests {
                 name: "X".into(),
                 minor: i * 2,
                 memory_bytes: 1,
+                mig: None,
             })
             .collect()
+    }
+
+    fn mig(parent: &Gpu, gi: u32) -> Gpu {
+        Gpu {
+            uuid: format!("MIG-{gi}ccc"),
+            mig: Some(Mig {
+                parent_uuid: parent.uuid.clone(),
+                gpu_instance: gi,
+                compute_instance: 0,
+            }),
+            ..parent.clone()
+        }
     }
 
     #[test]
@@ -331,6 +693,50 @@ mod tests {
     }
 
     #[test]
+    fn mig_selection() {
+        let g = gpus();
+        let mut all = g.clone();
+        all.push(mig(&g[1], 1));
+        all.push(mig(&g[1], 2));
+        assert_eq!(
+            select(&all, &all, "all").unwrap().len(),
+            3,
+            "all = whole GPUs"
+        );
+        assert_eq!(
+            select(&all, &all, "3").unwrap().len(),
+            3,
+            "counts take whole GPUs"
+        );
+        let m = select(&all, &all, "MIG-2").unwrap();
+        assert_eq!(m[0].mig.as_ref().unwrap().gpu_instance, 2);
+        assert_eq!(select(&all, &all, "1").unwrap()[0].mig, None);
+        assert!(select(&all, &all, "MIG-1,GPU-1aaa")
+            .unwrap_err()
+            .contains("also selected"));
+    }
+
+    #[test]
+    fn proc_devices_and_mig_minors() {
+        let devices = "Character devices:\n  1 mem\n195 nvidia-frontend\n195 nvidia\n235 nvidia-caps\n509 nvidia-uvm\n\nBlock devices:\n  7 loop\n510 nvidia-uvm-fake\n";
+        assert_eq!(proc_major(devices, "nvidia-uvm"), Some(509));
+        assert_eq!(proc_major(devices, "nvidia-frontend"), Some(195));
+        assert_eq!(proc_major(devices, "nvidia-caps"), Some(235));
+        assert_eq!(
+            proc_major(devices, "loop"),
+            None,
+            "block devices are not char majors"
+        );
+        assert_eq!(proc_major(devices, "nvidia-uvm-fake"), None);
+        let m = parse_mig_minors(
+            "config 1\nmonitor 2\ngpu0/gi1/access 12\ngpu0/gi1/ci0/access 13\nbad\n",
+        );
+        assert_eq!(m["gpu0/gi1/ci0/access"], 13);
+        assert_eq!(m["config"], 1);
+        assert_eq!(m.len(), 4);
+    }
+
+    #[test]
     fn ldconfig_parsing() {
         let out = "1234 libs found in cache `/etc/ld.so.cache'\n\tlibcuda.so.1 (libc6,x86-64) => /lib/libcuda.so.1\n\tlibcuda.so.1 (libc6) => /lib32/libcuda.so.1\n\tlibcuda.so (libc6,x86-64) => /lib/libcuda.so\n";
         let p = parse_ldconfig(out);
@@ -346,39 +752,75 @@ mod tests {
         );
     }
 
-    #[test]
-    fn driver_files_pick_the_running_version_and_caps() {
-        let d = tempfile::tempdir().unwrap();
-        let lib = d.path();
+    /// A fake driver tree: libraries of two driver versions, tools, firmware, /proc text.
+    fn fake_host(d: &Path) -> Host {
+        let lib = d.join("lib");
+        std::fs::create_dir_all(&lib).unwrap();
         for f in [
             "libcuda.so.550.1",
             "libcuda.so.535.9",
             "libnvidia-ml.so.550.1",
             "libnvidia-ptxjitcompiler.so.550.1",
+            "libnvidia-encode.so.550.1",
         ] {
             std::fs::write(lib.join(f), "").unwrap();
         }
-        std::os::unix::fs::symlink("libcuda.so.550.1", lib.join("libcuda.so.1")).unwrap();
-        std::os::unix::fs::symlink("libcuda.so.535.9", lib.join("old-libcuda.so.1")).unwrap();
-        std::os::unix::fs::symlink("libnvidia-ml.so.550.1", lib.join("libnvidia-ml.so.1")).unwrap();
-        std::os::unix::fs::symlink(
+        let ln = |t: &str, l: &str| std::os::unix::fs::symlink(t, lib.join(l)).unwrap();
+        ln("libcuda.so.550.1", "libcuda.so.1");
+        ln("libcuda.so.535.9", "old-libcuda.so.1");
+        ln("libnvidia-ml.so.550.1", "libnvidia-ml.so.1");
+        ln(
             "libnvidia-ptxjitcompiler.so.550.1",
-            lib.join("libnvidia-ptxjitcompiler.so.1"),
-        )
-        .unwrap();
+            "libnvidia-ptxjitcompiler.so.1",
+        );
+        ln("libnvidia-encode.so.550.1", "libnvidia-encode.so.1");
         let l = |n: &str, f: &str| format!("\t{n} (libc6,x86-64) => {}\n", lib.join(f).display());
-        let out = l("libcuda.so.1", "old-libcuda.so.1")
+        let ldcache = l("libcuda.so.1", "old-libcuda.so.1")
             + &l("libcuda.so.1", "libcuda.so.1")
             + &l("libnvidia-ml.so.1", "libnvidia-ml.so.1")
             + &l(
                 "libnvidia-ptxjitcompiler.so.1",
                 "libnvidia-ptxjitcompiler.so.1",
             )
+            + &l("libnvidia-encode.so.1", "libnvidia-encode.so.1")
             + &l("libcuda.so", "libcuda.so.1");
-        let bins = d.path().join("bin");
+        let bins = d.join("bin");
         std::fs::create_dir(&bins).unwrap();
         std::fs::write(bins.join("nvidia-smi"), "").unwrap();
-        let f = driver_files(&out, "550.1", "compute,utility", &[bins.clone()]);
+        let fw = d.join("firmware/nvidia/550.1");
+        std::fs::create_dir_all(&fw).unwrap();
+        std::fs::write(fw.join("gsp_ga10x.bin"), "").unwrap();
+        std::fs::write(fw.join("README"), "").unwrap();
+        std::fs::create_dir_all(d.join("firmware/nvidia/535.9")).unwrap();
+        std::fs::write(d.join("firmware/nvidia/535.9/gsp_tu10x.bin"), "").unwrap();
+        let proc_dir = d.join("proc");
+        std::fs::create_dir_all(proc_dir.join("driver/nvidia-caps")).unwrap();
+        std::fs::write(
+            proc_dir.join("devices"),
+            "Character devices:\n  1 mem\n195 nvidia-frontend\n234 nvidia-caps\n509 nvidia-uvm\n\nBlock devices:\n  8 sd\n",
+        )
+        .unwrap();
+        std::fs::write(
+            proc_dir.join("driver/nvidia-caps/mig-minors"),
+            "config 1\nmonitor 2\ngpu2/gi1/access 21\ngpu2/gi1/ci0/access 22\ngpu2/gi2/access 30\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(d.join("dev")).unwrap();
+        Host {
+            dev: d.join("dev"),
+            proc_dir,
+            firmware: d.join("firmware"),
+            persistenced_socket: d.join("no-socket"),
+            ldcache,
+            bin_dirs: vec![bins],
+        }
+    }
+
+    #[test]
+    fn driver_files_pick_the_running_version_and_caps() {
+        let d = tempfile::tempdir().unwrap();
+        let host = fake_host(d.path());
+        let f = driver_files(&host, "550.1", "compute,utility");
         let dests: Vec<&str> = f.iter().map(|b| b.destination.as_str()).collect();
         assert_eq!(
             dests,
@@ -386,7 +828,8 @@ mod tests {
                 "/usr/local/nvidia/lib64/libcuda.so.1",
                 "/usr/local/nvidia/lib64/libnvidia-ml.so.1",
                 "/usr/local/nvidia/lib64/libnvidia-ptxjitcompiler.so.1",
-                "/usr/local/nvidia/bin/nvidia-smi"
+                "/usr/local/nvidia/bin/nvidia-smi",
+                "/lib/firmware/nvidia/550.1/gsp_ga10x.bin",
             ]
         );
         assert!(
@@ -394,46 +837,148 @@ mod tests {
             "the running driver's libcuda, not the stale one"
         );
         assert!(f.iter().all(|b| b.readonly));
-        let only_utility = driver_files(&out, "550.1", "utility", &[bins]);
+        let only_utility = driver_files(&host, "550.1", "utility");
         assert!(only_utility
             .iter()
             .all(|b| !b.destination.contains("libcuda")));
+        let video = driver_files(&host, "550.1", "video");
+        assert!(video
+            .iter()
+            .any(|b| b.destination.ends_with("libnvidia-encode.so.1")));
+        assert!(!video.iter().any(|b| b.destination.contains("nvidia-smi")));
+        let all = driver_files(&host, "550.1", "all");
+        assert_eq!(all.len(), 6);
+    }
+
+    fn mknod(dir: &Path, name: &str, maj: u64, min: u64) {
+        let p = dir.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        nix::sys::stat::mknod(
+            &p,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(maj, min),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o660)).unwrap();
     }
 
     #[test]
-    fn device_nodes_from_a_fake_dev_tree() {
+    fn device_nodes_from_proc_devices_and_a_fake_dev_tree() {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: mknod needs root");
             return;
         }
         let d = tempfile::tempdir().unwrap();
-        let mk = |name: &str, maj: u64, min: u64| {
-            nix::sys::stat::mknod(
-                &d.path().join(name),
-                nix::sys::stat::SFlag::S_IFCHR,
-                nix::sys::stat::Mode::from_bits_truncate(0o666),
-                nix::sys::stat::makedev(maj, min),
-            )
-            .unwrap();
-        };
-        mk("nvidia0", 195, 0);
-        mk("nvidia2", 195, 2);
-        mk("nvidiactl", 195, 255);
-        mk("nvidia-uvm", 511, 0);
-        std::fs::write(d.path().join("nvidia-uvm-tools"), "not a device").unwrap();
+        let host = fake_host(d.path());
+        // a real tree of char devices; uvm's node disagrees with /proc/devices: /proc wins
+        mknod(&host.dev, "nvidia0", 195, 0);
+        mknod(&host.dev, "nvidia2", 195, 2);
+        mknod(&host.dev, "nvidiactl", 195, 255);
+        mknod(&host.dev, "nvidia-uvm", 511, 0);
+        std::fs::write(host.dev.join("nvidia-uvm-tools"), "not a device").unwrap();
         let g = gpus();
-        let nodes = device_nodes(&g[1..2], d.path()); // minor 2
-        let paths: Vec<&str> = nodes.iter().map(|n| n.path.as_str()).collect();
+        let nodes = device_nodes(&g[1..2], DEFAULT_CAPS, &host).unwrap(); // minor 2
+        let got: Vec<(&str, i64, i64, u32)> = nodes
+            .iter()
+            .map(|n| (n.path.as_str(), n.major, n.minor, n.file_mode))
+            .collect();
         assert_eq!(
-            paths,
-            vec!["/dev/nvidia2", "/dev/nvidiactl", "/dev/nvidia-uvm"],
-            "only the assigned GPU, never nvidia0"
+            got,
+            vec![
+                ("/dev/nvidia2", 195, 2, 0o660),
+                ("/dev/nvidiactl", 195, 255, 0o660),
+                ("/dev/nvidia-uvm", 509, 0, 0o660),
+                ("/dev/nvidia-uvm-tools", 509, 1, 0o666),
+            ],
+            "only the assigned GPU (never nvidia0); uvm's major from /proc/devices"
+        );
+        assert!(device_nodes(&[], DEFAULT_CAPS, &host).unwrap().is_empty());
+        let with_display = device_nodes(&g[..1], "compute,display", &host).unwrap();
+        assert!(with_display
+            .iter()
+            .any(|n| n.path == "/dev/nvidia-modeset" && n.minor == 254));
+        assert!(!nodes.iter().any(|n| n.path == "/dev/nvidia-modeset"));
+
+        // no nvidia-uvm in /proc/devices: the host node's numbers are used
+        std::fs::write(
+            host.proc_dir.join("devices"),
+            "Character devices:\n195 nvidia\n",
+        )
+        .unwrap();
+        let nodes = device_nodes(&g[..1], DEFAULT_CAPS, &host).unwrap();
+        assert!(nodes
+            .iter()
+            .any(|n| n.path == "/dev/nvidia-uvm" && n.major == 511));
+        assert!(!nodes.iter().any(|n| n.path == "/dev/nvidia-uvm-tools"));
+    }
+
+    #[test]
+    fn mig_device_gets_its_parent_and_its_capability_nodes() {
+        let d = tempfile::tempdir().unwrap();
+        let host = fake_host(d.path());
+        let g = gpus();
+        let m = mig(&g[1], 1); // parent minor 2
+        let nodes = device_nodes(std::slice::from_ref(&m), DEFAULT_CAPS, &host).unwrap();
+        let got: Vec<(&str, i64, i64)> = nodes
+            .iter()
+            .map(|n| (n.path.as_str(), n.major, n.minor))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("/dev/nvidia2", 195, 2),
+                ("/dev/nvidiactl", 195, 255),
+                ("/dev/nvidia-uvm", 509, 0),
+                ("/dev/nvidia-uvm-tools", 509, 1),
+                ("/dev/nvidia-caps/nvidia-cap21", 234, 21),
+                ("/dev/nvidia-caps/nvidia-cap22", 234, 22),
+            ]
+        );
+        // gi2 has no compute instance listed: a clear error, not a run without its instance
+        let e = device_nodes(&[mig(&g[1], 2)], DEFAULT_CAPS, &host).unwrap_err();
+        assert!(
+            e.contains("gpu2/gi2/ci0/access") && e.contains("mig-minors"),
+            "{e}"
+        );
+        std::fs::write(
+            host.proc_dir.join("devices"),
+            "Character devices:\n195 nvidia\n",
+        )
+        .unwrap();
+        let e = device_nodes(&[m], DEFAULT_CAPS, &host).unwrap_err();
+        assert!(e.contains("nvidia-caps"), "{e}");
+    }
+
+    #[test]
+    fn plan_puts_it_together() {
+        let d = tempfile::tempdir().unwrap();
+        let host = fake_host(d.path());
+        let g = gpus();
+        let p = plan(&g[..2], "550.1", DEFAULT_CAPS, &host).unwrap();
+        assert_eq!(p.ldconfig_dirs, vec![CONTAINER_LIB_DIR.to_string()]);
+        assert_eq!(
+            p.env,
+            vec![
+                "NVIDIA_VISIBLE_DEVICES=GPU-0aaa-bbbb,GPU-1aaa-bbbb".to_string(),
+                "NVIDIA_DRIVER_CAPABILITIES=compute,utility".to_string()
+            ]
         );
         assert_eq!(
-            (nodes[2].major, nodes[2].minor),
-            (511, 0),
-            "uvm's major is read from the node"
+            p.devices
+                .iter()
+                .map(|d| d.path.as_str())
+                .collect::<Vec<_>>(),
+            vec![
+                "/dev/nvidia0",
+                "/dev/nvidia2",
+                "/dev/nvidiactl",
+                "/dev/nvidia-uvm",
+                "/dev/nvidia-uvm-tools"
+            ]
         );
-        assert!(device_nodes(&[], d.path()).is_empty());
+        let none = injection(&[], "550.1", DEFAULT_CAPS, &[]).unwrap();
+        assert_eq!(none.env, vec!["NVIDIA_VISIBLE_DEVICES=void".to_string()]);
+        assert!(none.devices.is_empty() && none.files.is_empty());
     }
 }

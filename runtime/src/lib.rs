@@ -1,9 +1,12 @@
 //! cw's container runtime: the OCI spec of a run ([`spec`]), the single-threaded monitor that
 //! creates it through libcontainer and records its end ([`monitor`]), cgroup accounting
-//! ([`cgroup`]). This crate never depends on the `cw` binary crate.
+//! ([`cgroup`]), GPUs ([`gpu`], [`cdi`], [`ldcache`]). This crate never depends on the `cw`
+//! binary crate.
 
+pub mod cdi;
 pub mod cgroup;
 pub mod gpu;
+pub mod ldcache;
 pub mod monitor;
 pub mod request;
 pub mod spec;

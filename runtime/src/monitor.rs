@@ -530,6 +530,20 @@ pub fn main(dir: &Path) -> i32 {
         }
     }
 
+    if !req.ldconfig_dirs.is_empty() {
+        // driver libraries into the image's ld cache, before the container exists
+        if let Err(e) = crate::ldcache::update(
+            &req.rootfs,
+            &req.host_files,
+            &req.ldconfig_dirs,
+            &dir.join("ldconfig.log"),
+        ) {
+            eprintln!(
+                "cw: ldconfig over the run's rootfs: {e}; the GPU libraries resolve through LD_LIBRARY_PATH only"
+            );
+        }
+    }
+
     let spec = match crate::spec::build(&req) {
         Ok(s) => s,
         Err(e) => return fail(dir, &req, started, e),

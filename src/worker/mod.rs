@@ -49,6 +49,9 @@ pub struct WorkerArgs {
     /// GPUs to use: ALL, NONE, or indexes / UUIDs
     #[arg(long, default_value = "ALL")]
     pub gpuset: String,
+    /// CDI spec directory for GPU runs' edits; repeatable (default: /etc/cdi, /var/run/cdi)
+    #[arg(long = "cdi-spec-dir")]
+    pub cdi_spec_dirs: Vec<PathBuf>,
     /// Cap on the dependency cache (archived bytes)
     #[arg(long, default_value = "10g")]
     pub max_work_dir_size: String,

@@ -662,6 +662,8 @@ fn start_container(
         hostname: None,
         gpus,
         driver_version: ctx.driver_version.clone(),
+        devices: vec![],
+        cdi_dirs: ctx.args.cdi_spec_dirs.clone(),
     };
     let (rd, mut req) =
         crate::run::prepare(&ctx.store, &img, &opts).map_err(|e| format!("{e:#}"))?;
