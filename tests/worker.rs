@@ -234,17 +234,20 @@ impl Worker {
             let bundles: Vec<_> = std::fs::read_dir(self.dir.join("work/runs"))
                 .map(|r| r.flatten().map(|e| e.file_name()).collect())
                 .unwrap_or_default();
+            let trash: Vec<_> = std::fs::read_dir(self.dir.join("work/trash"))
+                .map(|r| r.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
             let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
             let ours = mounts
                 .lines()
                 .filter(|l| l.contains(self.dir.to_str().unwrap()))
                 .count();
-            if runs.is_empty() && bundles.is_empty() && ours == 0 {
+            if runs.is_empty() && bundles.is_empty() && trash.is_empty() && ours == 0 {
                 return;
             }
             assert!(
                 t.elapsed() < Duration::from_secs(20),
-                "left behind: runs {runs:?}, bundle dirs {bundles:?}, {ours} mounts\n{}",
+                "left behind: runs {runs:?}, bundle dirs {bundles:?}, trash {trash:?}, {ours} mounts\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(200));

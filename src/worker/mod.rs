@@ -160,6 +160,8 @@ pub struct Ctx {
     pub in_checkin: AtomicBool,
     /// A run reached FINALIZING (the checkin loop may be waiting to report it).
     pub finalizing: Notify,
+    /// The run table as last written (a pass that changes nothing writes nothing).
+    last_saved: Mutex<Vec<u8>>,
     state_file: PathBuf,
 }
 
@@ -310,9 +312,39 @@ impl Ctx {
         let runs = self.runs.lock().unwrap();
         let b = serde_json::to_vec(&*runs).unwrap();
         drop(runs);
-        if let Err(e) = cw_runtime::monitor::write_atomic(&self.state_file, &b) {
-            tracing::warn!("saving {}: {e}", self.state_file.display());
+        let mut last = self.last_saved.lock().unwrap();
+        if *last == b {
+            return;
         }
+        match cw_runtime::monitor::write_atomic(&self.state_file, &b) {
+            Ok(()) => *last = b,
+            Err(e) => tracing::warn!("saving {}: {e}", self.state_file.display()),
+        }
+    }
+
+    /// Remove a bundle directory without holding up the run loop (a bundle can be gigabytes):
+    /// renamed into `<work-dir>/trash` at once, deleted by a blocking task. Whatever a crash
+    /// leaves in the trash is deleted at the next start.
+    pub fn discard(&self, path: &Path) {
+        let trash = self.work_dir.join("trash");
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let target = trash.join(format!("{name}.{}", runs::now().to_bits()));
+        let victim =
+            match std::fs::create_dir_all(&trash).and_then(|_| std::fs::rename(path, &target)) {
+                Ok(()) => target,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path.exists() => return,
+                Err(_) => path.to_path_buf(), // another filesystem (shared-fs bundles): in place
+            };
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = crate::store::remove_tree(&victim) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("removing {}: {e}", victim.display());
+                }
+            }
+        });
     }
 
     fn checkin_body(&self) -> Checkin {
@@ -901,8 +933,18 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
             accepted: AtomicU64::new(0),
             in_checkin: AtomicBool::new(false),
             finalizing: Notify::new(),
+            last_saved: Mutex::new(vec![]),
             state_file,
         });
+        // bundle directories a previous worker was deleting when it stopped
+        if let Ok(rd) = std::fs::read_dir(work_dir.join("trash")) {
+            let left: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+            tokio::task::spawn_blocking(move || {
+                for p in left {
+                    let _ = crate::store::remove_tree(&p);
+                }
+            });
+        }
         run_worker(ctx, ws_url).await
     })
 }

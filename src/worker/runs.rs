@@ -37,6 +37,8 @@ pub struct Transient {
     pub disk_busy: bool,
     pub last_cpu: Option<(u64, Instant)>,
     pub kill_sent: bool,
+    /// The container's cgroup, read once from its request.
+    pub cgroup: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -332,11 +334,7 @@ pub fn step(
                 run.set_stage(Stage::Restaged);
             } else if run.finalized {
                 if !ctx.shared_fs {
-                    if let Err(e) = crate::store::remove_tree(&run.bundle_path) {
-                        if e.kind() != std::io::ErrorKind::NotFound {
-                            tracing::warn!("removing {}: {e}", run.bundle_path.display());
-                        }
-                    }
+                    ctx.discard(&run.bundle_path);
                 }
                 run.run_status = "Finished".into();
                 run.set_stage(Stage::Finished);
@@ -788,8 +786,11 @@ fn running(ctx: &Arc<Ctx>, run: &mut Run) {
     if let Some(st) = rd.state() {
         run.container_time_total = (now() - st.started_at).max(0.0);
     }
-    if let Ok(req) = rd.request() {
-        let u = cw_runtime::cgroup::read(&req.cgroup_path());
+    if run.t.cgroup.is_none() {
+        run.t.cgroup = rd.request().ok().map(|r| r.cgroup_path());
+    }
+    if let Some(cg) = &run.t.cgroup {
+        let u = cw_runtime::cgroup::read(cg);
         run.container_time_user = u.cpu_user_ns as f64 / 1e9;
         run.container_time_system = u.cpu_system_ns as f64 / 1e9;
         run.max_memory = run.max_memory.max(u.memory_peak).max(u.memory_current);
@@ -848,9 +849,13 @@ fn cleaning_up(ctx: &Arc<Ctx>, run: &mut Run) {
                     if run.exitcode.is_none() {
                         apply_exit(run, &ex, None);
                     }
-                    if let Err(e) = crate::run::remove(&rd) {
-                        tracing::warn!("removing the run directory of {}: {e:#}", run.uuid());
-                    }
+                    // unmount + delete the container's upper dir off the run loop
+                    let uuid = run.uuid().to_string();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = crate::run::remove(&rd) {
+                            tracing::warn!("removing the run directory of {uuid}: {e:#}");
+                        }
+                    });
                 }
             }
         }
