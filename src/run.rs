@@ -42,7 +42,6 @@ pub fn runs_dir(store: &Store) -> PathBuf {
 /// Parse `--device HOST[:CONTAINER[:PERMS]]`: a host character or block device node, created at
 /// CONTAINER (default: the same path) and allowed with PERMS (default `rwm`) in the device cgroup.
 pub fn parse_device(s: &str) -> Result<cw_runtime::request::Device, String> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let parts: Vec<&str> = s.split(':').collect();
     let (host, dst, perms) = match parts.as_slice() {
         [h] => (*h, *h, "rwm"),
@@ -50,32 +49,8 @@ pub fn parse_device(s: &str) -> Result<cw_runtime::request::Device, String> {
         [h, d, p] => (*h, *d, *p),
         _ => return Err(format!("device {s:?} is not HOST[:CONTAINER[:PERMS]]")),
     };
-    let m = std::fs::metadata(host).map_err(|e| format!("device {s:?}: {host}: {e}"))?;
-    let ty = if m.file_type().is_char_device() {
-        "c"
-    } else if m.file_type().is_block_device() {
-        "b"
-    } else {
-        return Err(format!("device {s:?}: {host} is not a device node"));
-    };
-    if !dst.starts_with("/dev/") || dst.split('/').any(|c| c == "..") {
-        return Err(format!(
-            "device {s:?}: the container path must be under /dev"
-        ));
-    }
-    if perms.is_empty() || !perms.chars().all(|c| "rwm".contains(c)) {
-        return Err(format!(
-            "device {s:?}: permissions {perms:?} are not a subset of rwm"
-        ));
-    }
-    Ok(cw_runtime::request::Device {
-        path: dst.to_string(),
-        dev_type: ty.into(),
-        major: libc::major(m.rdev()) as i64,
-        minor: libc::minor(m.rdev()) as i64,
-        file_mode: m.mode() & 0o777,
-        access: perms.to_string(),
-    })
+    cw_runtime::request::Device::from_host(host, dst, perms)
+        .map_err(|e| format!("--device {s:?}: {e}"))
 }
 
 /// Parse `-v SRC:DST[:ro|rw]`.

@@ -100,6 +100,11 @@ fn standin_nvml(dir: &std::path::Path) -> Option<std::path::PathBuf> {
     }
 }
 
+/// `cw ARGS` with the stand-in NVML library.
+fn with_nvml(cw: &Cw, lib: &std::path::Path, args: &[&str]) -> std::process::Output {
+    cw.cmd(args).env("CW_NVML_LIBRARY", lib).output().unwrap()
+}
+
 /// Discovery → selection → injection end to end on a machine without GPUs, with the stand-in
 /// NVML named by CW_NVML_LIBRARY: the run gets exactly its GPU's node (numbers from this host's
 /// /proc/devices, 195 for NVIDIA), the control nodes, and NVIDIA_VISIBLE_DEVICES with its UUID.
@@ -110,12 +115,7 @@ fn stand_in_nvml_drives_cw_gpus_and_the_nodes_a_run_gets() {
         return;
     };
     let cw = Cw::new();
-    let lib_s = lib.display().to_string();
-    let with_lib = |args: &[&str]| {
-        let mut c = cw.cmd(args);
-        c.env("CW_NVML_LIBRARY", &lib_s);
-        c.output().unwrap()
-    };
+    let with_lib = |args: &[&str]| with_nvml(&cw, &lib, args);
     let o = with_lib(&["gpus", "--json"]);
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -217,8 +217,10 @@ containerEdits:
     let cw = Cw::new();
     cw.ok(&["pull", "-q", IMG]);
     let cdi_s = cdi.display().to_string();
-    let o = cw
-        .cmd(&[
+    let o = with_nvml(
+        &cw,
+        &nvml,
+        &[
             "run",
             "--cdi-spec-dir",
             &cdi_s,
@@ -227,10 +229,8 @@ containerEdits:
             "--image",
             IMG,
             "ls -l /dev/ | grep nvidia | tr -s ' ' | cut -d' ' -f5,6,10; echo $SPEC_ENV $NVIDIA_VISIBLE_DEVICES; unset LD_LIBRARY_PATH; cuda_check",
-        ])
-        .env("CW_NVML_LIBRARY", &nvml)
-        .output()
-        .unwrap();
+        ],
+    );
     let out = String::from_utf8_lossy(&o.stdout);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(
@@ -247,8 +247,10 @@ containerEdits:
         "{err}"
     );
     // a GPU the spec does not name: a clear error, no run
-    let o = cw
-        .cmd(&[
+    let o = with_nvml(
+        &cw,
+        &nvml,
+        &[
             "run",
             "--cdi-spec-dir",
             &cdi_s,
@@ -257,10 +259,8 @@ containerEdits:
             "--image",
             IMG,
             "true",
-        ])
-        .env("CW_NVML_LIBRARY", &nvml)
-        .output()
-        .unwrap();
+        ],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("no device named GPU-bbbbbbbb"),

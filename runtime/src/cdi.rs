@@ -16,7 +16,6 @@
 use crate::request::{BindMount, Device};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 pub const NVIDIA_GPU_KIND: &str = "nvidia.com/gpu";
@@ -336,64 +335,39 @@ fn apply(e: &ContainerEdits, file: &Path, out: &mut Edits) -> Result<(), String>
 }
 
 fn device(n: &DeviceNode) -> Result<Device, String> {
-    if !n.path.starts_with("/dev/") || n.path.split('/').any(|c| c == "..") {
-        return Err(format!("device node {:?} is not under /dev", n.path));
-    }
     let host = n.host_path.as_deref().unwrap_or(&n.path);
     let typ = n.typ.as_deref().map(|t| if t == "u" { "c" } else { t });
-    let (typ, major, minor, mode) = match (typ, n.major, n.minor) {
-        (Some(t), Some(a), Some(b)) => (t.to_string(), a, b, n.file_mode.unwrap_or(0o666)),
+    let access = n.permissions.as_deref().unwrap_or("rwm");
+    let d = match (typ, n.major, n.minor) {
+        (Some(t), Some(major), Some(minor)) => Device {
+            path: n.path.clone(),
+            dev_type: t.to_string(),
+            major,
+            minor,
+            file_mode: n.file_mode.unwrap_or(0o666) & 0o7777,
+            access: access.to_string(),
+        },
         _ => {
-            // fill from the host node, as the reference library does
-            let m = std::fs::metadata(host)
-                .map_err(|e| format!("device node {}: host path {host}: {e}", n.path))?;
-            let t = if m.file_type().is_char_device() {
-                "c"
-            } else if m.file_type().is_block_device() {
-                "b"
-            } else {
+            // fill what is missing from the host node, as the reference library does
+            let mut d = Device::from_host(host, &n.path, access)
+                .map_err(|e| format!("device node {}: {e}", n.path))?;
+            if typ.is_some_and(|t| t != d.dev_type) {
                 return Err(format!(
-                    "device node {}: host path {host} is not a device",
-                    n.path
-                ));
-            };
-            if typ.is_some_and(|x| x != t) {
-                return Err(format!(
-                    "device node {}: type {} but {host} is a {t} device",
+                    "device node {}: type {} but {host} is a {} device",
                     n.path,
-                    typ.unwrap()
+                    typ.unwrap(),
+                    d.dev_type
                 ));
             }
-            (
-                t.to_string(),
-                n.major.unwrap_or(libc::major(m.rdev()) as i64),
-                n.minor.unwrap_or(libc::minor(m.rdev()) as i64),
-                n.file_mode.unwrap_or(m.mode() & 0o777),
-            )
+            d.major = n.major.unwrap_or(d.major);
+            d.minor = n.minor.unwrap_or(d.minor);
+            d.file_mode = n.file_mode.map(|m| m & 0o7777).unwrap_or(d.file_mode);
+            d
         }
     };
-    if typ != "c" && typ != "b" {
-        return Err(format!(
-            "device node {}: type {typ:?} is not supported (c, u or b)",
-            n.path
-        ));
-    }
-    let access = n.permissions.clone().unwrap_or_else(|| "rwm".into());
-    if access.is_empty() || !access.chars().all(|c| "rwm".contains(c)) {
-        return Err(format!(
-            "device node {}: permissions {access:?} are not a subset of rwm",
-            n.path
-        ));
-    }
     let _ = (n.uid, n.gid);
-    Ok(Device {
-        path: n.path.clone(),
-        dev_type: typ,
-        major,
-        minor,
-        file_mode: mode & 0o7777,
-        access,
-    })
+    d.validate().map_err(|e| format!("CDI {e}"))?;
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -540,7 +514,7 @@ mod tests {
             .contains("/nonexistent"));
         assert!(device(&n("/etc/passwd", "/dev/null"))
             .unwrap_err()
-            .contains("not under /dev"));
+            .contains("under /dev"));
         let mut p = n("/dev/x", "/dev/null");
         p.permissions = Some("rwx".into());
         assert!(device(&p).unwrap_err().contains("subset of rwm"));

@@ -63,6 +63,53 @@ fn rwm() -> String {
 }
 
 impl Device {
+    /// The node at `host` (a character or block device) as `path` in the container.
+    pub fn from_host(host: &str, path: &str, access: &str) -> Result<Device, String> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let m = std::fs::metadata(host).map_err(|e| format!("{host}: {e}"))?;
+        let ty = if m.file_type().is_char_device() {
+            "c"
+        } else if m.file_type().is_block_device() {
+            "b"
+        } else {
+            return Err(format!("{host} is not a device node"));
+        };
+        let d = Device {
+            path: path.to_string(),
+            dev_type: ty.into(),
+            major: libc::major(m.rdev()) as i64,
+            minor: libc::minor(m.rdev()) as i64,
+            file_mode: m.mode() & 0o777,
+            access: access.to_string(),
+        };
+        d.validate()?;
+        Ok(d)
+    }
+
+    /// Err unless the type is `c`/`b`, the access a non-empty subset of `rwm` and the path
+    /// under `/dev` without `..`.
+    pub fn validate(&self) -> Result<(), String> {
+        if !matches!(self.dev_type.as_str(), "c" | "b") {
+            return Err(format!(
+                "device {}: type {:?} is neither c nor b",
+                self.path, self.dev_type
+            ));
+        }
+        if self.access.is_empty() || !self.access.chars().all(|c| "rwm".contains(c)) {
+            return Err(format!(
+                "device {}: permissions {:?} are not a subset of rwm",
+                self.path, self.access
+            ));
+        }
+        if !self.path.starts_with("/dev/") || self.path.split('/').any(|c| c == "..") {
+            return Err(format!(
+                "device {}: the container path must be under /dev",
+                self.path
+            ));
+        }
+        Ok(())
+    }
+
     /// A character device with full access.
     pub fn char(path: impl Into<String>, major: i64, minor: i64, file_mode: u32) -> Device {
         Device {

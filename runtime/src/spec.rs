@@ -183,21 +183,7 @@ pub fn build(req: &RunRequest) -> Result<Spec, String> {
             .collect();
     let mut devices = vec![];
     for d in &req.devices {
-        if !matches!(d.dev_type.as_str(), "c" | "b") {
-            return Err(format!(
-                "device {}: type {:?} is neither c nor b",
-                d.path, d.dev_type
-            ));
-        }
-        if d.access.is_empty() || !d.access.chars().all(|c| "rwm".contains(c)) {
-            return Err(format!(
-                "device {}: access {:?} is not a subset of rwm",
-                d.path, d.access
-            ));
-        }
-        if !d.path.starts_with("/dev/") || d.path.split('/').any(|c| c == "..") {
-            return Err(format!("device {}: the path must be under /dev", d.path));
-        }
+        d.validate()?;
         allowed.push((d.dev_type.as_str(), d.major, d.minor, d.access.as_str()));
         devices.push(json!({"path": d.path, "type": d.dev_type, "major": d.major, "minor": d.minor, "fileMode": d.file_mode, "uid": 0, "gid": 0}));
     }

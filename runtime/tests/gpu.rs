@@ -138,11 +138,12 @@ fn mountinfo() -> String {
     std::fs::read_to_string("/proc/self/mountinfo").unwrap()
 }
 
-fn cache_listing(rootfs: &Path) -> String {
+/// `ldconfig -p` of a cache file.
+fn cache_listing(cache: &Path) -> String {
     let o = Command::new("/sbin/ldconfig")
         .arg("-p")
         .arg("-C")
-        .arg(rootfs.join("etc/ld.so.cache"))
+        .arg(cache)
         .output()
         .unwrap();
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -181,7 +182,7 @@ fn ldconfig_in_a_rootfs_resolves_libcuda_and_stays_inside() {
     let log = d.path().join("ldconfig.log");
     cw_runtime::ldcache::update(&root, &binds, &dirs, &log)
         .unwrap_or_else(|e| panic!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
-    let listing = cache_listing(&root);
+    let listing = cache_listing(&root.join("etc/ld.so.cache"));
     assert!(
         listing.contains("libcuda.so.1 (libc6,x86-64) => /usr/local/nvidia/lib64/libcuda.so.1"),
         "{listing}"
@@ -218,12 +219,6 @@ fn ldconfig_in_a_rootfs_resolves_libcuda_and_stays_inside() {
     // the links resolved inside the rootfs, and the cache was written there
     r.unwrap();
     assert!(inside.join("nvidia/lib64/libcuda.so.1").exists());
-    let o = Command::new("/sbin/ldconfig")
-        .arg("-p")
-        .arg("-C")
-        .arg(inside_etc.join("ld.so.cache"))
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&o.stdout).contains("libcuda.so.1"));
+    assert!(cache_listing(&inside_etc.join("ld.so.cache")).contains("libcuda.so.1"));
     assert_eq!(mountinfo(), before, "no mount left on the host");
 }
