@@ -9,7 +9,7 @@ use common::*;
 const IMG: &str = "127.0.0.1:5000/gpu-check:latest";
 
 fn gpus_present() -> bool {
-    cw_runtime::gpu::discover().gpus.len() > 0
+    !cw_runtime::gpu::discover().gpus.is_empty()
 }
 
 #[test]

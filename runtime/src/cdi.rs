@@ -116,16 +116,8 @@ struct Mount {
     typ: Option<String>,
 }
 
-/// The resolved edits for a run.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Edits {
-    pub devices: Vec<Device>,
-    pub mounts: Vec<BindMount>,
-    pub env: Vec<String>,
-    pub ldconfig_dirs: Vec<String>,
-    /// What the specs asked for that cw does not do (hooks), for the log.
-    pub ignored: Vec<String>,
-}
+/// The resolved edits for a run: the same shape as cw's own GPU plan.
+pub use crate::gpu::Injection as Edits;
 
 /// The specs of one kind found in the spec directories.
 #[derive(Debug, Default)]
@@ -291,8 +283,8 @@ fn apply(e: &ContainerEdits, file: &Path, out: &mut Edits) -> Result<(), String>
                 m.container_path
             )));
         }
-        if !out.mounts.iter().any(|x| x.destination == m.container_path) {
-            out.mounts.push(BindMount {
+        if !out.files.iter().any(|x| x.destination == m.container_path) {
+            out.files.push(BindMount {
                 source: PathBuf::from(&m.host_path),
                 destination: m.container_path.clone(),
                 readonly: m.options.iter().any(|o| o == "ro"),
@@ -317,7 +309,7 @@ fn apply(e: &ContainerEdits, file: &Path, out: &mut Edits) -> Result<(), String>
             }
             continue;
         }
-        out.ignored.push(format!(
+        out.notes.push(format!(
             "{} hook {} {} (from {}) not run: cw runs no host-side hooks",
             h.hook_name,
             h.path,
@@ -326,7 +318,7 @@ fn apply(e: &ContainerEdits, file: &Path, out: &mut Edits) -> Result<(), String>
         ));
     }
     if !e.additional_gids.is_empty() || e.intel_rdt.is_some() || !e.net_devices.is_empty() {
-        out.ignored.push(format!(
+        out.notes.push(format!(
             "additionalGids/intelRdt/netDevices from {} not applied",
             file.display()
         ));
@@ -437,7 +429,7 @@ mod tests {
             "common nodes once, then each device's"
         );
         assert_eq!(
-            ed.mounts,
+            ed.files,
             vec![
                 BindMount {
                     source: "/usr/lib/x86_64-linux-gnu/libcuda.so.999.88.77".into(),
@@ -456,12 +448,8 @@ mod tests {
             ed.ldconfig_dirs,
             vec!["/usr/lib/x86_64-linux-gnu".to_string()]
         );
-        assert_eq!(ed.ignored.len(), 1, "{:?}", ed.ignored);
-        assert!(
-            ed.ignored[0].contains("create-symlinks"),
-            "{:?}",
-            ed.ignored
-        );
+        assert_eq!(ed.notes.len(), 1, "{:?}", ed.notes);
+        assert!(ed.notes[0].contains("create-symlinks"), "{:?}", ed.notes);
         let e = s.resolve(&["9".into()]).unwrap_err();
         assert_eq!(e, "unresolvable CDI device nvidia.com/gpu=9");
     }

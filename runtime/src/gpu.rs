@@ -548,7 +548,7 @@ pub fn device_nodes(gpus: &[Gpu], caps: &str, host: &Host) -> Result<Vec<Device>
     Ok(out)
 }
 
-/// Everything a run with GPUs gets.
+/// Everything a run with GPUs gets (from cw's plan or from a CDI spec).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Injection {
     pub devices: Vec<Device>,
@@ -556,7 +556,7 @@ pub struct Injection {
     pub env: Vec<String>,
     /// Container directories to add to the rootfs's ld cache.
     pub ldconfig_dirs: Vec<String>,
-    /// Things skipped, for the log (CDI hooks cw does not run).
+    /// What was asked for and not done, for the log (CDI hooks cw does not run).
     pub notes: Vec<String>,
 }
 
@@ -619,14 +619,7 @@ pub fn injection(
             .iter()
             .map(|g| specs.device_name_for(&g.uuid, g.index, g.mig.is_some()))
             .collect::<Result<_, _>>()?;
-        let edits = specs.resolve(&names)?;
-        let mut inj = Injection {
-            devices: edits.devices,
-            files: edits.mounts,
-            env: edits.env,
-            ldconfig_dirs: edits.ldconfig_dirs,
-            notes: edits.ignored,
-        };
+        let mut inj = specs.resolve(&names)?;
         // the CodaLab contract: runs see their UUIDs whatever the spec sets
         inj.env
             .retain(|e| !e.starts_with("NVIDIA_VISIBLE_DEVICES="));
