@@ -196,13 +196,22 @@ impl Server {
         })
     }
 
+    /// The whole body; a failure while reading it is a network error on `url`.
+    async fn body(resp: reqwest::Response, method: &str) -> Result<Vec<u8>, ClientError> {
+        let url = resp.url().to_string();
+        resp.bytes()
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|source| ClientError::Net {
+                method: method.into(),
+                url,
+                source,
+            })
+    }
+
     async fn json(resp: reqwest::Response) -> Result<serde_json::Value, ClientError> {
         let url = resp.url().to_string();
-        let b = resp.bytes().await.map_err(|source| ClientError::Net {
-            method: "read".into(),
-            url: url.clone(),
-            source,
-        })?;
+        let b = Self::body(resp, "read").await?;
         serde_json::from_slice(&b)
             .map_err(|e| ClientError::Protocol(format!("{url}: response is not JSON: {e}")))
     }
@@ -217,16 +226,7 @@ impl Server {
                 |b| b.json(body),
             )
             .await?;
-        let url = resp.url().to_string();
-        Ok(resp
-            .bytes()
-            .await
-            .map_err(|source| ClientError::Net {
-                method: "POST".into(),
-                url,
-                source,
-            })?
-            .to_vec())
+        Self::body(resp, "POST").await
     }
 
     pub async fn start_bundle(
