@@ -661,3 +661,26 @@ fn device_cgroup_allows_the_passed_node_and_denies_an_unassigned_one() {
     ]);
     assert!(err.contains("under /dev"), "{err}");
 }
+
+/// A run starts with every signal at its default: none ignored (an ignored SIGPIPE survives
+/// exec, so a monitor that ignores it would hand that to the container) and none blocked.
+#[test]
+fn signals_start_at_their_defaults() {
+    let Some(cw) = runner() else { return };
+    let (rc, out, err) = run_out(
+        &cw,
+        &[
+            "run",
+            "--image",
+            TINY,
+            "grep -E '^Sig(Ign|Blk)' /proc/self/status; yes | head -1",
+        ],
+    );
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(
+        out, "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\ny\n",
+        "{err}"
+    );
+    assert!(!err.contains("Broken pipe"), "{err}");
+    assert_no_leftovers(&cw);
+}

@@ -265,6 +265,60 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
+extern "C" fn on_sigpipe(_: libc::c_int) {}
+
+/// Set every signal that arrived ignored back to its default. An ignored signal stays ignored
+/// across fork and exec, so what cw was started with (nohup's SIGHUP; the SIG_IGN glibc's
+/// posix_spawn leaves on its internal signals 32 and 33 in every child a Rust program spawns)
+/// would otherwise reach the container. Raw rt_sigaction: glibc refuses to touch 32 and 33,
+/// which this single-threaded process never needs.
+fn reset_ignored_signals() {
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: libc::c_ulong,
+        restorer: usize,
+        mask: u64,
+    }
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        let mut old = KernelSigaction {
+            handler: 0,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        let got = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                std::ptr::null::<KernelSigaction>(),
+                &mut old as *mut KernelSigaction,
+                8usize,
+            )
+        };
+        if got == 0 && old.handler == libc::SIG_IGN {
+            let dfl = KernelSigaction {
+                handler: libc::SIG_DFL,
+                flags: 0,
+                restorer: 0,
+                mask: 0,
+            };
+            unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &dfl as *const KernelSigaction,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    8usize,
+                )
+            };
+        }
+    }
+}
+
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
@@ -476,6 +530,7 @@ pub fn main(dir: &Path) -> i32 {
         format!("{me} {}", proc_start_time(me).unwrap_or(0)).as_bytes(),
     );
 
+    reset_ignored_signals();
     // signals arrive through a self-pipe; handlers (not a blocked mask) so children start clean
     let (sig_r, sig_w) = match pipe() {
         Ok(p) => p,
@@ -495,8 +550,16 @@ pub fn main(dir: &Path) -> i32 {
     ] {
         unsafe { signal::sigaction(s, &act) }.ok();
     }
-    // a broken stdout pipe must not kill the monitor
-    unsafe { signal::signal(Signal::SIGPIPE, SigHandler::SigIgn) }.ok();
+    // A broken stdout pipe must not kill the monitor, but SIGPIPE must not be *ignored* either:
+    // an ignored signal stays ignored across exec, and the container (forked from here) would
+    // start with it (`yes | head -1` printing "Broken pipe" instead of ending quietly). A
+    // handler that does nothing gives the monitor EPIPE and is reset to the default by exec.
+    let noop = SigAction::new(
+        SigHandler::Handler(on_sigpipe),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    unsafe { signal::sigaction(Signal::SIGPIPE, &noop) }.ok();
 
     if matches!(req.network, Network::None | Network::Private) {
         // The container inherits this private namespace (the spec asks for none of its own):
