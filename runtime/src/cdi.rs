@@ -34,6 +34,7 @@ struct SpecFile {
     cdi_version: String,
     kind: String,
     #[serde(default)]
+    #[allow(dead_code)] // accepted, not used
     annotations: Option<BTreeMap<String, String>>,
     #[serde(default)]
     devices: Vec<DeviceSpec>,
@@ -46,6 +47,7 @@ struct SpecFile {
 struct DeviceSpec {
     name: String,
     #[serde(default)]
+    #[allow(dead_code)] // accepted, not used
     annotations: Option<BTreeMap<String, String>>,
     #[serde(default)]
     container_edits: ContainerEdits,
@@ -87,8 +89,10 @@ struct DeviceNode {
     #[serde(default)]
     permissions: Option<String>,
     #[serde(default)]
+    #[allow(dead_code)] // nodes are made root-owned
     uid: Option<u32>,
     #[serde(default)]
+    #[allow(dead_code)] // nodes are made root-owned
     gid: Option<u32>,
 }
 
@@ -100,8 +104,10 @@ struct Hook {
     #[serde(default)]
     args: Vec<String>,
     #[serde(default)]
+    #[allow(dead_code)] // hooks are not run
     env: Vec<String>,
     #[serde(default)]
+    #[allow(dead_code)]
     timeout: Option<i64>,
 }
 
@@ -154,10 +160,6 @@ fn parse_file(path: &Path) -> Result<SpecFile, String> {
             spec.cdi_version, MAX_VERSION.0, MAX_VERSION.1, MAX_VERSION.2
         ));
     }
-    let _ = (
-        &spec.annotations,
-        spec.devices.iter().map(|d| &d.annotations),
-    );
     Ok(spec)
 }
 
@@ -292,7 +294,6 @@ fn apply(e: &ContainerEdits, file: &Path, out: &mut Edits) -> Result<(), String>
         }
     }
     for h in &e.hooks {
-        let _ = (&h.env, h.timeout);
         if h.args.iter().any(|a| a == "update-ldcache") {
             let mut it = h.args.iter();
             while let Some(a) = it.next() {
@@ -357,7 +358,6 @@ fn device(n: &DeviceNode) -> Result<Device, String> {
             d
         }
     };
-    let _ = (n.uid, n.gid);
     d.validate().map_err(|e| format!("CDI {e}"))?;
     Ok(d)
 }

@@ -22,7 +22,7 @@ use crate::request::BindMount;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -97,9 +97,10 @@ struct Prepared {
     rootfs_path: CString,
     rootfs: libc::c_int,
     host_root: libc::c_int,
-    ldconfig: OwnedFd,
+    ldconfig: File,
     items: Vec<Item>,
-    argv: Vec<CString>,
+    /// Owns the strings `argv_ptrs` points into.
+    _argv: Vec<CString>,
     argv_ptrs: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
     /// source and target descriptors, filled in the child
@@ -107,19 +108,9 @@ struct Prepared {
     tfds: Vec<libc::c_int>,
 }
 
-// SAFETY: the raw pointers point into `argv`, owned by the same value and never moved after.
+// SAFETY: the raw pointers point into `_argv`, owned by the same value and never moved after.
 unsafe impl Send for Prepared {}
 unsafe impl Sync for Prepared {}
-
-fn open_path(p: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    let c = CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
 
 /// Add `dirs` (container paths) to the ld cache of `rootfs` (a mounted, writable root), with
 /// those of `binds` that land in one of `dirs` visible to ldconfig. ldconfig's output goes to
@@ -177,16 +168,14 @@ pub fn update(
         rootfs_path: cstr(rootfs.as_os_str().as_bytes())?,
         rootfs: -1,
         host_root: -1,
-        ldconfig: open_path(&ldconfig, libc::O_RDONLY)
-            .map_err(|e| format!("{}: {e}", ldconfig.display()))?,
+        ldconfig: File::open(&ldconfig).map_err(|e| format!("{}: {e}", ldconfig.display()))?,
         items,
-        argv,
+        _argv: argv,
         argv_ptrs,
         envp: vec![std::ptr::null()],
         sfds: vec![-1; n],
         tfds: vec![-1; n],
     };
-    let _ = &prep.argv;
     let out = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = std::process::Command::new(&ldconfig);
