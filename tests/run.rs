@@ -265,6 +265,7 @@ fn cpu_time_accounting_matches_the_process_own_counters() {
         "the loop was too short to measure: {own_ns} ns"
     );
     let ratio = cg_ns / own_ns;
+    eprintln!("cgroup cpu {cg_ns} ns, the process's own {own_ns} ns: ratio {ratio:.3}");
     assert!(
         (0.9..=1.1).contains(&ratio),
         "cgroup cpu {cg_ns} ns vs the process's own {own_ns} ns (ratio {ratio:.3})"

@@ -63,13 +63,30 @@ pub fn read(cgroup_path: &str) -> Usage {
             }
             if let Some(c) = cg.controller_of::<CpuAcctController>() {
                 let a = c.cpuacct();
-                u.cpu_user_ns = a.usage_user;
-                u.cpu_system_ns = a.usage_sys;
+                (u.cpu_user_ns, u.cpu_system_ns) =
+                    split_runtime(a.usage, a.usage_user, a.usage_sys);
             }
             u
         }
         Version::V2 => read_v2(&v2_dir(cgroup_path)),
     }
+}
+
+/// On v1, `cpuacct.usage` is the scheduler's exact runtime, while `cpuacct.usage_user` and
+/// `usage_sys` are timer-tick samples, which drift from it on a busy or virtualised host (a
+/// 1 s busy loop was once sampled as 1.32 s). The total is taken from the exact figure and
+/// split in the samples' ratio, as the kernel does for a process's utime/stime
+/// (`cputime_adjust`) and for v2's cpu.stat.
+fn split_runtime(total: u64, user_samples: u64, sys_samples: u64) -> (u64, u64) {
+    if sys_samples == 0 {
+        return (total, 0);
+    }
+    if user_samples == 0 {
+        return (0, total);
+    }
+    let user = (total as u128 * user_samples as u128 / (user_samples as u128 + sys_samples as u128))
+        as u64;
+    (user, total - user)
 }
 
 /// cgroup v2 files of one cgroup directory.
@@ -88,6 +105,20 @@ pub fn read_v2(dir: &Path) -> Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v1_runtime_is_split_in_the_samples_ratio() {
+        assert_eq!(split_runtime(1_000, 0, 0), (1_000, 0));
+        assert_eq!(split_runtime(1_000, 4, 0), (1_000, 0));
+        assert_eq!(split_runtime(1_000, 0, 4), (0, 1_000));
+        assert_eq!(split_runtime(1_000_000_000, 1_320, 0), (1_000_000_000, 0));
+        assert_eq!(split_runtime(1_000, 3, 1), (750, 250));
+        // no overflow at large totals
+        assert_eq!(
+            split_runtime(u64::MAX, 1, 1),
+            (u64::MAX / 2, u64::MAX - u64::MAX / 2)
+        );
+    }
 
     #[test]
     fn parses_v2_files() {
