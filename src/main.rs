@@ -433,7 +433,7 @@ fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
     }
     let (rd, mut req) = cw::run::prepare(&ctx.store, &image, &opts)?;
     let meta = serde_json::json!({"image": r.familiar(), "manifest": image.manifest, "created": cw::store::now()});
-    std::fs::write(rd.path.join("meta.json"), meta.to_string())?;
+    cw::store::replace_file(&rd.path.join("meta.json"), meta.to_string().as_bytes())?;
     if a.detach {
         if req.stdout.is_none() {
             req.stdout = Some(rd.path.join("stdout"));

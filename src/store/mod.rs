@@ -102,7 +102,7 @@ pub fn default_root() -> PathBuf {
     }
 }
 
-pub use cw_runtime::monitor::write_atomic;
+pub use cw_runtime::monitor::{replace_file, write_atomic};
 
 /// Total size of regular files under `p` (not following symlinks, counting each inode once).
 pub fn du(p: &Path) -> u64 {
@@ -435,7 +435,7 @@ impl Store {
     pub fn mark_in_use(&self, run: &str, layers: &[Digest], mountpoint: &Path) -> Result<()> {
         let p = self.root.join("inuse").join(format!("{run}.json"));
         let v = serde_json::json!({ "layers": layers, "mountpoint": mountpoint, "pid": std::process::id() });
-        write_atomic(&p, v.to_string().as_bytes()).map_err(io_err(&p, "writing in-use record"))
+        replace_file(&p, v.to_string().as_bytes()).map_err(io_err(&p, "writing in-use record"))
     }
 
     pub fn clear_in_use(&self, run: &str) {

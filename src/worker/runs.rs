@@ -669,7 +669,7 @@ fn start_container(
     req.stderr = Some(rd.path.join("container.err"));
     rd.write_request(&req).map_err(|e| e.to_string())?;
     let meta = serde_json::json!({"image": run.resources.docker_image, "manifest": image.manifest, "created": crate::store::now(), "codalab_bundle": uuid});
-    let _ = std::fs::write(rd.path.join("meta.json"), meta.to_string());
+    let _ = crate::store::replace_file(&rd.path.join("meta.json"), meta.to_string().as_bytes());
     let child = cw_runtime::monitor::spawn(
         &ctx.exe,
         &rd.path,
