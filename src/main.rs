@@ -667,10 +667,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Ps => {
             let ctx = context(&cli.global)?;
-            println!(
-                "{:<20} {:<14} {:<40} {}",
-                "RUN ID", "STATUS", "IMAGE", "COMMAND"
-            );
+            println!("{:<20} {:<14} {:<40} COMMAND", "RUN ID", "STATUS", "IMAGE");
             for (id, rd) in cw::run::list(&ctx.store) {
                 let meta: serde_json::Value = std::fs::read(rd.path.join("meta.json"))
                     .ok()

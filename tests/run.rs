@@ -336,7 +336,7 @@ fn detached_run_killed_from_another_process() {
         .trim()
         .to_string();
     std::thread::sleep(Duration::from_millis(300));
-    assert!(cw.ok(&["ps"]).contains(&format!("{id}")));
+    assert!(cw.ok(&["ps"]).contains(&id));
     assert!(cw
         .ok(&["ps"])
         .lines()

@@ -295,7 +295,7 @@ mod tests {
         let s = serde_json::to_value(build(&req(1000)).unwrap()).unwrap();
         assert!(s["process"]["capabilities"]["bounding"]
             .as_array()
-            .map_or(true, |a| a.is_empty()));
+            .is_none_or(|a| a.is_empty()));
         assert_eq!(s["process"]["noNewPrivileges"], true);
     }
 

@@ -182,7 +182,7 @@ fn layer_compression(mt: &str) -> Result<Compression, ManifestError> {
 }
 
 fn digest_of(d: &oci_spec::image::Digest, what: &'static str) -> Result<Digest, ManifestError> {
-    Digest::parse(&d.to_string()).map_err(|e| ManifestError::Invalid {
+    Digest::parse(d.as_ref()).map_err(|e| ManifestError::Invalid {
         what,
         reason: e.to_string(),
     })

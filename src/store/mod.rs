@@ -337,7 +337,7 @@ impl Store {
                 }
             }
         }
-        out.sort_by(|a, b| b.pulled_at.cmp(&a.pulled_at));
+        out.sort_by_key(|b| std::cmp::Reverse(b.pulled_at));
         out
     }
 

@@ -816,6 +816,27 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: Options) -> Result<UnpackSt
     Ok(u.stats)
 }
 
+impl Tree {
+    /// Open a regular file inside the tree for reading, resolving like [`Tree::resolve_dir`]
+    /// (symlinks stay inside the root; the final component is not followed).
+    pub fn open_file(&mut self, rel: &[u8]) -> io::Result<File> {
+        let comps = clean_components(rel);
+        let Some((name, parent)) = comps.split_last() else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty path"));
+        };
+        let p = self.resolve_dir(parent, false)?;
+        let fd = openat(p.as_raw_fd(), name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
+        let st = fstat(fd.as_raw_fd())?;
+        if !is_type(&st, libc::S_IFREG) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        Ok(File::from(fd))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -847,26 +868,5 @@ mod tests {
         assert!(!xattr_allowed(b"trusted.overlay.redirect"));
         assert!(!xattr_allowed(b"trusted.overlay.opaque"));
         assert!(!xattr_allowed(b"system.nfs4_acl"));
-    }
-}
-
-impl Tree {
-    /// Open a regular file inside the tree for reading, resolving like [`Tree::resolve_dir`]
-    /// (symlinks stay inside the root; the final component is not followed).
-    pub fn open_file(&mut self, rel: &[u8]) -> io::Result<File> {
-        let comps = clean_components(rel);
-        let Some((name, parent)) = comps.split_last() else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty path"));
-        };
-        let p = self.resolve_dir(parent, false)?;
-        let fd = openat(p.as_raw_fd(), name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
-        let st = fstat(fd.as_raw_fd())?;
-        if !is_type(&st, libc::S_IFREG) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file",
-            ));
-        }
-        Ok(File::from(fd))
     }
 }

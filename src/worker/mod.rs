@@ -289,9 +289,11 @@ fn physical_memory() -> u64 {
         .unwrap_or(0)
 }
 
+// fsblkcnt_t is u64 here but not on every target
+#[allow(clippy::useless_conversion)]
 fn free_disk(p: &Path) -> u64 {
     nix::sys::statvfs::statvfs(p)
-        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .map(|s| u64::from(s.blocks_available()) * u64::from(s.fragment_size()))
         .unwrap_or(0)
 }
 
