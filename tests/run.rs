@@ -685,3 +685,114 @@ fn signals_start_at_their_defaults() {
     assert!(!err.contains("Broken pipe"), "{err}");
     assert_no_leftovers(&cw);
 }
+
+#[test]
+fn nested_cgroup_parents_made_for_a_run_are_removed_with_it() {
+    let Some(cw) = runner() else { return };
+    // As under Slurm: the parent is inside a tree that another manager made in some hierarchies
+    // (here: memory only) and nobody made in the others.
+    let top = format!("cwnest-{}", std::process::id());
+    let job = format!("/sys/fs/cgroup/memory/{top}/job_1");
+    std::fs::create_dir_all(&job).unwrap();
+    let parent = format!("/{top}/job_1/step_0/cw");
+    let (rc, out, err) = run_out(
+        &cw,
+        &[
+            "run",
+            "--cgroup-parent",
+            &parent,
+            "--image",
+            TINY,
+            "cat /proc/1/cgroup",
+        ],
+    );
+    assert_eq!(rc, 0, "{err}");
+    assert!(out.contains("memory:/"), "{out}");
+    let mut left = vec![];
+    for ctl in [
+        "memory", "cpu", "cpuacct", "pids", "devices", "freezer", "cpuset", "blkio",
+    ] {
+        let base = Path::new("/sys/fs/cgroup").join(ctl);
+        if !base.is_dir() {
+            continue;
+        }
+        for sub in ["job_1/step_0", "job_1"] {
+            let p = base.join(&top).join(sub);
+            let pre_existing = ctl == "memory" && sub == "job_1";
+            if p.exists() != pre_existing {
+                left.push(format!("{} exists: {}", p.display(), p.exists()));
+            }
+        }
+    }
+    // the other manager's directory and the top level stay; clean them up here
+    std::fs::remove_dir(&job).unwrap();
+    for ctl in [
+        "memory", "cpu", "cpuacct", "pids", "devices", "freezer", "cpuset", "blkio",
+    ] {
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(ctl).join(&top));
+    }
+    assert!(left.is_empty(), "{left:#?}");
+    assert_no_leftovers(&cw);
+}
+
+#[test]
+fn the_monitor_is_the_oom_killer_last_choice_and_the_run_is_not() {
+    let Some(cw) = runner() else { return };
+    // cw started with a raised score (allowed without privilege): the run must get exactly that,
+    // the monitor -999 where the host lets root lower it (CAP_SYS_RESOURCE)
+    let mut c = cw.cmd(&[
+        "run", "-d", "--name", "oomadj", "--image", TINY, "--", "sleep", "30",
+    ]);
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+            std::fs::write("/proc/self/oom_score_adj", "300")
+        });
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let rd = cw.store().join("runs").join(&id);
+    let t = Instant::now();
+    let adj = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let (monitor, init) = loop {
+        let m = std::fs::read_to_string(rd.join("monitor.pid")).unwrap_or_default();
+        let st = std::fs::read_to_string(rd.join("state.json")).unwrap_or_default();
+        let pid = serde_json::from_str::<serde_json::Value>(&st)
+            .ok()
+            .and_then(|v| v["pid"].as_i64());
+        if let (Some(m), Some(p)) = (m.split_whitespace().next(), pid) {
+            break (m.to_string(), p.to_string());
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the run did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(adj(&init), "300", "the run gets cw's own score");
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    if cap_eff & (1 << 24) != 0 {
+        // CAP_SYS_RESOURCE
+        assert_eq!(adj(&monitor), "-999");
+    } else {
+        eprintln!("no CAP_SYS_RESOURCE here: the monitor's -999 is not checked");
+        assert_eq!(adj(&monitor), "300");
+    }
+    cw.ok(&["kill", &id]);
+    let t = Instant::now();
+    while !cw.run(&["rm", &id]).status.success() {
+        assert!(t.elapsed() < Duration::from_secs(15), "the run did not end");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_no_leftovers(&cw);
+}

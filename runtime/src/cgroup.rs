@@ -89,6 +89,110 @@ fn split_runtime(total: u64, user_samples: u64, sys_samples: u64) -> (u64, u64) 
     (user, total - user)
 }
 
+/// Mount points of every cgroup hierarchy (v1 and v2) in this mount namespace.
+pub fn mount_points() -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let fstype = post.split(' ').next()?;
+            let mp = pre.split(' ').nth(4)?;
+            matches!(fstype, "cgroup" | "cgroup2").then(|| PathBuf::from(unescape_mountinfo(mp)))
+        })
+        .collect()
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The directories between each hierarchy's top level and `cgroup_parent` (inclusive) that do
+/// not exist yet, deepest first. Creating the run's cgroup makes them (libcontainer creates the whole
+/// path in every hierarchy), and nobody else removes them: under Slurm, a parent inside the job's
+/// cgroup left a `cw` directory that kept Slurm from removing the job's own cgroups, and copies of
+/// the job's path in the hierarchies Slurm does not use (cpu, pids, blkio...) piled up per job.
+pub fn missing_parents(roots: &[PathBuf], cgroup_parent: &str) -> Vec<PathBuf> {
+    let rel = Path::new(cgroup_parent.trim_start_matches('/'));
+    if !rel
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Vec::new(); // `..` and the like: nothing of ours to clean up
+    }
+    let mut out = Vec::new();
+    for root in roots {
+        // a directory right under the root (`/cw`, `/slurm`) stays, as Docker's `/docker` does
+        let mut p = root.join(rel);
+        while p.parent().is_some_and(|q| q != root.as_path()) && !p.exists() {
+            out.push(p.clone());
+            p.pop();
+        }
+    }
+    out
+}
+
+/// Held by a monitor while it creates its run's cgroups and while it removes parents, when the
+/// parent is deep enough for [`missing_parents`] to list anything: otherwise one run's cleanup
+/// could remove a parent between another's `mkdir` of it and of its own cgroup inside. None for
+/// a top-level parent such as the default `/cw`, which is never removed.
+pub fn parents_lock(cgroup_parent: &str) -> Option<std::fs::File> {
+    let rel = Path::new(cgroup_parent.trim_start_matches('/'));
+    if rel.components().count() < 2 {
+        return None;
+    }
+    let dir = Path::new("/run/lock");
+    let path = if dir.is_dir() {
+        dir.join("cw-cgroup-parents.lock")
+    } else {
+        std::env::temp_dir().join("cw-cgroup-parents.lock")
+    };
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .ok()?;
+    use std::os::fd::AsRawFd;
+    while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return None;
+        }
+    }
+    Some(f)
+}
+
+/// Remove what [`missing_parents`] listed, once the run's own cgroup is gone. rmdir only takes an
+/// empty cgroup (no tasks, no children), so a parent that another run is still using stays.
+pub fn remove_parents(dirs: &[PathBuf]) {
+    for d in dirs {
+        match std::fs::remove_dir(d) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT) | Some(libc::EBUSY) | Some(libc::ENOTEMPTY)
+                ) => {}
+            Err(e) => tracing::warn!("removing the cgroup {}: {e}", d.display()),
+        }
+    }
+}
+
 /// cgroup v2 files of one cgroup directory.
 pub fn read_v2(dir: &Path) -> Usage {
     let current = read_u64(&dir.join("memory.current")).unwrap_or(0);
@@ -118,6 +222,55 @@ mod tests {
             split_runtime(u64::MAX, 1, 1),
             (u64::MAX / 2, u64::MAX - u64::MAX / 2)
         );
+    }
+
+    #[test]
+    fn missing_parents_are_listed_deepest_first_per_hierarchy() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("memory"), d.path().join("pids"));
+        std::fs::create_dir_all(a.join("slurm/job_1")).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let got = missing_parents(&[a.clone(), b.clone()], "/slurm/job_1/step_0/cw");
+        assert_eq!(
+            got,
+            vec![
+                a.join("slurm/job_1/step_0/cw"),
+                a.join("slurm/job_1/step_0"),
+                b.join("slurm/job_1/step_0/cw"),
+                b.join("slurm/job_1/step_0"),
+                b.join("slurm/job_1"),
+            ]
+        );
+        assert!(missing_parents(std::slice::from_ref(&a), "/slurm/job_1").is_empty());
+        assert!(missing_parents(std::slice::from_ref(&a), "/").is_empty());
+        assert!(missing_parents(std::slice::from_ref(&a), "/cw").is_empty());
+        assert!(parents_lock("/cw").is_none());
+        // a parent with .. is never walked
+        assert!(missing_parents(std::slice::from_ref(&a), "/../../x").is_empty());
+        assert!(missing_parents(std::slice::from_ref(&a), "/slurm/../y").is_empty());
+        // removal takes only empty directories, deepest first
+        for p in &got {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        std::fs::write(b.join("slurm/job_1/keep"), "").unwrap();
+        remove_parents(&got);
+        assert!(!a.join("slurm/job_1/step_0").exists());
+        assert!(a.join("slurm/job_1").exists());
+        assert!(!b.join("slurm/job_1/step_0").exists());
+        assert!(b.join("slurm/job_1/keep").exists());
+        std::fs::remove_file(b.join("slurm/job_1/keep")).unwrap();
+        remove_parents(&got);
+        assert!(!b.join("slurm/job_1").exists());
+        assert!(b.join("slurm").exists(), "the top level stays");
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(
+            unescape_mountinfo("/sys/fs/cgroup/a\\040b"),
+            "/sys/fs/cgroup/a b"
+        );
+        assert_eq!(unescape_mountinfo("/x\\"), "/x\\");
     }
 
     #[test]

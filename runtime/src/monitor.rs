@@ -548,6 +548,17 @@ pub fn main(dir: &Path) -> i32 {
     );
 
     reset_ignored_signals();
+    // When memory runs out above the run's own limit (a Slurm job's, the host's), the kernel must
+    // pick the run's processes, not the monitor: without it a job's OOM took the monitor and the
+    // run's record with it. The container gets back the score cw was started with.
+    let inherited_oom_adj = fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .unwrap_or(0);
+    if let Err(e) = fs::write("/proc/self/oom_score_adj", "-999") {
+        // lowering needs CAP_SYS_RESOURCE, which some sandboxes take even from root
+        tracing::info!("the monitor keeps oom_score_adj {inherited_oom_adj}: {e}");
+    }
     // signals arrive through a self-pipe; handlers (not a blocked mask) so children start clean
     let (sig_r, sig_w) = match pipe() {
         Ok(p) => p,
@@ -624,10 +635,13 @@ pub fn main(dir: &Path) -> i32 {
         }
     }
 
-    let spec = match crate::spec::build(&req) {
+    let mut spec = match crate::spec::build(&req) {
         Ok(s) => s,
         Err(e) => return fail(dir, &req, started, e),
     };
+    if let Some(p) = spec.process_mut() {
+        p.set_oom_score_adj(Some(inherited_oom_adj));
+    }
     let bundle = dir.join("bundle");
     if let Err(e) = fs::create_dir_all(&bundle).and_then(|_| {
         spec.save(bundle.join("config.json"))
@@ -651,6 +665,9 @@ pub fn main(dir: &Path) -> i32 {
     };
     let lc_root = dir.join("lc");
     let _ = fs::create_dir_all(&lc_root);
+    // the parent cgroups that creating this run's cgroup will make, to be removed with it
+    let parents_lock = cgroup::parents_lock(&req.cgroup_parent);
+    let made_parents = cgroup::missing_parents(&cgroup::mount_points(), &req.cgroup_parent);
     let built = ContainerBuilder::new(req.id.clone(), SyscallType::default())
         .with_root_path(&lc_root)
         .and_then(|b| {
@@ -673,6 +690,7 @@ pub fn main(dir: &Path) -> i32 {
             if let Ok(mut c) = Container::load(lc_root.join(&req.id)) {
                 let _ = c.delete(true);
             }
+            cgroup::remove_parents(&made_parents);
             return fail(dir, &req, started, msg);
         }
     };
@@ -680,10 +698,14 @@ pub fn main(dir: &Path) -> i32 {
     if let Err(e) = container.start() {
         let msg = format!("starting the container: {e}");
         let _ = container.delete(true);
+        cgroup::remove_parents(&made_parents);
         return fail(dir, &req, started, msg);
     }
+    // the init inherited the lock's descriptor and closes it at exec
+    drop(parents_lock);
     let Some(pid) = container.pid() else {
         let _ = container.delete(true);
+        cgroup::remove_parents(&made_parents);
         return fail(dir, &req, started, "the container has no pid".into());
     };
     let st = State {
@@ -797,6 +819,10 @@ pub fn main(dir: &Path) -> i32 {
     }
     if let Err(e) = container.delete(true) {
         tracing::warn!("deleting the container: {e}");
+    }
+    {
+        let _lock = cgroup::parents_lock(&req.cgroup_parent);
+        cgroup::remove_parents(&made_parents);
     }
     cleanup(&req, dir);
     0
