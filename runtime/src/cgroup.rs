@@ -89,37 +89,24 @@ fn split_runtime(total: u64, user_samples: u64, sys_samples: u64) -> (u64, u64) 
     (user, total - user)
 }
 
-/// Mount points of every cgroup hierarchy (v1 and v2) in this mount namespace.
-pub fn mount_points() -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let fstype = post.split(' ').next()?;
-            let mp = pre.split(' ').nth(4)?;
-            matches!(fstype, "cgroup" | "cgroup2").then(|| PathBuf::from(unescape_mountinfo(mp)))
-        })
-        .collect()
+/// The hierarchies libcontainer makes a run's cgroup path in: every v1 mount point (its own
+/// listing), or the unified one on v2.
+fn mount_points() -> Vec<PathBuf> {
+    match version() {
+        Version::V1 => libcgroups::v1::util::list_subsystem_mount_points().unwrap_or_default(),
+        Version::V2 => vec![PathBuf::from(cgroups_rs::hierarchies::UNIFIED_MOUNTPOINT)],
+    }
 }
 
-/// mountinfo writes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// `cgroup_parent` relative to a hierarchy's root, when it is nested (two or more plain
+/// components), which is when removing its parents can apply; None for a top-level parent such
+/// as the default `/cw`, which stays as Docker's `/docker` does, and for one with `..` in it.
+fn nested(cgroup_parent: &str) -> Option<&Path> {
+    let rel = Path::new(cgroup_parent.trim_start_matches('/'));
+    let plain = rel
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    (plain && rel.components().count() >= 2).then_some(rel)
 }
 
 /// The directories between each hierarchy's top level and `cgroup_parent` (inclusive) that do
@@ -127,17 +114,21 @@ fn unescape_mountinfo(s: &str) -> String {
 /// path in every hierarchy), and nobody else removes them: under Slurm, a parent inside the job's
 /// cgroup left a `cw` directory that kept Slurm from removing the job's own cgroups, and copies of
 /// the job's path in the hierarchies Slurm does not use (cpu, pids, blkio...) piled up per job.
-pub fn missing_parents(roots: &[PathBuf], cgroup_parent: &str) -> Vec<PathBuf> {
-    let rel = Path::new(cgroup_parent.trim_start_matches('/'));
-    if !rel
-        .components()
-        .all(|c| matches!(c, std::path::Component::Normal(_)))
-    {
-        return Vec::new(); // `..` and the like: nothing of ours to clean up
+/// Reads the mount table only for a nested parent.
+pub fn missing_parents(cgroup_parent: &str) -> Vec<PathBuf> {
+    if nested(cgroup_parent).is_none() {
+        return Vec::new();
     }
+    missing_parents_in(&mount_points(), cgroup_parent)
+}
+
+fn missing_parents_in(roots: &[PathBuf], cgroup_parent: &str) -> Vec<PathBuf> {
+    let Some(rel) = nested(cgroup_parent) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     for root in roots {
-        // a directory right under the root (`/cw`, `/slurm`) stays, as Docker's `/docker` does
+        // the directory right under the root stays
         let mut p = root.join(rel);
         while p.parent().is_some_and(|q| q != root.as_path()) && !p.exists() {
             out.push(p.clone());
@@ -152,10 +143,7 @@ pub fn missing_parents(roots: &[PathBuf], cgroup_parent: &str) -> Vec<PathBuf> {
 /// could remove a parent between another's `mkdir` of it and of its own cgroup inside. None for
 /// a top-level parent such as the default `/cw`, which is never removed.
 pub fn parents_lock(cgroup_parent: &str) -> Option<std::fs::File> {
-    let rel = Path::new(cgroup_parent.trim_start_matches('/'));
-    if rel.components().count() < 2 {
-        return None;
-    }
+    nested(cgroup_parent)?;
     let dir = Path::new("/run/lock");
     let path = if dir.is_dir() {
         dir.join("cw-cgroup-parents.lock")
@@ -230,7 +218,7 @@ mod tests {
         let (a, b) = (d.path().join("memory"), d.path().join("pids"));
         std::fs::create_dir_all(a.join("slurm/job_1")).unwrap();
         std::fs::create_dir_all(&b).unwrap();
-        let got = missing_parents(&[a.clone(), b.clone()], "/slurm/job_1/step_0/cw");
+        let got = missing_parents_in(&[a.clone(), b.clone()], "/slurm/job_1/step_0/cw");
         assert_eq!(
             got,
             vec![
@@ -241,13 +229,14 @@ mod tests {
                 b.join("slurm/job_1"),
             ]
         );
-        assert!(missing_parents(std::slice::from_ref(&a), "/slurm/job_1").is_empty());
-        assert!(missing_parents(std::slice::from_ref(&a), "/").is_empty());
-        assert!(missing_parents(std::slice::from_ref(&a), "/cw").is_empty());
+        assert!(missing_parents_in(std::slice::from_ref(&a), "/slurm/job_1").is_empty());
+        assert!(missing_parents_in(std::slice::from_ref(&a), "/").is_empty());
+        assert!(missing_parents_in(std::slice::from_ref(&a), "/cw").is_empty());
         assert!(parents_lock("/cw").is_none());
+        assert!(missing_parents("/cw").is_empty());
         // a parent with .. is never walked
-        assert!(missing_parents(std::slice::from_ref(&a), "/../../x").is_empty());
-        assert!(missing_parents(std::slice::from_ref(&a), "/slurm/../y").is_empty());
+        assert!(missing_parents_in(std::slice::from_ref(&a), "/../../x").is_empty());
+        assert!(missing_parents_in(std::slice::from_ref(&a), "/slurm/../y").is_empty());
         // removal takes only empty directories, deepest first
         for p in &got {
             std::fs::create_dir_all(p).unwrap();
@@ -262,15 +251,6 @@ mod tests {
         remove_parents(&got);
         assert!(!b.join("slurm/job_1").exists());
         assert!(b.join("slurm").exists(), "the top level stays");
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(
-            unescape_mountinfo("/sys/fs/cgroup/a\\040b"),
-            "/sys/fs/cgroup/a b"
-        );
-        assert_eq!(unescape_mountinfo("/x\\"), "/x\\");
     }
 
     #[test]

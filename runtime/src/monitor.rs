@@ -667,7 +667,7 @@ pub fn main(dir: &Path) -> i32 {
     let _ = fs::create_dir_all(&lc_root);
     // the parent cgroups that creating this run's cgroup will make, to be removed with it
     let parents_lock = cgroup::parents_lock(&req.cgroup_parent);
-    let made_parents = cgroup::missing_parents(&cgroup::mount_points(), &req.cgroup_parent);
+    let made_parents = cgroup::missing_parents(&req.cgroup_parent);
     let built = ContainerBuilder::new(req.id.clone(), SyscallType::default())
         .with_root_path(&lc_root)
         .and_then(|b| {
