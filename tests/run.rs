@@ -741,7 +741,17 @@ fn the_monitor_is_the_oom_killer_last_choice_and_the_run_is_not() {
     // cw started with a raised score (allowed without privilege): the run must get exactly that,
     // the monitor -999 where the host lets root lower it (CAP_SYS_RESOURCE)
     let mut c = cw.cmd(&[
-        "run", "-d", "--name", "oomadj", "--image", TINY, "--", "sleep", "30",
+        "run",
+        "-d",
+        "--stop-timeout",
+        "1s",
+        "--name",
+        "oomadj",
+        "--image",
+        TINY,
+        "--",
+        "sleep",
+        "30",
     ]);
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut c, || {
@@ -751,22 +761,17 @@ fn the_monitor_is_the_oom_killer_last_choice_and_the_run_is_not() {
     let o = c.output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
-    let rd = cw.store().join("runs").join(&id);
-    let t = Instant::now();
-    let adj = |pid: &str| {
+    let rd = cw_runtime::monitor::RunDir::new(cw.store().join("runs").join(&id));
+    let adj = |pid: i32| {
         std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
             .unwrap()
             .trim()
             .to_string()
     };
+    let t = Instant::now();
     let (monitor, init) = loop {
-        let m = std::fs::read_to_string(rd.join("monitor.pid")).unwrap_or_default();
-        let st = std::fs::read_to_string(rd.join("state.json")).unwrap_or_default();
-        let pid = serde_json::from_str::<serde_json::Value>(&st)
-            .ok()
-            .and_then(|v| v["pid"].as_i64());
-        if let (Some(m), Some(p)) = (m.split_whitespace().next(), pid) {
-            break (m.to_string(), p.to_string());
+        if let (Some(m), Some(p)) = (rd.monitor_pid(), rd.state().and_then(|s| s.pid)) {
+            break (m, p);
         }
         assert!(
             t.elapsed() < Duration::from_secs(15),
@@ -774,7 +779,7 @@ fn the_monitor_is_the_oom_killer_last_choice_and_the_run_is_not() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(adj(&init), "300", "the run gets cw's own score");
+    assert_eq!(adj(init), "300", "the run gets cw's own score");
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let cap_eff = status
         .lines()
@@ -783,10 +788,10 @@ fn the_monitor_is_the_oom_killer_last_choice_and_the_run_is_not() {
         .unwrap_or(0);
     if cap_eff & (1 << 24) != 0 {
         // CAP_SYS_RESOURCE
-        assert_eq!(adj(&monitor), "-999");
+        assert_eq!(adj(monitor), "-999");
     } else {
         eprintln!("no CAP_SYS_RESOURCE here: the monitor's -999 is not checked");
-        assert_eq!(adj(&monitor), "300");
+        assert_eq!(adj(monitor), "300");
     }
     cw.ok(&["kill", &id]);
     let t = Instant::now();
