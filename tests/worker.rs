@@ -122,6 +122,36 @@ impl Server {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+    /// Wait for the end of a run the worker ended with a failure (`want`: "failed" or "killed")
+    /// and return the failure message it recorded, with `log` in any panic.
+    ///
+    /// CodaLab 1.7.5 itself sometimes records such a run `ready` although the worker reported
+    /// the failure. Its checkin commits the `finalizing` state before the failure message and
+    /// exit code: `increment_user_disk_used` ends its own `engine.begin()` block with an explicit
+    /// `commit()`, which on the server's thread-local engine pops and commits the checkin's outer
+    /// transaction, so every later write commits on its own. A bundle-manager pass in those few
+    /// milliseconds finishes the bundle from metadata without the message (the same race gives
+    /// its "'Metadata' object has no attribute 'last_updated'" tracebacks). The message is then
+    /// written all the same. So `ready` with a non-empty failure message is what the worker sent,
+    /// the server's state aside; it is accepted and said, the message is still checked.
+    fn wait_failure(&self, uuid: &str, want: &str, secs: u64, log: &dyn Fn() -> String) -> String {
+        let got = self.wait_state(uuid, &["ready", "failed", "killed"], secs);
+        let msg = self.meta(uuid, "failure_message");
+        if got == "ready" && !msg.is_empty() {
+            eprintln!(
+                "NOTE: CodaLab recorded {uuid} ready with the failure message {msg:?} \
+                 (its checkin commits the state before the message)"
+            );
+        } else {
+            assert_eq!(
+                got,
+                want,
+                "bundle {uuid}, failure message {msg:?}\n{}",
+                log()
+            );
+        }
+        msg
+    }
     /// `cl run` on a worker's queue; returns the uuid.
     fn run(&self, tag: &str, extra: &[&str], cmd: &str) -> String {
         let mut args = vec![
@@ -331,9 +361,9 @@ fn run_ready_and_failed() {
         "{}",
         s.meta(&ok, "docker_image")
     );
-    assert_eq!(s.wait_state(&bad, &["ready", "failed"], 120), "failed");
+    let msg = s.wait_failure(&bad, "failed", 120, &|| w.log());
+    assert_eq!(msg, "Exit code 3");
     assert_eq!(s.meta(&bad, "exitcode"), "3");
-    assert_eq!(s.meta(&bad, "failure_message"), "Exit code 3");
     assert_eq!(s.cat(&format!("{bad}/stdout")), "before");
     w.assert_clean();
 }
@@ -503,11 +533,8 @@ fn kill_write_cat_while_running() {
     );
     // cl kill → killed, with the output up to then
     s.cl(&["kill", &victim]);
-    assert_eq!(
-        s.wait_state(&victim, &["killed", "failed", "ready"], 120),
-        "killed"
-    );
-    assert_eq!(s.meta(&victim, "failure_message"), "Kill requested");
+    let msg = s.wait_failure(&victim, "killed", 120, &|| w.log());
+    assert_eq!(msg, "Kill requested");
     assert_eq!(s.cat(&format!("{victim}/stdout")), "victim");
     w.assert_clean();
 }
@@ -560,26 +587,14 @@ fn limits_time_memory_disk() {
         &["--request-memory", "50m"],
         "echo m; x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
     );
-    assert_eq!(
-        s.wait_state(&time, &["ready", "failed", "killed"], 120),
-        "failed",
-        "{}",
-        w.log()
-    );
-    let msg = s.meta(&time, "failure_message");
+    let msg = s.wait_failure(&time, "failed", 120, &|| w.log());
     assert!(
         msg.starts_with("Time limit exceeded. (Container uptime "),
         "{msg}"
     );
     assert!(msg.ends_with(" > time limit 3.0s)"), "{msg}");
     assert_eq!(
-        s.wait_state(&mem, &["ready", "failed", "killed"], 120),
-        "failed",
-        "{}",
-        w.log()
-    );
-    assert_eq!(
-        s.meta(&mem, "failure_message"),
+        s.wait_failure(&mem, "failed", 120, &|| w.log()),
         "Memory limit 50m exceeded."
     );
     assert_eq!(s.cat(&format!("{mem}/stdout")), "m");
@@ -589,12 +604,9 @@ fn limits_time_memory_disk() {
         "echo d; head -c 5000000 /dev/zero > big; sleep 600",
     );
     assert_eq!(
-        s.wait_state(&disk, &["ready", "failed", "killed"], 120),
-        "failed",
-        "{}",
-        w.log()
+        s.wait_failure(&disk, "failed", 120, &|| w.log()),
+        "Disk limit 2mb exceeded."
     );
-    assert_eq!(s.meta(&disk, "failure_message"), "Disk limit 2mb exceeded.");
     // real cpu accounting reaches the server (the official worker always sends 0)
     let busy = s.run(
         &t,
@@ -854,13 +866,7 @@ fn dependency_download_fails_then_succeeds() {
         &arg2,
         "cat o.txt",
     ]);
-    assert_eq!(
-        s.wait_state(&bad, &["ready", "failed"], 120),
-        "failed",
-        "{}",
-        w.log()
-    );
-    let msg = s.meta(&bad, "failure_message");
+    let msg = s.wait_failure(&bad, "failed", 120, &|| w.log());
     assert!(
         msg.starts_with("Failed to download dependency o.txt: Dependency download failed:"),
         "{msg}"

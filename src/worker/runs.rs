@@ -733,6 +733,13 @@ fn measure_disk(ctx: &Arc<Ctx>, run: &mut Run) {
 }
 
 fn apply_exit(run: &mut Run, ex: &cw_runtime::monitor::ExitStatus, container_err: Option<String>) {
+    tracing::info!(
+        "bundle {}: the container ended: exit code {} ({:?}{})",
+        run.uuid(),
+        ex.exit_code,
+        ex.reason,
+        if ex.oom_killed { ", OOM kill" } else { "" }
+    );
     run.exitcode = Some(ex.exit_code as i64);
     run.container_time_total = (ex.finished_at - ex.started_at).max(0.0);
     run.container_time_user = ex.usage.cpu_user_ns as f64 / 1e9;
@@ -815,6 +822,15 @@ fn running(ctx: &Arc<Ctx>, run: &mut Run) {
     if run.is_killed || run.is_restaged {
         if !run.t.kill_sent {
             run.t.kill_sent = true;
+            tracing::info!(
+                "bundle {}: stopping the run ({})",
+                run.uuid(),
+                match (&run.kill_message, run.is_restaged) {
+                    (_, true) => "restaged",
+                    (Some(m), _) => m.as_str(),
+                    (None, _) => "killed",
+                }
+            );
             if let Err(e) = rd.kill() {
                 tracing::warn!("killing {}: {e}", run.uuid());
             }
