@@ -695,6 +695,26 @@ fn nested_cgroup_parents_made_for_a_run_are_removed_with_it() {
     let job = format!("/sys/fs/cgroup/memory/{top}/job_1");
     std::fs::create_dir_all(&job).unwrap();
     let parent = format!("/{top}/job_1/step_0/cw");
+    let controllers = [
+        "memory", "cpu", "cpuacct", "pids", "devices", "freezer", "cpuset", "blkio",
+    ];
+    let left = || {
+        let mut left = vec![];
+        for ctl in controllers {
+            let base = Path::new("/sys/fs/cgroup").join(ctl);
+            if !base.is_dir() {
+                continue;
+            }
+            for sub in ["job_1/step_0", "job_1"] {
+                let p = base.join(&top).join(sub);
+                let pre_existing = ctl == "memory" && sub == "job_1";
+                if p.exists() != pre_existing {
+                    left.push(format!("{} exists: {}", p.display(), p.exists()));
+                }
+            }
+        }
+        left
+    };
     let (rc, out, err) = run_out(
         &cw,
         &[
@@ -708,30 +728,68 @@ fn nested_cgroup_parents_made_for_a_run_are_removed_with_it() {
     );
     assert_eq!(rc, 0, "{err}");
     assert!(out.contains("memory:/"), "{out}");
-    let mut left = vec![];
-    for ctl in [
-        "memory", "cpu", "cpuacct", "pids", "devices", "freezer", "cpuset", "blkio",
-    ] {
-        let base = Path::new("/sys/fs/cgroup").join(ctl);
-        if !base.is_dir() {
-            continue;
+    let after_run = left();
+    // the monitor killed mid-run: whoever finishes the run (here `cw kill`) removes them
+    let o = cw
+        .cmd(&[
+            "run",
+            "-d",
+            "--cgroup-parent",
+            &parent,
+            "--image",
+            TINY,
+            "--",
+            "sleep",
+            "60",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let rd = cw_runtime::monitor::RunDir::new(cw.store().join("runs").join(&id));
+    let t = Instant::now();
+    let monitor = loop {
+        if let (Some(m), Some(_)) = (rd.monitor_pid(), rd.state().and_then(|s| s.pid)) {
+            break m;
         }
-        for sub in ["job_1/step_0", "job_1"] {
-            let p = base.join(&top).join(sub);
-            let pre_existing = ctl == "memory" && sub == "job_1";
-            if p.exists() != pre_existing {
-                left.push(format!("{} exists: {}", p.display(), p.exists()));
-            }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the run did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let during = left();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(monitor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    while rd.monitor_pid().is_some() {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the monitor lives on"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cw.ok(&["kill", &id]);
+    let lost = rd.exit().map(|e| e.reason);
+    let after_recovery = left();
+    cw.ok(&["rm", &id]);
+    // the other manager's directory and the top level stay: clean them (and, on failure, what
+    // was left) up here
+    for ctl in controllers {
+        let base = Path::new("/sys/fs/cgroup").join(ctl).join(&top);
+        for sub in ["job_1/step_0/cw", "job_1/step_0", "job_1", ""] {
+            let _ = std::fs::remove_dir(base.join(sub));
         }
     }
-    // the other manager's directory and the top level stay; clean them up here
-    std::fs::remove_dir(&job).unwrap();
-    for ctl in [
-        "memory", "cpu", "cpuacct", "pids", "devices", "freezer", "cpuset", "blkio",
-    ] {
-        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(ctl).join(&top));
-    }
-    assert!(left.is_empty(), "{left:#?}");
+    assert!(after_run.is_empty(), "after a run: {after_run:#?}");
+    assert!(!during.is_empty(), "a running run's parents exist");
+    assert_eq!(lost, Some(cw_runtime::monitor::Reason::Lost));
+    assert!(
+        after_recovery.is_empty(),
+        "after recovering a run whose monitor died: {after_recovery:#?}"
+    );
     assert_no_leftovers(&cw);
 }
 

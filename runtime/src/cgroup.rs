@@ -138,6 +138,36 @@ fn missing_parents_in(roots: &[PathBuf], cgroup_parent: &str) -> Vec<PathBuf> {
     out
 }
 
+/// Of the parents a monitor recorded as made for its run (read back when the monitor died and
+/// another process finishes the run), those that [`missing_parents`] could have listed for
+/// `cgroup_parent`: a record that names anything else is ignored.
+pub fn recorded_parents(cgroup_parent: &str, recorded: &[PathBuf]) -> Vec<PathBuf> {
+    recorded_parents_in(&mount_points(), cgroup_parent, recorded)
+}
+
+fn recorded_parents_in(
+    roots: &[PathBuf],
+    cgroup_parent: &str,
+    recorded: &[PathBuf],
+) -> Vec<PathBuf> {
+    let Some(rel) = nested(cgroup_parent) else {
+        return Vec::new();
+    };
+    let mut allowed = Vec::new();
+    for root in roots {
+        let mut p = root.join(rel);
+        while p.parent().is_some_and(|q| q != root.as_path()) {
+            allowed.push(p.clone());
+            p.pop();
+        }
+    }
+    recorded
+        .iter()
+        .filter(|p| allowed.contains(p))
+        .cloned()
+        .collect()
+}
+
 /// Held by a monitor while it creates its run's cgroups and while it removes parents, when the
 /// parent is deep enough for [`missing_parents`] to list anything: otherwise one run's cleanup
 /// could remove a parent between another's `mkdir` of it and of its own cgroup inside. None for
@@ -251,6 +281,30 @@ mod tests {
         remove_parents(&got);
         assert!(!b.join("slurm/job_1").exists());
         assert!(b.join("slurm").exists(), "the top level stays");
+    }
+
+    #[test]
+    fn recorded_parents_are_kept_only_between_a_top_level_and_the_parent() {
+        let roots = [
+            PathBuf::from("/sys/fs/cgroup/memory"),
+            PathBuf::from("/sys/fs/cgroup/pids"),
+        ];
+        let rec = |v: &[&str]| v.iter().map(PathBuf::from).collect::<Vec<_>>();
+        let good = rec(&[
+            "/sys/fs/cgroup/memory/slurm/job_1/cw",
+            "/sys/fs/cgroup/pids/slurm/job_1/cw",
+            "/sys/fs/cgroup/pids/slurm/job_1",
+        ]);
+        assert_eq!(recorded_parents_in(&roots, "/slurm/job_1/cw", &good), good);
+        let bad = rec(&[
+            "/sys/fs/cgroup/pids/slurm",            // a top level
+            "/sys/fs/cgroup/memory",                // a hierarchy
+            "/sys/fs/cgroup/memory/slurm/job_2/cw", // another job
+            "/etc/slurm/job_1/cw",                  // not a cgroup
+            "/sys/fs/cgroup/memory/slurm/job_1/cw/../../x",
+        ]);
+        assert!(recorded_parents_in(&roots, "/slurm/job_1/cw", &bad).is_empty());
+        assert!(recorded_parents_in(&roots, "/cw", &good).is_empty());
     }
 
     #[test]

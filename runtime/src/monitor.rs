@@ -36,6 +36,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// The parent cgroups the monitor's creating the run made (JSON list of paths), written before it
+/// creates them, when there are any.
+const PARENTS_FILE: &str = "cgroup-parents.json";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
@@ -205,6 +209,15 @@ impl RunDir {
                 }
                 let _ = c.delete(true);
             }
+        }
+        let recorded: Vec<PathBuf> = fs::read(self.path.join(PARENTS_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let parents = cgroup::recorded_parents(&req.cgroup_parent, &recorded);
+        if !parents.is_empty() {
+            let _lock = cgroup::parents_lock(&req.cgroup_parent);
+            cgroup::remove_parents(&parents);
         }
         if self.exit().is_none() {
             let st = self.state();
@@ -668,6 +681,13 @@ pub fn main(dir: &Path) -> i32 {
     // the parent cgroups that creating this run's cgroup will make, to be removed with it
     let parents_lock = cgroup::parents_lock(&req.cgroup_parent);
     let made_parents = cgroup::missing_parents(&req.cgroup_parent);
+    if !made_parents.is_empty() {
+        // for whoever finishes the run if this process dies (RunDir::recover)
+        let _ = replace_file(
+            &dir.join(PARENTS_FILE),
+            &serde_json::to_vec(&made_parents).unwrap(),
+        );
+    }
     let built = ContainerBuilder::new(req.id.clone(), SyscallType::default())
         .with_root_path(&lc_root)
         .and_then(|b| {
