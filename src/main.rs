@@ -342,6 +342,7 @@ fn duration(s: &str, what: &str) -> Result<u64> {
 
 fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
     let r = Reference::parse(&a.image)?;
+    cw::run::recover_lost(&ctx.store);
     let image = match (a.pull.as_str(), ctx.store.lookup(&a.image)) {
         ("never", Ok(i)) => i,
         ("never", Err(e)) => return Err(e.into()),
@@ -536,11 +537,18 @@ fn main() {
         }
         std::process::exit(cw_runtime::monitor::main(dir));
     }
-    // the worker logs its progress (info, or debug with --verbose) unless --log/CW_LOG says otherwise
+    // the worker logs its progress (info, or debug with --verbose) unless --log/CW_LOG says
+    // otherwise. By default libcgroups only speaks of errors: it warns of every v1 controller
+    // the host has not mounted (hugetlb, net_cls...) each time it looks at a run's cgroups.
+    let default_level = cli.global.log == "warn" && std::env::var_os("CW_LOG").is_none();
     let level = match &cli.cmd {
-        Cmd::Worker(w) if cli.global.log == "warn" && std::env::var_os("CW_LOG").is_none() => {
-            if w.verbose { "info,cw=debug" } else { "info" }.to_string()
+        Cmd::Worker(w) if default_level => if w.verbose {
+            "info,cw=debug,libcgroups=error"
+        } else {
+            "info,libcgroups=error"
         }
+        .to_string(),
+        _ if default_level => "warn,libcgroups=error".to_string(),
         _ => cli.global.log.clone(),
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&level)

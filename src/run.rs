@@ -325,6 +325,24 @@ pub fn list(store: &Store) -> Vec<(String, RunDir)> {
     out
 }
 
+/// Release what runs whose monitor died (killed by hand, by the OOM killer, with a batch job)
+/// still hold: their overlay mounts, cgroups and network helpers. Their containers died with the
+/// monitor; [`RunDir::recover`] records them `lost` and the directories stay for `cw ps` and
+/// `cw rm`. A run whose monitor has not written its pid yet is starting, not lost. Called as a
+/// run starts, so a node that lost its monitors (a cancelled Slurm job) is cleaned by the next
+/// `cw run` that uses the store.
+pub fn recover_lost(store: &Store) {
+    for (id, rd) in list(store) {
+        if rd.monitor_pid().is_some() || !rd.path.join("monitor.pid").exists() || rd.cleaned() {
+            continue;
+        }
+        match rd.recover() {
+            Ok(()) => tracing::warn!("run {id}: its monitor had died; its container was stopped and its mounts and cgroups released"),
+            Err(e) => tracing::warn!("run {id}: its monitor had died; cleaning up: {e}"),
+        }
+    }
+}
+
 pub fn find(store: &Store, id: &str) -> anyhow::Result<RunDir> {
     if !cw_runtime::request::valid_id(id) {
         anyhow::bail!("{id:?} is not a valid run id");

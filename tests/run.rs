@@ -859,3 +859,75 @@ fn the_monitor_is_the_oom_killer_last_choice_and_the_run_is_not() {
     }
     assert_no_leftovers(&cw);
 }
+
+#[test]
+fn the_run_dies_with_its_monitor() {
+    let Some(cw) = runner() else { return };
+    // for root (capabilities kept) and for another user (uid change, capabilities dropped)
+    for user in ["0:0", "1000:1000"] {
+        let o = cw
+            .cmd(&[
+                "run", "-d", "--user", user, "--image", TINY, "--", "sleep", "60",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        let rd = cw_runtime::monitor::RunDir::new(cw.store().join("runs").join(&id));
+        let t = Instant::now();
+        let (monitor, init) = loop {
+            if let (Some(m), Some(p)) = (rd.monitor_pid(), rd.state().and_then(|s| s.pid)) {
+                break (m, p);
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "the run did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let alive = |pid: i32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| {
+                    let state = s.rsplit(')').next().unwrap_or("").trim_start();
+                    !state.starts_with('Z') && !state.starts_with('X')
+                })
+                .unwrap_or(false)
+        };
+        assert!(alive(init), "the run's init {init} is not running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(monitor),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let t = Instant::now();
+        while alive(init) {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "user {user}: the run's init {init} outlived its monitor"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        while rd.monitor_pid().is_some() {
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "the monitor lives on"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // whoever looks next finds it lost and cleans up: `cw kill`, or any run that starts
+        if user == "0:0" {
+            cw.ok(&["kill", &id]);
+        } else {
+            let (rc, _, err) = run_out(&cw, &["run", "--image", TINY, "true"]);
+            assert_eq!(rc, 0, "{err}");
+            assert!(err.contains("its monitor had died"), "{err}");
+        }
+        assert!(rd.cleaned(), "the lost run was not cleaned up");
+        assert_eq!(
+            rd.exit().map(|e| e.reason),
+            Some(cw_runtime::monitor::Reason::Lost)
+        );
+        cw.ok(&["rm", &id]);
+    }
+    assert_no_leftovers(&cw);
+}

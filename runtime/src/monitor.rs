@@ -25,6 +25,7 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -495,6 +496,50 @@ fn stop_pasta(dir: &Path) {
     }
 }
 
+/// libcontainer's default executor, and the container's init dies with its monitor: a run
+/// without one is lost anyway (see [`RunDir::recover`]), and an init the monitor left behind
+/// would run on outside every accounting, and outside a batch system's reach. Under Slurm, a job
+/// step's SIGKILL reaches cw and its monitor but not a container in cgroups nested below the
+/// step's, so without this the container outlived its job.
+#[derive(Clone)]
+struct DiesWithMonitor {
+    /// A pidfd of the monitor (inherited by the init, closed at its exec), or -1.
+    monitor: RawFd,
+}
+
+impl Executor for DiesWithMonitor {
+    fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
+        DefaultExecutor {}.exec(spec)
+    }
+
+    /// Runs in the init after its uid, gid and capability changes (each of which clears the
+    /// parent-death signal) and before it waits for the start; the exec keeps the signal unless
+    /// the program gains privileges (file capabilities).
+    fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
+        // the init's parent is the monitor (libcontainer clones it with CLONE_PARENT)
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } != 0 {
+            return Err(ExecutorValidationError::ArgValidationError(format!(
+                "setting the parent-death signal: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        // the monitor may have died before that: its pidfd is readable then
+        if self.monitor >= 0 {
+            let mut p = libc::pollfd {
+                fd: self.monitor,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            if unsafe { libc::poll(&mut p, 1, 0) } > 0 && p.revents != 0 {
+                return Err(ExecutorValidationError::ArgValidationError(
+                    "the run's monitor process is gone".into(),
+                ));
+            }
+        }
+        DefaultExecutor {}.validate(spec)
+    }
+}
+
 fn cleanup(req: &RunRequest, dir: &Path) {
     stop_pasta(dir);
     for m in &req.cleanup.unmount {
@@ -681,6 +726,11 @@ pub fn main(dir: &Path) -> i32 {
     // the parent cgroups that creating this run's cgroup will make, to be removed with it
     let parents_lock = cgroup::parents_lock(&req.cgroup_parent);
     let made_parents = cgroup::missing_parents(&req.cgroup_parent);
+    // pidfd_open(2) (Linux 5.3); without it the init only has the parent-death signal
+    let monitor_pidfd = match unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) } {
+        fd if fd >= 0 => Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }),
+        _ => None,
+    };
     if !made_parents.is_empty() {
         // for whoever finishes the run if this process dies (RunDir::recover)
         let _ = replace_file(
@@ -691,11 +741,13 @@ pub fn main(dir: &Path) -> i32 {
     let built = ContainerBuilder::new(req.id.clone(), SyscallType::default())
         .with_root_path(&lc_root)
         .and_then(|b| {
-            b.with_executor(DefaultExecutor {})
-                .with_stdin(stdin)
-                .with_stdout(stdout)
-                .with_stderr(stderr)
-                .validate_id()
+            b.with_executor(DiesWithMonitor {
+                monitor: monitor_pidfd.as_ref().map_or(-1, |f| f.as_raw_fd()),
+            })
+            .with_stdin(stdin)
+            .with_stdout(stdout)
+            .with_stderr(stderr)
+            .validate_id()
         })
         .and_then(|b| {
             b.as_init(&bundle)
