@@ -664,8 +664,49 @@ fn worker_sigkill_and_restart_keeps_the_run() {
     s.wait_state(&uuid, &["running"], 120);
     std::thread::sleep(Duration::from_secs(2));
     w.kill9();
-    // the monitor keeps the container going while no worker exists
-    std::thread::sleep(Duration::from_secs(4));
+    // the monitor keeps the container going while no worker exists; meanwhile another run on
+    // the store loses its monitor (as when a Slurm job holding it was cancelled)
+    let t0 = Instant::now();
+    let store = w.dir.join("store");
+    let cw = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cw"))
+            .args(["--store", store.to_str().unwrap()])
+            .args(["--registry-mirror", &format!("http://{REG}")])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = cw(&[
+        "run",
+        "-d",
+        "--image",
+        "codalab/ubuntu:1.9",
+        "--",
+        "sleep",
+        "60",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lost = cw_runtime::monitor::RunDir::new(
+        store
+            .join("runs")
+            .join(String::from_utf8_lossy(&o.stdout).trim()),
+    );
+    let monitor = loop {
+        if let (Some(m), Some(_)) = (lost.monitor_pid(), lost.state().and_then(|s| s.pid)) {
+            break m;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the run did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(monitor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(4).saturating_sub(t0.elapsed()));
     w.spawn();
     assert_eq!(
         s.wait_state(&uuid, &["ready", "failed"], 120),
@@ -676,6 +717,11 @@ fn worker_sigkill_and_restart_keeps_the_run() {
     let want: String = (1..=8).map(|i| format!("line{i}\n")).collect();
     assert_eq!(s.cat(&format!("{uuid}/stdout")), want.trim());
     assert!(w.log().contains("resuming 1 run(s)"), "{}", w.log());
+    // the restarted worker released the lost run's mounts and cgroups
+    assert!(lost.cleaned(), "{}", w.log());
+    assert!(w.log().contains("its monitor had died"), "{}", w.log());
+    let o = cw(&["rm", lost.path.file_name().unwrap().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     w.assert_clean();
 }
 

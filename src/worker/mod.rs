@@ -938,6 +938,12 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
             last_saved: Mutex::new(vec![]),
             state_file,
         });
+        // runs on this store whose monitor died (a previous worker's job cancelled under Slurm,
+        // with another --id: nobody else would look at them) still hold mounts and cgroups
+        {
+            let ctx = ctx.clone();
+            tokio::task::spawn_blocking(move || crate::run::recover_lost(&ctx.store));
+        }
         // bundle directories a previous worker was deleting when it stopped
         if let Ok(rd) = std::fs::read_dir(work_dir.join("trash")) {
             let left: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
