@@ -364,6 +364,8 @@ pub fn status_word(rd: &RunDir) -> String {
             monitor::Reason::Lost => "lost".into(),
         },
         (None, Some(_)) => "running".into(),
+        // the monitor has not written its pid yet (or was never started)
+        (None, None) if !rd.path.join("monitor.pid").exists() => "created".into(),
         (None, None) => "lost".into(),
     }
 }
@@ -407,6 +409,20 @@ pub fn describe_exit(e: &ExitStatus, memory: Option<u64>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_of_a_run_without_an_exit() {
+        let d = tempfile::tempdir().unwrap();
+        let rd = RunDir::new(d.path());
+        assert_eq!(status_word(&rd), "created");
+        // a pid whose start time does not match: that monitor is gone
+        std::fs::write(
+            d.path().join("monitor.pid"),
+            format!("{} 1", std::process::id()),
+        )
+        .unwrap();
+        assert_eq!(status_word(&rd), "lost");
+    }
 
     #[test]
     fn command_rules() {
