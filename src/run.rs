@@ -329,8 +329,8 @@ pub fn list(store: &Store) -> Vec<(String, RunDir)> {
 /// still hold: their overlay mounts, cgroups and network helpers. Their containers died with the
 /// monitor; [`RunDir::recover`] records them `lost` and the directories stay for `cw ps` and
 /// `cw rm`. A run whose monitor has not written its pid yet is starting, not lost. Called as a
-/// run starts, so a node that lost its monitors (a cancelled Slurm job) is cleaned by the next
-/// `cw run` that uses the store.
+/// run starts and as a worker starts, so a node that lost its monitors (a cancelled Slurm job)
+/// is cleaned by the next `cw run` or `cw worker` that uses the store.
 pub fn recover_lost(store: &Store) {
     for (id, rd) in list(store) {
         if rd.monitor_pid().is_some() || !rd.path.join("monitor.pid").exists() || rd.cleaned() {
