@@ -540,16 +540,15 @@ fn main() {
     // the worker logs its progress (info, or debug with --verbose) unless --log/CW_LOG says
     // otherwise. By default libcgroups only speaks of errors: it warns of every v1 controller
     // the host has not mounted (hugetlb, net_cls...) each time it looks at a run's cgroups.
-    let default_level = cli.global.log == "warn" && std::env::var_os("CW_LOG").is_none();
-    let level = match &cli.cmd {
-        Cmd::Worker(w) if default_level => if w.verbose {
-            "info,cw=debug,libcgroups=error"
-        } else {
-            "info,libcgroups=error"
-        }
-        .to_string(),
-        _ if default_level => "warn,libcgroups=error".to_string(),
-        _ => cli.global.log.clone(),
+    let level = if cli.global.log == "warn" && std::env::var_os("CW_LOG").is_none() {
+        let base = match &cli.cmd {
+            Cmd::Worker(w) if w.verbose => "info,cw=debug",
+            Cmd::Worker(_) => "info",
+            _ => "warn",
+        };
+        format!("{base},libcgroups=error")
+    } else {
+        cli.global.log.clone()
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

@@ -333,7 +333,7 @@ pub fn list(store: &Store) -> Vec<(String, RunDir)> {
 /// is cleaned by the next `cw run` or `cw worker` that uses the store.
 pub fn recover_lost(store: &Store) {
     for (id, rd) in list(store) {
-        if rd.monitor_pid().is_some() || !rd.path.join("monitor.pid").exists() || rd.cleaned() {
+        if rd.monitor_pid().is_some() || !rd.monitor_started() || rd.cleaned() {
             continue;
         }
         match rd.recover() {
@@ -365,7 +365,7 @@ pub fn status_word(rd: &RunDir) -> String {
         },
         (None, Some(_)) => "running".into(),
         // the monitor has not written its pid yet (or was never started)
-        (None, None) if !rd.path.join("monitor.pid").exists() => "created".into(),
+        (None, None) if !rd.monitor_started() => "created".into(),
         (None, None) => "lost".into(),
     }
 }

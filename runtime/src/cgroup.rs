@@ -123,14 +123,22 @@ pub fn missing_parents(cgroup_parent: &str) -> Vec<PathBuf> {
 }
 
 fn missing_parents_in(roots: &[PathBuf], cgroup_parent: &str) -> Vec<PathBuf> {
+    // a directory that exists has every parent: filtering keeps what is missing, deepest first
+    let mut out = parents_below_roots(roots, cgroup_parent);
+    out.retain(|p| !p.exists());
+    out
+}
+
+/// Every directory between each hierarchy's top level (exclusive, it stays) and `cgroup_parent`
+/// (inclusive), deepest first per hierarchy; none unless the parent is [`nested`].
+fn parents_below_roots(roots: &[PathBuf], cgroup_parent: &str) -> Vec<PathBuf> {
     let Some(rel) = nested(cgroup_parent) else {
         return Vec::new();
     };
     let mut out = Vec::new();
     for root in roots {
-        // the directory right under the root stays
         let mut p = root.join(rel);
-        while p.parent().is_some_and(|q| q != root.as_path()) && !p.exists() {
+        while p.parent().is_some_and(|q| q != root.as_path()) {
             out.push(p.clone());
             p.pop();
         }
@@ -150,17 +158,7 @@ fn recorded_parents_in(
     cgroup_parent: &str,
     recorded: &[PathBuf],
 ) -> Vec<PathBuf> {
-    let Some(rel) = nested(cgroup_parent) else {
-        return Vec::new();
-    };
-    let mut allowed = Vec::new();
-    for root in roots {
-        let mut p = root.join(rel);
-        while p.parent().is_some_and(|q| q != root.as_path()) {
-            allowed.push(p.clone());
-            p.pop();
-        }
-    }
+    let allowed = parents_below_roots(roots, cgroup_parent);
     recorded
         .iter()
         .filter(|p| allowed.contains(p))

@@ -170,6 +170,12 @@ impl RunDir {
         self.path.join("cleaned").exists()
     }
 
+    /// Whether the monitor has written its pid: a run without one is still being started (or
+    /// never was), not one whose monitor died.
+    pub fn monitor_started(&self) -> bool {
+        self.path.join("monitor.pid").exists()
+    }
+
     /// The monitor's pid if it is still that process (pid and start time match).
     pub fn monitor_pid(&self) -> Option<i32> {
         let s = fs::read_to_string(self.path.join("monitor.pid")).ok()?;
@@ -248,7 +254,7 @@ impl RunDir {
                 if self.cleaned() || self.monitor_pid().is_none() {
                     return Ok(e);
                 }
-            } else if self.monitor_pid().is_none() && self.path.join("monitor.pid").exists() {
+            } else if self.monitor_pid().is_none() && self.monitor_started() {
                 // died without writing the status
                 std::thread::sleep(Duration::from_millis(50));
                 if self.exit().is_none() && self.monitor_pid().is_none() {

@@ -851,7 +851,7 @@ fn cleaning_up(ctx: &Arc<Ctx>, run: &mut Run) {
                         }
                         return; // still stopping
                     }
-                    if rd.path.join("monitor.pid").exists() {
+                    if rd.monitor_started() {
                         let _ = rd.recover();
                     } else {
                         return; // the monitor has not written its pid yet
