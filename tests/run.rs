@@ -5,8 +5,6 @@ use common::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cw_runtime::monitor::RunDir;
-
 const TINY: &str = "127.0.0.1:5000/tiny:amd64";
 const CONFIGURED: &str = "127.0.0.1:5000/tiny:config";
 const EDGE: &str = "127.0.0.1:5000/edge:latest";
@@ -54,43 +52,6 @@ fn run_out(cw: &Cw, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
-}
-
-/// A detached run started by `c` (`cw run -d ...`): its id, directory, monitor pid and init pid,
-/// once both are up.
-fn started(cw: &Cw, mut c: std::process::Command) -> (String, RunDir, i32, i32) {
-    let o = c.output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
-    let rd = RunDir::new(cw.store().join("runs").join(&id));
-    let t = Instant::now();
-    loop {
-        if let (Some(m), Some(p)) = (rd.monitor_pid(), rd.state().and_then(|s| s.pid)) {
-            return (id, rd, m, p);
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "the run did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// SIGKILL a run's monitor and wait until it is gone.
-fn kill_monitor(rd: &RunDir, monitor: i32) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(monitor),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let t = Instant::now();
-    while rd.monitor_pid().is_some() {
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "the monitor lives on"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -770,7 +731,7 @@ fn nested_cgroup_parents_made_for_a_run_are_removed_with_it() {
     let after_run = left();
     // the monitor killed mid-run: whoever finishes the run (here `cw kill`) removes them
     let (id, rd, monitor, _) = started(
-        &cw,
+        &cw.store(),
         cw.cmd(&[
             "run",
             "-d",
@@ -830,7 +791,7 @@ fn the_monitor_is_the_oom_killer_last_choice_and_the_run_is_not() {
             std::fs::write("/proc/self/oom_score_adj", "300")
         });
     }
-    let (id, _, monitor, init) = started(&cw, c);
+    let (id, _, monitor, init) = started(&cw.store(), c);
     let adj = |pid: i32| {
         std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
             .unwrap()
@@ -866,7 +827,7 @@ fn the_run_dies_with_its_monitor() {
     // for root (capabilities kept) and for another user (uid change, capabilities dropped)
     for user in ["0:0", "1000:1000"] {
         let (id, rd, monitor, init) = started(
-            &cw,
+            &cw.store(),
             cw.cmd(&[
                 "run", "-d", "--user", user, "--image", TINY, "--", "sleep", "60",
             ]),

@@ -669,43 +669,25 @@ fn worker_sigkill_and_restart_keeps_the_run() {
     let t0 = Instant::now();
     let store = w.dir.join("store");
     let cw = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_cw"))
-            .args(["--store", store.to_str().unwrap()])
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cw"));
+        c.args(["--store", store.to_str().unwrap()])
             .args(["--registry-mirror", &format!("http://{REG}")])
-            .args(args)
-            .output()
-            .unwrap()
+            .args(args);
+        c
     };
-    let o = cw(&[
-        "run",
-        "-d",
-        "--image",
-        "codalab/ubuntu:1.9",
-        "--",
-        "sleep",
-        "60",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let lost = cw_runtime::monitor::RunDir::new(
-        store
-            .join("runs")
-            .join(String::from_utf8_lossy(&o.stdout).trim()),
+    let (lost_id, lost, monitor, _) = started(
+        &store,
+        cw(&[
+            "run",
+            "-d",
+            "--image",
+            "codalab/ubuntu:1.9",
+            "--",
+            "sleep",
+            "60",
+        ]),
     );
-    let monitor = loop {
-        if let (Some(m), Some(_)) = (lost.monitor_pid(), lost.state().and_then(|s| s.pid)) {
-            break m;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "the run did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(monitor),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill_monitor(&lost, monitor);
     std::thread::sleep(Duration::from_secs(4).saturating_sub(t0.elapsed()));
     w.spawn();
     assert_eq!(
@@ -720,7 +702,7 @@ fn worker_sigkill_and_restart_keeps_the_run() {
     // the restarted worker released the lost run's mounts and cgroups
     assert!(lost.cleaned(), "{}", w.log());
     assert!(w.log().contains("its monitor had died"), "{}", w.log());
-    let o = cw(&["rm", lost.path.file_name().unwrap().to_str().unwrap()]);
+    let o = cw(&["rm", &lost_id]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     w.assert_clean();
 }

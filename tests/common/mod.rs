@@ -525,3 +525,40 @@ fn handle(mut c: TcpStream, upstream: &str, log: &Mutex<Vec<String>>, fault: &Mu
         }
     }
 }
+
+/// A detached run started by `c` (`cw --store STORE run -d ...`): its id, directory, monitor pid
+/// and init pid, once both are up.
+pub fn started(store: &Path, mut c: Command) -> (String, cw_runtime::monitor::RunDir, i32, i32) {
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let rd = cw_runtime::monitor::RunDir::new(store.join("runs").join(&id));
+    let t = std::time::Instant::now();
+    loop {
+        if let (Some(m), Some(p)) = (rd.monitor_pid(), rd.state().and_then(|s| s.pid)) {
+            return (id, rd, m, p);
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(15),
+            "the run did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// SIGKILL a run's monitor and wait until it is gone.
+pub fn kill_monitor(rd: &cw_runtime::monitor::RunDir, monitor: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(monitor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    while rd.monitor_pid().is_some() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(15),
+            "the monitor lives on"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
