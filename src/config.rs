@@ -3,6 +3,8 @@
 //! ```toml
 //! store = "/var/lib/cw"          # image store and run state
 //! max_store_size = "50GB"        # automatic GC: above this, LRU images go until 80 % is left
+//! max_image_size = "30GB"        # what one image may unpack to (the free space bounds it anyway)
+//! registry_timeout = "60s"       # a manifest's whole time; a blob must send 64 KiB per window
 //! [registry."docker.io"]
 //! mirrors = ["http://127.0.0.1:5000"]
 //! [registry."registry.internal:5000"]
@@ -18,6 +20,11 @@ use std::path::{Path, PathBuf};
 pub struct FileConfig {
     pub store: Option<PathBuf>,
     pub max_store_size: Option<String>,
+    pub max_image_size: Option<String>,
+    /// How long a manifest may take, and the window a blob must make progress in ("60s").
+    pub registry_timeout: Option<String>,
+    #[serde(default)]
+    pub foreign_layer_urls_local: bool,
     #[serde(default)]
     pub registry: HashMap<String, RegistrySettings>,
 }
@@ -64,6 +71,7 @@ impl FileConfig {
     pub fn registry_config(&self) -> RegistryConfig {
         RegistryConfig {
             registries: self.registry.clone(),
+            local_foreign_urls: self.foreign_layer_urls_local,
             ..Default::default()
         }
     }

@@ -7,7 +7,7 @@ use crate::image::manifest::{self, Parsed, Platform};
 use crate::image::reference::Reference;
 use crate::pull::{publish, unpack_to_tmp, HashingReader, PullError};
 use crate::store::unpack::{self, Options, Tree, Whiteouts};
-use crate::store::{now, remove_tree, ImageRecord, Store};
+use crate::store::{now, ImageRecord, Store};
 use sha2::{Digest as _, Sha256};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -39,7 +39,7 @@ struct Source {
 impl Drop for Source {
     fn drop(&mut self) {
         if let Some(t) = &self.tmp {
-            let _ = remove_tree(t);
+            crate::store::discard(t);
         }
     }
 }
@@ -97,9 +97,14 @@ fn open_source(store: &Store, input: &Path) -> Result<Source, LoadError> {
         Options {
             whiteouts: Whiteouts::Apply,
             chown: false,
+            budget: Some(unpack::Budget::for_dir(
+                &tmp,
+                None,
+                &format!("archive {}", input.display()),
+            )),
         },
     ) {
-        let _ = remove_tree(&tmp);
+        crate::store::discard(&tmp);
         return Err(bad(input, format!("not a readable tar archive: {e}")));
     }
     let tree = Tree::open(&tmp).map_err(|e| bad(input, e.to_string()))?;
@@ -117,6 +122,7 @@ fn load_layer(
     rel: &str,
     compressed: Option<&Digest>,
     diff_id: &Digest,
+    budget: &std::sync::Arc<unpack::Budget>,
 ) -> Result<bool, LoadError> {
     if store.layer(diff_id).is_some() {
         return Ok(false);
@@ -134,8 +140,8 @@ fn load_layer(
         hasher: Sha256::new(),
         n: 0,
     };
-    let (tmp, actual, stats) = unpack_to_tmp(store, &mut hr).map_err(|(tmp, e)| {
-        let _ = remove_tree(&tmp);
+    let (tmp, actual, stats) = unpack_to_tmp(store, &mut hr, budget).map_err(|(tmp, e)| {
+        crate::store::discard(&tmp);
         PullError::Unpack {
             layer: diff_id.clone(),
             source: e,
@@ -145,7 +151,7 @@ fn load_layer(
     let blob_digest = Digest::from_hasher(hr.hasher);
     if let Some(c) = compressed {
         if &blob_digest != c {
-            let _ = remove_tree(&tmp);
+            crate::store::discard(&tmp);
             return Err(bad(
                 &src.root.join(rel),
                 format!("digest mismatch: expected {c}, got {blob_digest}"),
@@ -213,13 +219,21 @@ struct DockerSaveEntry {
 }
 
 /// Load every image in `input`. `platform` picks from multi-platform OCI indexes.
+/// `max_unpacked` bounds what its layers may unpack to together (the store's free space does
+/// anyway).
 pub fn load(
     store: &Store,
     input: &Path,
     platform: &Platform,
+    max_unpacked: Option<u64>,
 ) -> Result<Vec<ImageRecord>, LoadError> {
     let mut src = open_source(store, input)?;
     store.clean_tmp();
+    let budget = unpack::Budget::for_dir(
+        &store.root().join("tmp"),
+        max_unpacked,
+        &format!("the images in {}", input.display()),
+    );
     if let Ok(m) = src.read("manifest.json", manifest::MAX_MANIFEST_BYTES) {
         let entries: Vec<DockerSaveEntry> = serde_json::from_slice(&m)
             .map_err(|e| bad(&input.join("manifest.json"), e.to_string()))?;
@@ -243,7 +257,7 @@ pub fn load(
                 let compressed = rel
                     .strip_prefix("blobs/sha256/")
                     .and_then(|h| Digest::parse(&format!("sha256:{h}")).ok());
-                load_layer(store, &mut src, rel, compressed.as_ref(), diff)?;
+                load_layer(store, &mut src, rel, compressed.as_ref(), diff, &budget)?;
                 let size = store.layer(diff).map(|l| l.size).unwrap_or(0);
                 layers.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": diff, "size": size}));
             }
@@ -313,6 +327,7 @@ pub fn load(
                 &format!("blobs/sha256/{}", l.digest.hex()),
                 Some(&l.digest),
                 diff,
+                &budget,
             )?;
         }
         // a bare tag like "latest" names nothing on its own: only full references become names

@@ -144,9 +144,9 @@ struct RunArgs {
     /// CPUs the run may use, e.g. 0-3,7
     #[arg(long)]
     cpuset: Option<String>,
-    /// Maximum number of processes
-    #[arg(long)]
-    pids_limit: Option<i64>,
+    /// Maximum number of processes and threads (0 or -1: no limit)
+    #[arg(long, default_value_t = cw_runtime::request::DEFAULT_PIDS_LIMIT, allow_negative_numbers = true)]
+    pids_limit: i64,
     /// Size of /dev/shm
     #[arg(long, default_value = "64m")]
     shm_size: String,
@@ -226,6 +226,7 @@ struct Ctx {
     store: Store,
     registry: RegistryConfig,
     max_store_size: Option<u64>,
+    max_image_size: Option<u64>,
 }
 
 fn context(g: &Global) -> Result<Ctx> {
@@ -235,6 +236,20 @@ fn context(g: &Global) -> Result<Ctx> {
     };
     let file = config::load(&path, explicit)?;
     let mut registry = file.registry_config();
+    let timeout = std::env::var("CW_REGISTRY_TIMEOUT")
+        .ok()
+        .or(file.registry_timeout.clone());
+    if let Some(t) = timeout {
+        registry.timeout = Some(
+            humantime::parse_duration(&t)
+                .ok()
+                .or_else(|| t.parse::<u64>().ok().map(std::time::Duration::from_secs))
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("registry timeout {t:?}: not a duration like 60s")
+                })?,
+        );
+    }
     for m in &g.registry_mirror {
         registry.add_mirror_arg(m)?;
     }
@@ -254,10 +269,17 @@ fn context(g: &Global) -> Result<Ctx> {
         .map(config::parse_size)
         .transpose()
         .map_err(anyhow::Error::msg)?;
+    let max_image_size = file
+        .max_image_size
+        .as_deref()
+        .map(config::parse_size)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     Ok(Ctx {
         store,
         registry,
         max_store_size,
+        max_image_size,
     })
 }
 
@@ -297,6 +319,7 @@ fn cmd_pull(ctx: Ctx, a: PullArgs) -> Result<()> {
         parallel: a.parallel,
         progress: Progress::auto(a.quiet),
         only_if_missing: false,
+        max_unpacked: ctx.max_image_size,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -351,6 +374,7 @@ fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
             let opts = PullOptions {
                 platform: platform(&a.platform)?,
                 progress: Progress::auto(false),
+                max_unpacked: ctx.max_image_size,
                 ..Default::default()
             };
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -392,7 +416,7 @@ fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
             memory,
             cpus: a.cpus,
             cpuset: a.cpuset.clone(),
-            pids: a.pids_limit,
+            pids: (a.pids_limit > 0).then_some(a.pids_limit),
             shm_size: config::parse_size(&a.shm_size).map_err(anyhow::Error::msg)?,
         },
         network: match a.network.as_str() {
@@ -478,7 +502,7 @@ fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
         eprintln!("cw: {msg}");
     }
     if !a.keep {
-        let _ = cw::run::remove(&rd);
+        let _ = cw::run::remove(&ctx.store, &rd);
     }
     std::process::exit(ex.exit_code);
 }
@@ -703,11 +727,11 @@ fn run(cli: Cli) -> Result<()> {
             let ctx = context(&cli.global)?;
             each(ids, "some runs were not removed", |id| {
                 let rd = cw::run::find(&ctx.store, &id)?;
-                if force && rd.exit().is_none() {
+                if force && rd.exit().is_none() && !rd.abandoned() {
                     rd.kill()?;
                     rd.wait(std::time::Duration::from_millis(50))?;
                 }
-                cw::run::remove(&rd)?;
+                cw::run::remove(&ctx.store, &rd)?;
                 println!("{id}");
                 Ok(())
             })
@@ -740,7 +764,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Load { input, platform: p } => {
             let ctx = context(&cli.global)?;
-            let imgs = cw::load::load(&ctx.store, &input, &platform(&p)?)?;
+            let imgs = cw::load::load(&ctx.store, &input, &platform(&p)?, ctx.max_image_size)?;
             for i in imgs {
                 let names = if i.names.is_empty() {
                     "<none>".to_string()

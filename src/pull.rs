@@ -7,7 +7,7 @@ use crate::image::reference::Reference;
 use crate::progress::Progress;
 use crate::registry::{error_chain, Client, FetchedManifest, Hasher, RegistryError, Repo};
 use crate::store::unpack::{self, Options, UnpackError};
-use crate::store::{now, remove_tree, ImageRecord, LayerRecord, Store, StoreError};
+use crate::store::{now, ImageRecord, LayerRecord, Store, StoreError};
 use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
 use std::io::{self, Read};
@@ -48,6 +48,9 @@ pub struct PullOptions {
     pub progress: Progress,
     /// Skip the registry when the name is already in the store (`--pull missing`).
     pub only_if_missing: bool,
+    /// Bytes the image may unpack to (the config's `max_image_size`, the worker's
+    /// `--max-image-size`); the store's free space bounds it in any case.
+    pub max_unpacked: Option<u64>,
 }
 
 impl Default for PullOptions {
@@ -57,6 +60,7 @@ impl Default for PullOptions {
             parallel: DEFAULT_PARALLEL,
             progress: Progress::quiet(),
             only_if_missing: false,
+            max_unpacked: None,
         }
     }
 }
@@ -119,6 +123,7 @@ impl<R: Read> Read for HashingReader<R> {
 pub fn unpack_to_tmp<R: Read>(
     store: &Store,
     r: R,
+    budget: &Arc<unpack::Budget>,
 ) -> Result<(std::path::PathBuf, Digest, unpack::UnpackStats), (std::path::PathBuf, UnpackError)> {
     let tmp = store.tmp_dir("layer").map_err(|e| {
         (
@@ -133,7 +138,11 @@ pub fn unpack_to_tmp<R: Read>(
             hasher: Sha256::new(),
             n: 0,
         };
-        let stats = unpack::unpack(&mut hr, &tmp, Options::default())?;
+        let opts = Options {
+            budget: Some(budget.clone()),
+            ..Options::default()
+        };
+        let stats = unpack::unpack(&mut hr, &tmp, opts)?;
         Ok((Digest::from_hasher(hr.hasher), stats))
     })();
     match res {
@@ -152,7 +161,7 @@ pub fn publish(
     stats: &unpack::UnpackStats,
 ) -> Result<LayerRecord, PullError> {
     if &actual != expected {
-        let _ = remove_tree(tmp);
+        crate::store::discard(tmp);
         return Err(PullError::DiffIdMismatch {
             layer: compressed.clone(),
             expected: expected.clone(),
@@ -176,6 +185,7 @@ async fn fetch_layer(
     desc: LayerDesc,
     diff_id: Digest,
     progress: Progress,
+    budget: Arc<unpack::Budget>,
 ) -> Result<bool, PullError> {
     let s2 = store.clone();
     let d2 = diff_id.clone();
@@ -198,6 +208,7 @@ async fn fetch_layer(
                 rx,
                 cur: bytes::Bytes::new(),
             },
+            &budget,
         )
     });
 
@@ -220,7 +231,39 @@ async fn fetch_layer(
         };
         let mut skip = if offset > 0 && !ranged { offset } else { 0 };
         let mut stream = resp.bytes_stream();
-        while let Some(chunk) = stream.next().await {
+        // a blob must deliver MIN_PROGRESS bytes in every window: a registry that drips a byte
+        // now and then never trips the read timeout, and would hold the pull for ever
+        let window = repo.progress_window();
+        let (mut since, mut got) = (tokio::time::Instant::now(), 0u64);
+        loop {
+            let chunk = match tokio::time::timeout_at(since + window, stream.next()).await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(_) if got >= crate::registry::MIN_PROGRESS => {
+                    (since, got) = (tokio::time::Instant::now(), 0);
+                    continue;
+                }
+                Err(_) => {
+                    download_err = Some(PullError::Registry {
+                        reference: what.clone(),
+                        source: RegistryError::Http {
+                            url: desc.digest.to_string(),
+                            msg: format!(
+                                "the registry sent {got} bytes in {}s, less than the {} a download must make in that time (registry_timeout)",
+                                window.as_secs(),
+                                crate::registry::MIN_PROGRESS
+                            ),
+                        },
+                    });
+                    break 'outer;
+                }
+            };
+            if let Ok(b) = &chunk {
+                got += b.len() as u64;
+                if since.elapsed() >= window {
+                    (since, got) = (tokio::time::Instant::now(), 0);
+                }
+            }
             match chunk {
                 Ok(mut b) => {
                     if skip > 0 {
@@ -303,11 +346,11 @@ async fn fetch_layer(
         .map_err(|e| PullError::Other(format!("unpacker task: {e}")))?;
     let res = match (download_err, unpacked) {
         (Some(e), Ok((tmp, _, _))) | (Some(e), Err((tmp, _))) => {
-            let _ = remove_tree(&tmp);
+            crate::store::discard(&tmp);
             Err(e)
         }
         (None, Err((tmp, e))) => {
-            let _ = remove_tree(&tmp);
+            crate::store::discard(&tmp);
             Err(PullError::Unpack {
                 layer: desc.digest.clone(),
                 source: e,
@@ -343,6 +386,18 @@ async fn manifest_by_digest(
     repo.get_manifest(&d.to_string()).await
 }
 
+/// Whether the store holds the image (or index) `d` under a name of `r`'s repository: only then
+/// does a HEAD that answers `d` bind `r` without a GET.
+fn pulled_from(store: &Store, d: &Digest, r: &Reference) -> bool {
+    store.images().iter().any(|i| {
+        (i.manifest == *d || i.index.as_ref() == Some(d))
+            && i.names.iter().any(|n| {
+                Reference::parse(n)
+                    .is_ok_and(|x| x.registry == r.registry && x.repository == r.repository)
+            })
+    })
+}
+
 /// Resolve the reference on one endpoint: the top-level manifest (HEAD first when by tag).
 async fn resolve(
     repo: &Repo,
@@ -355,7 +410,12 @@ async fn resolve(
     let tag = r.manifest_ref();
     if let Some(d) = repo.head_manifest(&tag).await? {
         if store.read_blob(&d).is_some() {
-            return Ok((manifest_by_digest(repo, store, &d).await?, true));
+            if pulled_from(store, &d, r) {
+                return Ok((manifest_by_digest(repo, store, &d).await?, true));
+            }
+            // the store has that image from elsewhere: this repository must show that it has it
+            // too (a HEAD alone could name any image a registry knows is cached here)
+            return Ok((repo.get_manifest(&d.to_string()).await?, true));
         }
     }
     Ok((repo.get_manifest(&tag).await?, false))
@@ -453,6 +513,13 @@ pub async fn pull(
             .await
             .map_err(reg(r))?,
     };
+    if config_bytes.len() as u64 != m.config_size {
+        return Err(reg(r)(RegistryError::SizeMismatch {
+            what: format!("config {}", m.config),
+            expected: m.config_size,
+            actual: config_bytes.len() as u64,
+        }));
+    }
     let config = manifest::parse_config(&config_bytes)?;
     if config.diff_ids.len() != m.layers.len() {
         return Err(manifest::ManifestError::LayerCountMismatch {
@@ -471,14 +538,20 @@ pub async fn pull(
         .collect();
     let mut fetched = 0;
     let mut reused = 0;
+    let budget = unpack::Budget::for_dir(
+        &store.root().join("tmp"),
+        opts.max_unpacked,
+        &format!("image {name}"),
+    );
     let mut stream = futures_util::stream::iter(todo.into_iter().map(|(desc, diff)| {
         let (repo, store, progress) = (repo.clone(), store.clone(), opts.progress.clone());
+        let budget = budget.clone();
         async move {
             if store.layer(&diff).is_some() {
                 store.note_compressed(&diff, &desc.digest)?;
                 return Ok(false);
             }
-            fetch_layer(repo, store, desc, diff, progress).await
+            fetch_layer(repo, store, desc, diff, progress, budget).await
         }
     }))
     .buffer_unordered(opts.parallel.max(1));

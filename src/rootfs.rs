@@ -223,6 +223,8 @@ fn copy_layer(layer: &Path, target: &Path) -> io::Result<()> {
         target,
         unpack::Options {
             whiteouts: Whiteouts::Apply,
+            // every copied rootfs is a whole image: many of them must not fill the disk
+            budget: Some(unpack::Budget::for_dir(target, None, "the rootfs copy")),
             ..Default::default()
         },
     );
@@ -342,20 +344,42 @@ fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
     (n >= 0).then(|| buf[..n as usize].to_vec())
 }
 
-/// Read a small text file from inside a rootfs without following links out of it.
-pub fn read_file(rootfs: &Path, rel: &str, limit: u64) -> Option<String> {
-    let mut t = Tree::open(rootfs).ok()?;
-    let f = t.open_file(rel.as_bytes()).ok()?;
-    let mut s = String::new();
-    f.take(limit).read_to_string(&mut s).ok()?;
-    Some(s)
+/// Read a small text file from inside a rootfs without following links out of it, and without
+/// blocking on a FIFO or a device planted there: `None` when it does not exist, an error naming
+/// it when it is not a regular file or is larger than `limit`.
+pub fn read_file(rootfs: &Path, rel: &str, limit: u64) -> Result<Option<String>, String> {
+    let named = |e: io::Error| format!("the image's /{rel}: {e}");
+    let mut t = Tree::open(rootfs).map_err(named)?;
+    let f = match t.open_file(rel.as_bytes()) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(named(e)),
+    };
+    let mut b = Vec::new();
+    f.take(limit + 1).read_to_end(&mut b).map_err(named)?;
+    if b.len() as u64 > limit {
+        return Err(format!("the image's /{rel} is larger than {limit} bytes"));
+    }
+    Ok(Some(String::from_utf8_lossy(&b).into_owned()))
+}
+
+/// A uid or gid as a number: (uid_t)-1 means "unchanged" to setuid(2), so a run asked to be
+/// 4294967295 would stay root; it and anything larger are refused.
+fn id_number(s: &str, what: &str) -> Result<Option<u32>, String> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(None);
+    }
+    match s.parse::<u32>() {
+        Ok(n) if n < u32::MAX => Ok(Some(n)),
+        _ => Err(format!("{what} {s} is out of range (at most 4294967294)")),
+    }
 }
 
 /// Resolve a docker-style user spec (`uid`, `uid:gid`, `name`, `name:group`) against the rootfs's
 /// /etc/passwd and /etc/group. Returns (uid, gid, supplementary gids, home).
 pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<(u32, u32, Vec<u32>, String), String> {
-    let passwd = read_file(rootfs, "etc/passwd", 4 << 20).unwrap_or_default();
-    let group = read_file(rootfs, "etc/group", 4 << 20).unwrap_or_default();
+    let passwd = read_file(rootfs, "etc/passwd", 4 << 20)?.unwrap_or_default();
+    let group = read_file(rootfs, "etc/group", 4 << 20)?.unwrap_or_default();
     let (u, g) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
@@ -366,14 +390,20 @@ pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<(u32, u32, Vec<u32>, St
         .map(|l| l.split(':').collect::<Vec<_>>())
         .filter(|f| f.len() >= 7)
         .collect();
+    let u_num = id_number(u, "uid")?;
     let entry = pw
         .iter()
-        .find(|f| f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u));
-    let uid: u32 = match u.parse() {
-        Ok(n) => n,
-        Err(_) => entry
-            .and_then(|f| f[2].parse().ok())
-            .ok_or_else(|| format!("user {u:?} is not in the image's /etc/passwd"))?,
+        .find(|f| f[0] == u || (u_num.is_some() && f[2] == u));
+    let uid: u32 = match u_num {
+        Some(n) => n,
+        None => match entry {
+            Some(f) => id_number(
+                f[2],
+                &format!("the image's /etc/passwd gives user {u:?} uid"),
+            )?
+            .ok_or_else(|| format!("user {u:?} has no numeric uid in the image's /etc/passwd"))?,
+            None => return Err(format!("user {u:?} is not in the image's /etc/passwd")),
+        },
     };
     let home = entry.map(|f| f[5].to_string()).unwrap_or_else(|| {
         if uid == 0 {
@@ -388,24 +418,40 @@ pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<(u32, u32, Vec<u32>, St
         .filter(|f| f.len() >= 4)
         .collect();
     let gid: u32 = match g {
-        Some(g) => match g.parse() {
-            Ok(n) => n,
-            Err(_) => grp
-                .iter()
-                .find(|f| f[0] == g)
-                .and_then(|f| f[2].parse().ok())
-                .ok_or_else(|| format!("group {g:?} is not in the image's /etc/group"))?,
+        Some(g) => match id_number(g, "gid")? {
+            Some(n) => n,
+            None => match grp.iter().find(|f| f[0] == g) {
+                Some(f) => id_number(
+                    f[2],
+                    &format!("the image's /etc/group gives group {g:?} gid"),
+                )?
+                .ok_or_else(|| {
+                    format!("group {g:?} has no numeric gid in the image's /etc/group")
+                })?,
+                None => return Err(format!("group {g:?} is not in the image's /etc/group")),
+            },
         },
-        None => entry
-            .and_then(|f| f[3].parse().ok())
+        None => match entry {
+            Some(f) => id_number(
+                f[3],
+                &format!("the image's /etc/passwd gives user {u:?} gid"),
+            )?
             .unwrap_or(if uid == 0 { 0 } else { uid }),
+            None => {
+                if uid == 0 {
+                    0
+                } else {
+                    uid
+                }
+            }
+        },
     };
     let name = entry.map(|f| f[0]).unwrap_or("");
     let mut extra: Vec<u32> = if g.is_none() && !name.is_empty() {
         grp.iter()
             .filter(|f| f[3].split(',').any(|m| m == name))
             .filter_map(|f| f[2].parse().ok())
-            .filter(|&x| x != gid)
+            .filter(|&x: &u32| x != gid && x != u32::MAX)
             .collect()
     } else {
         vec![]

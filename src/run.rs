@@ -103,29 +103,39 @@ pub fn environment(
     user_env: &[String],
     home: &str,
     hostname: &str,
-) -> Vec<String> {
+) -> Result<Vec<String>, String> {
     let mut env: Vec<(String, String)> = Vec::new();
-    let mut set = |kv: &str| {
+    let mut set = |kv: &str, whose: &str| -> Result<(), String> {
         let (k, v) = match kv.split_once('=') {
             Some((k, v)) => (k.to_string(), v.to_string()),
             None => match std::env::var(kv) {
                 Ok(v) => (kv.to_string(), v),
-                Err(_) => return,
+                Err(_) => return Ok(()),
             },
         };
+        // an empty name or a NUL cannot be passed to execve (the container's init would fail)
+        if k.is_empty() || kv.contains('\0') {
+            return Err(format!(
+                "{whose} {kv:?}: a variable needs a name and no NUL byte"
+            ));
+        }
         env.retain(|(ek, _)| *ek != k);
         env.push((k, v));
+        Ok(())
     };
-    set("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    set(&format!("HOSTNAME={hostname}"));
-    set(&format!("HOME={home}"));
+    set(
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "",
+    )?;
+    set(&format!("HOSTNAME={hostname}"), "")?;
+    set(&format!("HOME={home}"), "")?;
     for e in &cfg.env {
-        set(e);
+        set(e, "the image's Env entry")?;
     }
     for e in user_env {
-        set(e);
+        set(e, "environment variable")?;
     }
-    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+    Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
 }
 
 pub fn new_id() -> String {
@@ -140,7 +150,7 @@ pub fn prepare(
 ) -> anyhow::Result<(RunDir, RunRequest)> {
     let id = o.name.clone().unwrap_or_else(new_id);
     if !cw_runtime::request::valid_id(&id) {
-        anyhow::bail!("run name {id:?} is not valid (1-64 of letters, digits, '_', '.', '-')");
+        anyhow::bail!("run name {id:?} is not a valid run id (1-64 of letters, digits, '_', '.', '-', not starting with '.' or '-')");
     }
     let dir = runs_dir(store).join(&id);
     if dir.exists() {
@@ -151,6 +161,7 @@ pub fn prepare(
     }
     std::fs::create_dir_all(&dir)?;
     let rd = RunDir::new(&dir);
+    rd.write_creator()?;
     let res = (|| {
         let rf = rootfs::create(store, &id, &dir, &image.layers, o.force_copy)?;
         let mut cleanup = Cleanup::default();
@@ -188,7 +199,8 @@ pub fn prepare(
             anyhow::bail!("working directory {cwd:?} must be absolute");
         }
         let mut host_files = etc_files(&dir, &hostname, o.network)?;
-        let mut env = environment(&image.run, &o.env, &home, &hostname);
+        let mut env =
+            environment(&image.run, &o.env, &home, &hostname).map_err(anyhow::Error::msg)?;
         let mut devices = o.devices.clone();
         let mut ldconfig_dirs = vec![];
         if !o.gpus.is_empty() {
@@ -243,7 +255,8 @@ pub fn prepare(
                 .concat(),
                 &home,
                 &hostname,
-            );
+            )
+            .map_err(anyhow::Error::msg)?;
         } else {
             env.push("NVIDIA_VISIBLE_DEVICES=void".into());
         }
@@ -279,9 +292,7 @@ pub fn prepare(
         }
         Err(e) => {
             // nothing may be left behind: unmount and remove what was made
-            let _ = nix::mount::umount2(&dir.join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
-            store.clear_in_use(&id);
-            let _ = std::fs::remove_dir_all(&dir);
+            release_abandoned(store, &id, &rd);
             Err(e)
         }
     }
@@ -333,6 +344,11 @@ pub fn list(store: &Store) -> Vec<(String, RunDir)> {
 /// is cleaned by the next `cw run` or `cw worker` that uses the store.
 pub fn recover_lost(store: &Store) {
     for (id, rd) in list(store) {
+        if rd.abandoned() {
+            tracing::warn!("run {id}: the cw that prepared it died before it started; its mount and directory were released");
+            release_abandoned(store, &id, &rd);
+            continue;
+        }
         if rd.monitor_pid().is_some() || !rd.monitor_started() || rd.cleaned() {
             continue;
         }
@@ -348,7 +364,7 @@ pub fn find(store: &Store, id: &str) -> anyhow::Result<RunDir> {
         anyhow::bail!("{id:?} is not a valid run id");
     }
     let p = runs_dir(store).join(id);
-    if !p.join("request.json").exists() {
+    if !p.join("request.json").exists() && !p.join("creator").exists() {
         anyhow::bail!("no run {id:?} (cw ps lists them)");
     }
     Ok(RunDir::new(p))
@@ -364,14 +380,36 @@ pub fn status_word(rd: &RunDir) -> String {
             monitor::Reason::Lost => "lost".into(),
         },
         (None, Some(_)) => "running".into(),
+        (None, None) if rd.abandoned() => "abandoned".into(),
         // the monitor has not written its pid yet (or was never started)
         (None, None) if !rd.monitor_started() => "created".into(),
         (None, None) => "lost".into(),
     }
 }
 
+/// Release and remove a run that never got its request written: its rootfs mount, its in-use
+/// record, its directory.
+fn release_abandoned(store: &Store, id: &str, rd: &RunDir) {
+    let rootfs = rd.path.join("rootfs");
+    if let Err(e) = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH) {
+        if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
+            tracing::warn!("unmounting {}: {e}", rootfs.display());
+        }
+    }
+    store.clear_in_use(id);
+    crate::store::discard(&rd.path);
+}
+
 /// Remove a finished run's directory.
-pub fn remove(rd: &RunDir) -> anyhow::Result<()> {
+pub fn remove(store: &Store, rd: &RunDir) -> anyhow::Result<()> {
+    if !rd.path.join("request.json").exists() {
+        if rd.being_prepared() {
+            anyhow::bail!("run {} is still being prepared", rd.path.display());
+        }
+        let id = rd.path.file_name().unwrap_or_default().to_string_lossy();
+        release_abandoned(store, &id, rd);
+        return Ok(());
+    }
     if rd.exit().is_none() && rd.monitor_pid().is_some() {
         anyhow::bail!(
             "run {} is still running (cw kill it first)",
@@ -381,7 +419,8 @@ pub fn remove(rd: &RunDir) -> anyhow::Result<()> {
     if !rd.cleaned() {
         rd.recover()?;
     }
-    std::fs::remove_dir_all(&rd.path)?;
+    crate::store::remove_tree(&rd.path)
+        .map_err(|e| anyhow::anyhow!("removing {}: {e}", rd.path.display()))?;
     Ok(())
 }
 
@@ -414,6 +453,9 @@ mod tests {
     fn status_of_a_run_without_an_exit() {
         let d = tempfile::tempdir().unwrap();
         let rd = RunDir::new(d.path());
+        // no request and nobody preparing it: a cw died while it prepared the run
+        assert_eq!(status_word(&rd), "abandoned");
+        rd.write_creator().unwrap();
         assert_eq!(status_word(&rd), "created");
         // a pid whose start time does not match: that monitor is gone
         std::fs::write(
@@ -452,10 +494,24 @@ mod tests {
             env: vec!["PATH=/img".into(), "A=1".into()],
             ..Default::default()
         };
-        let e = environment(&cfg, &["A=2".into(), "B=3".into()], "/root", "h");
+        let e = environment(&cfg, &["A=2".into(), "B=3".into()], "/root", "h").unwrap();
         assert!(e.contains(&"PATH=/img".to_string()));
         assert!(e.contains(&"A=2".to_string()) && !e.contains(&"A=1".to_string()));
         assert!(e.contains(&"HOME=/root".to_string()) && e.contains(&"B=3".to_string()));
+    }
+
+    #[test]
+    fn env_names_must_be_nonempty_and_nul_free() {
+        let cfg = RunConfig::default();
+        let e = environment(&cfg, &["=x".into()], "/", "h").unwrap_err();
+        assert!(e.contains("\"=x\"") && e.contains("needs a name"), "{e}");
+        assert!(environment(&cfg, &["A=a\0b".into()], "/", "h").is_err());
+        let bad = RunConfig {
+            env: vec!["=y".into()],
+            ..Default::default()
+        };
+        let e = environment(&bad, &[], "/", "h").unwrap_err();
+        assert!(e.contains("the image's Env entry"), "{e}");
     }
 
     #[test]

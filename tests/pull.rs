@@ -463,7 +463,11 @@ fn disk_full_during_unpack_is_named_and_the_store_stays_consistent() {
     };
     let (tmp, layers, images) = (listing("tmp"), listing("layers"), listing("images"));
     let _ = nix::mount::umount(&cw.store());
-    assert!(err.contains("No space left on device"), "{err}");
+    // refused before the disk fills (the unpack budget knows the free space), or ENOSPC named
+    assert!(
+        err.contains("No space left on device") || err.contains("its filesystem can spare"),
+        "{err}"
+    );
     assert!(
         err.contains("layer sha256:") || err.contains("blob sha256:"),
         "the error names the layer: {err}"

@@ -80,6 +80,7 @@ impl Sandbox {
             Options {
                 whiteouts: w,
                 chown: true,
+                budget: None,
             },
         )
     }

@@ -178,6 +178,8 @@ struct Worker {
     id: String,
     tag: String,
     extra: Vec<String>,
+    /// RLIMIT_NOFILE for the worker (as systemd's 1024), if set.
+    nofile: Option<u64>,
 }
 
 impl Worker {
@@ -197,9 +199,49 @@ impl Worker {
             id: format!("w-{name}"),
             tag: tag.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            nofile: None,
         };
         w.spawn();
         w
+    }
+
+    /// A worker started with at most `nofile` open files.
+    fn start_limited(tag: &str, extra: &[&str], nofile: u64) -> Worker {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-stores");
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = base.join(format!("worker-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = Worker {
+            child: None,
+            dir,
+            id: format!("w-{tag}"),
+            tag: tag.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            nofile: Some(nofile),
+        };
+        w.spawn();
+        w
+    }
+
+    /// SIGTERM, and the worker must be gone within `secs`.
+    fn terminate_within(&mut self, secs: u64) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let t = Instant::now();
+        while c.try_wait().unwrap().is_none() {
+            if t.elapsed() > Duration::from_secs(secs) {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("the worker ignored SIGTERM for {secs}s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn spawn(&mut self) {
@@ -209,7 +251,22 @@ impl Worker {
             .append(true)
             .open(self.dir.join("worker.log"))
             .unwrap();
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cw"));
+        let mut c = Command::new(cw_bin());
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            unsafe {
+                c.pre_exec(move || {
+                    let l = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         c.args(["--store", self.dir.join("store").to_str().unwrap()])
             .args(["--registry-mirror", &format!("http://{REG}")])
             .arg("worker");
@@ -303,7 +360,7 @@ impl Drop for Worker {
             .flatten()
             .flatten()
         {
-            let _ = Command::new(env!("CARGO_BIN_EXE_cw"))
+            let _ = Command::new(cw_bin())
                 .args(["--store", store.to_str().unwrap(), "rm", "-f"])
                 .arg(e.file_name())
                 .output();
@@ -901,4 +958,95 @@ fn dependency_download_fails_then_succeeds() {
     );
     assert!(msg.contains("502"), "{msg}");
     w.assert_clean();
+}
+
+/// Hostile images and bundles (issue 12) fail their own bundle with a message that names the
+/// reason; the worker (at systemd's 1024 open files) keeps serving others and stops on SIGTERM.
+#[test]
+fn hostile_images_and_bundles_fail_alone_and_the_worker_keeps_serving() {
+    if !need_root() {
+        return;
+    }
+    let s = server();
+    let v = rand_suffix();
+    let d = tempfile::tempdir().unwrap();
+    // a layer 15,000 directories deep whose diff id is wrong; an image whose /etc/passwd is a FIFO
+    oci_layout(
+        &d.path().join("deep"),
+        "deep",
+        &[chain_layer(15_000)],
+        serde_json::json!({}),
+        true,
+    );
+    push_layout(&d.path().join("deep"), "deep", &format!("hostile/deep:{v}"));
+    oci_layout(
+        &d.path().join("fifo"),
+        "fifo",
+        &[
+            busybox_layer(),
+            layer_tar(&[("etc/passwd", tar::EntryType::Fifo, "", b"", 0o644)]),
+        ],
+        serde_json::json!({}),
+        false,
+    );
+    push_layout(&d.path().join("fifo"), "fifo", &format!("hostile/fifo:{v}"));
+    let t = tag("hostile");
+    let mut w = Worker::start_limited(&t, &[], 1024);
+    let with_image = |image: &str| {
+        s.cl(&[
+            "run",
+            "--request-queue",
+            &t,
+            "--request-docker-image",
+            image,
+            "echo never",
+        ])
+    };
+    let deep = with_image(&format!("hostile/deep:{v}"));
+    let fifo = with_image(&format!("hostile/fifo:{v}"));
+    // 1,500 directories in the bundle (more than the worker's fds), 3 MB at the bottom; kept
+    // out of the results, which CodaLab 1.7.5's server cannot take at that depth (its own
+    // `cl upload` of such a tree fails with "Error while parsing chunked transfer body.")
+    let chain = s.run(
+        &t,
+        &["--exclude-patterns", "chain", "--request-disk", "2m"],
+        "p=d; i=1; while [ $i -lt 500 ]; do p=$p/d; i=$((i+1)); done; \
+         mkdir chain && cd chain && for k in 1 2 3; do mkdir -p $p && cd -P $p || exit 1; done; \
+         head -c 3000000 /dev/zero > big; sleep 600",
+    );
+    // 3 MB outside the bundle directory, in the container's own /tmp
+    let tmp = s.run(
+        &t,
+        &["--request-disk", "2m"],
+        "head -c 3000000 /dev/zero > /tmp/big; sleep 600",
+    );
+    let msg = s.wait_failure(&deep, "failed", 180, &|| w.log());
+    assert!(msg.contains("deeper than 512 directories"), "{msg}");
+    assert!(
+        msg.len() < 1000,
+        "an unreadable message: {} bytes",
+        msg.len()
+    );
+    let msg = s.wait_failure(&fifo, "failed", 120, &|| w.log());
+    assert!(
+        msg.contains("/etc/passwd") && msg.contains("not a regular file"),
+        "{msg}"
+    );
+    for b in [&chain, &tmp] {
+        assert_eq!(
+            s.wait_failure(b, "failed", 180, &|| w.log()),
+            "Disk limit 2mb exceeded.",
+            "bundle {b}"
+        );
+    }
+    let ok = s.run(&t, &[], "echo fine");
+    assert_eq!(
+        s.wait_state(&ok, &["ready", "failed"], 120),
+        "ready",
+        "{}",
+        w.log()
+    );
+    assert_eq!(s.cat(&format!("{ok}/stdout")), "fine");
+    w.assert_clean();
+    w.terminate_within(30);
 }

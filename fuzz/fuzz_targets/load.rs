@@ -8,7 +8,12 @@ fuzz_target!(|data: &[u8]| {
     let input = tmp.path().join("in.tar");
     std::fs::write(&input, data).unwrap();
     let store = cw::store::Store::open(tmp.path().join("store")).unwrap();
-    let _ = cw::load::load(&store, &input, &cw::image::manifest::Platform::host());
+    let _ = cw::load::load(
+        &store,
+        &input,
+        &cw::image::manifest::Platform::host(),
+        Some(64 << 20),
+    );
     let leftovers = std::fs::read_dir(tmp.path().join("store/tmp"))
         .map(|r| r.count())
         .unwrap_or(0);

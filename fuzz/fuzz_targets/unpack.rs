@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
         Options {
             whiteouts,
             chown: false,
+            budget: Some(unpack::Budget::new(64 << 20, "the fuzz input")),
         },
     );
     let top: Vec<_> = std::fs::read_dir(tmp.path())

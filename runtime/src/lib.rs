@@ -5,6 +5,7 @@
 
 pub mod cdi;
 pub mod cgroup;
+pub mod fsx;
 pub mod gpu;
 pub mod ldcache;
 pub mod monitor;

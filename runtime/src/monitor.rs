@@ -170,6 +170,39 @@ impl RunDir {
         self.path.join("cleaned").exists()
     }
 
+    /// Record the process preparing this run (before anything is mounted for it), so that a run
+    /// whose preparer died half-way can be told from one being prepared, and released.
+    pub fn write_creator(&self) -> io::Result<()> {
+        let pid = std::process::id() as i32;
+        let start = proc_start_time(pid).unwrap_or(0);
+        replace_file(
+            &self.path.join("creator"),
+            format!("{pid} {start}\n").as_bytes(),
+        )
+    }
+
+    /// A run being prepared by a live process (no request written yet).
+    pub fn being_prepared(&self) -> bool {
+        let Ok(s) = fs::read_to_string(self.path.join("creator")) else {
+            return false;
+        };
+        let Some((pid, start)) = s.trim().split_once(' ') else {
+            return false;
+        };
+        match (pid.parse::<i32>(), start.parse::<u64>()) {
+            (Ok(pid), Ok(start)) => proc_start_time(pid) == Some(start),
+            _ => false,
+        }
+    }
+
+    /// A run whose preparation died before it wrote its request (a killed `cw run`): what it may
+    /// hold is its rootfs mount and its dir.
+    pub fn abandoned(&self) -> bool {
+        !self.path.join("request.json").exists()
+            && !self.monitor_started()
+            && !self.being_prepared()
+    }
+
     /// Whether the monitor has written its pid: a run without one is still being started (or
     /// never was), not one whose monitor died.
     pub fn monitor_started(&self) -> bool {
@@ -555,20 +588,30 @@ fn cleanup(req: &RunRequest, dir: &Path) {
             }
         }
     }
-    for p in &req.cleanup.remove {
-        let r = match fs::symlink_metadata(p) {
-            Ok(m) if m.is_dir() => fs::remove_dir_all(p),
-            Ok(_) => fs::remove_file(p),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = r {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!("removing {}: {e}", p.display());
-            }
+    // what the container wrote (its upper dir, a copied rootfs) is a tree someone else made: any
+    // depth, odd files, possibly a mount left behind; removed with bounded fds and stack
+    for p in req.cleanup.remove.iter().chain([&dir.join("lc")]) {
+        if let Err(e) = crate::fsx::remove_tree(p) {
+            tracing::warn!("removing {}: {e}", p.display());
         }
     }
-    let _ = fs::remove_dir_all(dir.join("lc"));
     let _ = File::create(dir.join("cleaned"));
+}
+
+/// An error with every source it wraps, on one line: libcontainer's top-level errors ("failed to
+/// prepare rootfs") name neither the path nor the operation; their sources do.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 fn fail(dir: &Path, req: &RunRequest, started: f64, msg: String) -> i32 {
@@ -764,7 +807,7 @@ pub fn main(dir: &Path) -> i32 {
     let mut container = match built {
         Ok(c) => c,
         Err(e) => {
-            let msg = format!("creating the container: {e}");
+            let msg = format!("creating the container: {}", error_chain(&e));
             if let Ok(mut c) = Container::load(lc_root.join(&req.id)) {
                 let _ = c.delete(true);
             }
@@ -774,7 +817,7 @@ pub fn main(dir: &Path) -> i32 {
     };
     let cgroup_path = req.cgroup_path();
     if let Err(e) = container.start() {
-        let msg = format!("starting the container: {e}");
+        let msg = format!("starting the container: {}", error_chain(&e));
         let _ = container.delete(true);
         cgroup::remove_parents(&made_parents);
         return fail(dir, &req, started, msg);

@@ -173,6 +173,10 @@ impl RunRequest {
     }
 }
 
+/// Processes and threads a run may have unless told otherwise: a fork bomb in one run must not
+/// exhaust the node's pids (docker has no default; podman's is 2048).
+pub const DEFAULT_PIDS_LIMIT: i64 = 4096;
+
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
@@ -180,4 +184,6 @@ pub fn valid_id(id: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
         && !id.starts_with('.')
+        // a name that reads as an option (`cw rm -x`) cannot be given back to cw
+        && !id.starts_with('-')
 }

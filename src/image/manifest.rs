@@ -166,6 +166,12 @@ fn default_variant(arch: &str) -> Option<String> {
     }
 }
 
+/// Media types of layers that registries need not serve (their `urls` say where they are).
+pub fn is_foreign(mt: &str) -> bool {
+    mt == "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+        || mt.starts_with("application/vnd.oci.image.layer.nondistributable.")
+}
+
 fn layer_compression(mt: &str) -> Result<Compression, ManifestError> {
     Ok(match mt {
         "application/vnd.docker.image.rootfs.diff.tar.gzip"
@@ -238,8 +244,14 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, Manifes
                     digest: digest_of(l.digest(), "layer digest")?,
                     size: l.size(),
                     compression: layer_compression(&media_type)?,
+                    // a layer's own URLs are for layers a registry may not serve; on any
+                    // other layer they would only let an image point cw elsewhere
+                    urls: if is_foreign(&media_type) {
+                        l.urls().clone().unwrap_or_default()
+                    } else {
+                        vec![]
+                    },
                     media_type,
-                    urls: l.urls().clone().unwrap_or_default(),
                 });
             }
             Ok(Parsed::Image(Manifest {

@@ -27,6 +27,12 @@ pub struct RegistryConfig {
     pub creds: Option<(String, String)>,
     /// Where docker's config.json lives; None = `$DOCKER_CONFIG` or `~/.docker`.
     pub docker_config_dir: Option<PathBuf>,
+    /// See [`crate::registry::DEFAULT_TIMEOUT`] (config `registry_timeout`, `CW_REGISTRY_TIMEOUT`).
+    pub timeout: Option<std::time::Duration>,
+    /// Let a foreign layer's own URLs name loopback, link-local or unspecified addresses
+    /// (config `foreign_layer_urls_local = true`); off, such a URL from a manifest could make cw
+    /// probe the node's own services.
+    pub local_foreign_urls: bool,
 }
 
 /// One place to fetch a repository from.

@@ -22,6 +22,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const MAX_ATTEMPTS: u32 = 6;
+/// The default of [`RegistryConfig::timeout`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bytes a blob download must deliver in each timeout window.
+pub const MIN_PROGRESS: u64 = 64 << 10;
 const USER_AGENT: &str = concat!("cw/", env!("CARGO_PKG_VERSION"));
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +90,10 @@ type Result<T> = std::result::Result<T, RegistryError>;
 pub struct Client {
     http: reqwest::Client,
     cfg: RegistryConfig,
+    /// How long a manifest or config may take in all, and the window in which a blob must make
+    /// progress ([`MIN_PROGRESS`] bytes): a registry that sends one byte every few seconds must
+    /// not hold a pull (and a worker's bundle) for ever.
+    timeout: Duration,
     /// Authorization header value by (endpoint base, repository).
     auth: Mutex<HashMap<(String, String), HeaderValue>>,
 }
@@ -113,15 +121,17 @@ fn backoff(attempt: u32) -> Duration {
 
 impl Client {
     pub fn new(cfg: RegistryConfig) -> Arc<Client> {
+        let timeout = cfg.timeout.unwrap_or(DEFAULT_TIMEOUT);
         let http = reqwest::Client::builder()
             .user_agent(USER_AGENT)
-            .connect_timeout(Duration::from_secs(15))
-            .read_timeout(Duration::from_secs(60))
+            .connect_timeout(Duration::from_secs(15).min(timeout))
+            .read_timeout(timeout)
             .build()
             .expect("building the HTTP client");
         Arc::new(Client {
             http,
             cfg,
+            timeout,
             auth: Mutex::new(HashMap::new()),
         })
     }
@@ -233,7 +243,20 @@ impl Repo {
 
     /// Send with auth and retries. 401 → answer the challenge once; 429/5xx/transport errors →
     /// back off and retry. Returns the final response whatever its status.
-    async fn send(&self, method: Method, url: &str, headers: HeaderMap) -> Result<Response> {
+    /// The window in which a blob download must deliver [`MIN_PROGRESS`] bytes.
+    pub fn progress_window(&self) -> Duration {
+        self.client.timeout
+    }
+
+    /// A request with retries; `whole` bounds each attempt from connecting to its body's end
+    /// (manifests and configs: small documents that must arrive in time).
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: HeaderMap,
+        whole: bool,
+    ) -> Result<Response> {
         let client = &self.client;
         let mut answered_challenge = false;
         let mut last_err = String::new();
@@ -242,6 +265,9 @@ impl Repo {
                 .http
                 .request(method.clone(), url)
                 .headers(headers.clone());
+            if whole {
+                rb = rb.timeout(client.timeout);
+            }
             if let Some(h) = client.auth.lock().unwrap().get(&self.key()) {
                 rb = rb.header(AUTHORIZATION, h.clone());
             }
@@ -249,6 +275,9 @@ impl Repo {
                 Ok(r) => r,
                 Err(e) => {
                     last_err = error_chain(&e);
+                    if e.is_timeout() {
+                        return Err(too_slow(url, client.timeout));
+                    }
                     if e.is_connect() && self.endpoint.mirror && attempt >= 1 {
                         break; // a dead mirror: let the caller try the next endpoint soon
                     }
@@ -363,7 +392,7 @@ impl Repo {
         let url = self.url("manifests", reference);
         let mut h = HeaderMap::new();
         h.insert(ACCEPT, HeaderValue::from_static(manifest::ACCEPT));
-        let resp = self.send(Method::HEAD, &url, h).await?;
+        let resp = self.send(Method::HEAD, &url, h, true).await?;
         let resp = self.check(resp, &format!("manifest {reference}")).await?;
         Ok(resp
             .headers()
@@ -378,7 +407,7 @@ impl Repo {
         let url = self.url("manifests", reference);
         let mut h = HeaderMap::new();
         h.insert(ACCEPT, HeaderValue::from_static(manifest::ACCEPT));
-        let resp = self.send(Method::GET, &url, h).await?;
+        let resp = self.send(Method::GET, &url, h, true).await?;
         let resp = self.check(resp, &format!("manifest {reference}")).await?;
         let content_type = resp
             .headers()
@@ -416,7 +445,7 @@ impl Repo {
     /// A small blob (config) fully in memory, verified.
     pub async fn get_blob_bytes(&self, digest: &Digest, limit: usize) -> Result<Vec<u8>> {
         let url = self.url("blobs", &digest.to_string());
-        let resp = self.send(Method::GET, &url, HeaderMap::new()).await?;
+        let resp = self.send(Method::GET, &url, HeaderMap::new(), true).await?;
         let resp = self.check(resp, &format!("blob {digest}")).await?;
         let bytes = read_bounded(resp, &url, &format!("blob {digest}"), limit).await?;
         let actual = Digest::of(&bytes);
@@ -445,12 +474,24 @@ impl Repo {
                 HeaderValue::from_str(&format!("bytes={offset}-")).unwrap(),
             );
         }
-        // Foreign layers: their own URLs first, never with our credentials.
-        for u in urls
-            .iter()
-            .filter(|u| u.starts_with("https://") || u.starts_with("http://"))
-        {
-            match self.client.http.get(u).headers(h.clone()).send().await {
+        // Foreign layers: their own URLs first, never with our credentials (the manifest
+        // parser keeps `urls` only for foreign and non-distributable media types)
+        for u in urls {
+            let u = match foreign_url(u, self.client.cfg.local_foreign_urls) {
+                Ok(u) => u,
+                Err(why) => {
+                    tracing::warn!("foreign layer URL {u:?} not used: {why}");
+                    continue;
+                }
+            };
+            match self
+                .client
+                .http
+                .get(u.clone())
+                .headers(h.clone())
+                .send()
+                .await
+            {
                 Ok(r) if r.status().is_success() => {
                     let ranged = r.status() == StatusCode::PARTIAL_CONTENT;
                     return Ok((r, ranged));
@@ -460,7 +501,7 @@ impl Repo {
             }
         }
         let url = self.url("blobs", &digest.to_string());
-        let resp = self.send(Method::GET, &url, h).await?;
+        let resp = self.send(Method::GET, &url, h, false).await?;
         let resp = self.check(resp, &format!("blob {digest}")).await?;
         let ranged = resp.status() == StatusCode::PARTIAL_CONTENT;
         Ok((resp, ranged))
@@ -478,9 +519,18 @@ async fn read_bounded(resp: Response, url: &str, what: &str, limit: usize) -> Re
     let mut out = Vec::new();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| RegistryError::Http {
-            url: url.to_string(),
-            msg: error_chain(&e),
+        let chunk = chunk.map_err(|e| {
+            if e.is_timeout() {
+                RegistryError::Http {
+                    url: url.to_string(),
+                    msg: format!("{what} did not arrive in time ({})", error_chain(&e)),
+                }
+            } else {
+                RegistryError::Http {
+                    url: url.to_string(),
+                    msg: error_chain(&e),
+                }
+            }
         })?;
         if out.len() + chunk.len() > limit {
             return Err(RegistryError::TooLarge {
@@ -492,6 +542,50 @@ async fn read_bounded(resp: Response, url: &str, what: &str, limit: usize) -> Re
         out.extend_from_slice(&chunk);
     }
     Ok(out)
+}
+
+/// A foreign layer URL cw may fetch: http(s) only, and not on a loopback, link-local or
+/// unspecified address (or `localhost`) unless `allow_local`. A manifest is untrusted input:
+/// its URLs would otherwise let any image make cw send requests to the node's own services.
+pub fn foreign_url(u: &str, allow_local: bool) -> std::result::Result<url::Url, String> {
+    let url = url::Url::parse(u).map_err(|e| format!("not a URL: {e}"))?;
+    if url.scheme() != "https" && url.scheme() != "http" {
+        return Err(format!("scheme {:?} is not http(s)", url.scheme()));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("it carries credentials".into());
+    }
+    let local = match url.host() {
+        Some(url::Host::Ipv4(a)) => a.is_loopback() || a.is_link_local() || a.is_unspecified(),
+        Some(url::Host::Ipv6(a)) => {
+            a.is_loopback()
+                || a.is_unspecified()
+                || (a.segments()[0] & 0xffc0) == 0xfe80
+                || a.to_ipv4_mapped()
+                    .is_some_and(|v| v.is_loopback() || v.is_link_local())
+        }
+        Some(url::Host::Domain(d)) => {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            d == "localhost" || d.ends_with(".localhost")
+        }
+        None => return Err("no host".into()),
+    };
+    if local && !allow_local {
+        return Err(
+            "a loopback or link-local address (foreign_layer_urls_local = true allows it)".into(),
+        );
+    }
+    Ok(url)
+}
+
+fn too_slow(url: &str, t: Duration) -> RegistryError {
+    RegistryError::Http {
+        url: url.to_string(),
+        msg: format!(
+            "no complete answer within {}s (the registry timeout)",
+            t.as_secs()
+        ),
+    }
 }
 
 /// An error with its sources, one line.
@@ -519,5 +613,29 @@ impl Hasher {
     }
     pub fn finish(self) -> Digest {
         Digest::from_hasher(self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn foreign_urls_are_checked() {
+        assert!(foreign_url("https://cdn.example.org/layer", false).is_ok());
+        for bad in [
+            "http://127.0.0.1:2900/rest/",
+            "http://localhost/x",
+            "http://[::1]/x",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[fe80::1]/x",
+            "http://0.0.0.0/x",
+            "http://[::ffff:127.0.0.1]/x",
+            "file:///etc/shadow",
+            "https://user:pw@cdn.example.org/x",
+        ] {
+            assert!(foreign_url(bad, false).is_err(), "{bad}");
+        }
+        assert!(foreign_url("http://127.0.0.1:5000/x", true).is_ok());
     }
 }

@@ -83,6 +83,22 @@ pub struct ImageRecord {
     pub last_used: u64,
 }
 
+/// Make a directory cw owns reachable by its owner alone (mode 0700), also one an older cw or an
+/// admin left open. Layers keep the image's setuid files, capabilities and owners, and a run's
+/// upper dir holds whatever its root wrote: another local user who could reach them could run a
+/// setuid-root file or change a file the next container executes (docker's CVE-2021-41091).
+pub fn close_to_others(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let m = fs::symlink_metadata(dir)?;
+    if !m.is_dir() {
+        return Err(io::Error::other("not a directory"));
+    }
+    if m.permissions().mode() & 0o7077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// A held `flock`; released on drop.
 pub struct Lock(#[allow(dead_code)] Flock<File>);
 
@@ -104,26 +120,6 @@ pub fn default_root() -> PathBuf {
 
 pub use cw_runtime::monitor::{replace_file, write_atomic};
 
-/// Total size of regular files under `p` (not following symlinks, counting each inode once).
-pub fn du(p: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let mut seen = HashSet::new();
-    let mut stack = vec![p.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let Ok(m) = e.metadata() else { continue };
-            if m.is_dir() {
-                stack.push(e.path());
-            } else if m.is_file() && (m.nlink() == 1 || seen.insert((m.dev(), m.ino()))) {
-                total += m.len();
-            }
-        }
-    }
-    total
-}
-
 impl Store {
     /// Open (creating the layout if needed) the store at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
@@ -132,11 +128,7 @@ impl Store {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err(&p, "creating directory"))?;
         }
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = fs::set_permissions(&root, fs::Permissions::from_mode(0o711));
-        }
+        close_to_others(&root).map_err(io_err(&root, "closing to other users"))?;
         Ok(Store { root })
     }
 
@@ -210,7 +202,7 @@ impl Store {
             let pid: Option<i32> = name.split('-').nth(1).and_then(|p| p.parse().ok());
             let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
             if !alive {
-                let _ = remove_tree(&e.path());
+                discard(&e.path());
             }
         }
     }
@@ -608,16 +600,17 @@ impl Store {
     }
 }
 
-/// `rm -rf` that never follows symlinks and makes unreadable directories removable.
-pub fn remove_tree(p: &Path) -> io::Result<()> {
-    let parent = p.parent().unwrap_or(Path::new("/"));
-    let name = p
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-    let pf = File::open(parent)?;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::ffi::OsStrExt;
-    unpack::remove_all_at(pf.as_raw_fd(), name.as_bytes())
+/// `rm -rf` that never follows symlinks, works at any depth with bounded fds and stack, and
+/// never enters another mount ([`cw_runtime::fsx::remove_tree`]).
+pub use cw_runtime::fsx::remove_tree;
+
+/// Remove a tree cw made or was handed (a temp dir, a finished run's files) where the caller has
+/// nothing better to do on failure than to say so: the failure is logged with the path, and the
+/// next sweep of tmp/ or of the run dirs tries again.
+pub fn discard(p: &Path) {
+    if let Err(e) = remove_tree(p) {
+        tracing::warn!("removing {}: {e}", p.display());
+    }
 }
 
 /// Platform string as recorded.

@@ -9,16 +9,22 @@
 //! ([`Whiteouts::Overlay`]), or are applied by deletion to a flattened tree ([`Whiteouts::Apply`]).
 
 use std::collections::HashSet;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 const WH_PREFIX: &[u8] = b".wh.";
 const WH_OPAQUE: &[u8] = b".wh..wh..opq";
 const MAX_SYMLINKS: usize = 40;
+/// The deepest directory a layer or an archive may make or reach (components below its root,
+/// symlinks followed). Real images stay far below (a deep `node_modules` is ~60); a deeper layer
+/// is refused with this number in the error rather than held open one fd per level.
+pub const MAX_DEPTH: usize = 512;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Whiteouts {
@@ -42,6 +48,8 @@ pub enum UnpackError {
     },
     #[error("layer entry {path:?}: {reason}")]
     Invalid { path: String, reason: String },
+    #[error("{0}")]
+    Limit(String),
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -53,11 +61,68 @@ pub struct UnpackStats {
     pub skipped_xattrs: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+/// Bytes that a set of unpacks may write together (one image's layers, unpacked in parallel;
+/// one archive): a layer that claims a few bytes can expand without bound (a sparse entry, a
+/// bomb), and must fail with this error long before the store's filesystem is full.
+#[derive(Debug)]
+pub struct Budget {
+    left: AtomicU64,
+    /// What running out means, for the error ("image X unpacks to more than …").
+    pub exceeded: String,
+}
+
+impl Budget {
+    pub fn new(bytes: u64, exceeded: impl Into<String>) -> Arc<Budget> {
+        Arc::new(Budget {
+            left: AtomicU64::new(bytes),
+            exceeded: exceeded.into(),
+        })
+    }
+
+    /// A budget of at most `max` bytes (if any) and of the free space of the filesystem at
+    /// `dir` less a reserve (2 % of the filesystem, at most 1 GiB), naming `what` when spent.
+    // fsblkcnt_t is u64 here but not on every target
+    #[allow(clippy::useless_conversion)]
+    pub fn for_dir(dir: &Path, max: Option<u64>, what: &str) -> Arc<Budget> {
+        let free = nix::sys::statvfs::statvfs(dir).ok().map(|v| {
+            let frs = u64::from(v.fragment_size());
+            let total = u64::from(v.blocks()) * frs;
+            let reserve = (1u64 << 30).min(total / 50);
+            (u64::from(v.blocks_available()) * frs).saturating_sub(reserve)
+        });
+        match (max, free) {
+            (Some(m), Some(f)) if m <= f => {
+                Budget::new(m, format!("{what} unpacks to more than {m} bytes, the limit"))
+            }
+            (_, Some(f)) => Budget::new(
+                f,
+                format!(
+                    "{what} unpacks to more than the {f} bytes its filesystem can spare ({} has no more free, less a reserve of 2 %)",
+                    dir.display()
+                ),
+            ),
+            (Some(m), None) => {
+                Budget::new(m, format!("{what} unpacks to more than {m} bytes, the limit"))
+            }
+            (None, None) => Budget::new(u64::MAX, what.to_string()),
+        }
+    }
+
+    fn take(&self, n: u64) -> Result<(), UnpackError> {
+        self.left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(n))
+            .map(|_| ())
+            .map_err(|_| UnpackError::Limit(self.exceeded.clone()))
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct Options {
     pub whiteouts: Whiteouts,
     /// chown entries to their uid/gid (needs root; off for an unprivileged store).
     pub chown: bool,
+    /// Bytes of file content this unpack may write (shared with others); none: no bound.
+    pub budget: Option<Arc<Budget>>,
 }
 
 impl Default for Options {
@@ -65,6 +130,7 @@ impl Default for Options {
         Options {
             whiteouts: Whiteouts::Overlay,
             chown: nix::unistd::geteuid().is_root(),
+            budget: None,
         }
     }
 }
@@ -109,99 +175,10 @@ pub fn clean_components(p: &[u8]) -> Vec<&[u8]> {
     out
 }
 
-pub fn cstr(b: &[u8]) -> io::Result<CString> {
-    CString::new(b)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains a NUL byte"))
-}
-
-pub fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-pub fn openat(
-    dir: RawFd,
-    name: &[u8],
-    flags: libc::c_int,
-    mode: libc::mode_t,
-) -> io::Result<OwnedFd> {
-    let c = cstr(name)?;
-    let fd = check(unsafe {
-        libc::openat(
-            dir,
-            c.as_ptr(),
-            flags | libc::O_CLOEXEC,
-            mode as libc::c_uint,
-        )
-    })?;
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-pub fn lstatat(dir: RawFd, name: &[u8]) -> io::Result<Option<libc::stat>> {
-    let c = cstr(name)?;
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    match check(unsafe { libc::fstatat(dir, c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) }) {
-        Ok(_) => Ok(Some(st)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    check(unsafe { libc::fstat(fd, &mut st) })?;
-    Ok(st)
-}
-
-pub fn is_type(st: &libc::stat, t: libc::mode_t) -> bool {
-    st.st_mode & libc::S_IFMT == t
-}
+pub use cw_runtime::fsx::{check, cstr, fstat, is_type, list_dir, lstatat, openat, remove_all_at};
 
 fn is_whiteout(st: &libc::stat) -> bool {
     is_type(st, libc::S_IFCHR) && st.st_rdev == 0
-}
-
-/// Remove `name` in `dir`, recursively if a directory. Never follows symlinks.
-pub fn remove_all_at(dir: RawFd, name: &[u8]) -> io::Result<()> {
-    let Some(st) = lstatat(dir, name)? else {
-        return Ok(());
-    };
-    let c = cstr(name)?;
-    if is_type(&st, libc::S_IFDIR) {
-        let d = openat(
-            dir,
-            name,
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-            0,
-        )?;
-        for child in list_dir(d.as_raw_fd())? {
-            remove_all_at(d.as_raw_fd(), &child)?;
-        }
-        check(unsafe { libc::unlinkat(dir, c.as_ptr(), libc::AT_REMOVEDIR) })?;
-    } else {
-        check(unsafe { libc::unlinkat(dir, c.as_ptr(), 0) })?;
-    }
-    Ok(())
-}
-
-/// Names in the directory `fd` refers to (not `.`/`..`). Works on O_PATH fds too: the directory
-/// is opened afresh for reading (an O_PATH fd would silently list nothing).
-pub fn list_dir(fd: RawFd) -> io::Result<Vec<Vec<u8>>> {
-    let d = openat(fd, b".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    let mut d =
-        nix::dir::Dir::from_fd(std::os::fd::IntoRawFd::into_raw_fd(d)).map_err(io::Error::from)?;
-    let mut out = Vec::new();
-    for e in d.iter() {
-        let e = e.map_err(io::Error::from)?;
-        let n = e.file_name().to_bytes();
-        if n != b"." && n != b".." {
-            out.push(n.to_vec());
-        }
-    }
-    Ok(out)
 }
 
 /// A directory tree being written, addressed only through fds.
@@ -270,6 +247,12 @@ impl Tree {
             };
             let st = fstat(fd.as_raw_fd())?;
             if is_type(&st, libc::S_IFDIR) {
+                if stack.len() > MAX_DEPTH {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("deeper than {MAX_DEPTH} directories (cw's limit for layers and archives)"),
+                    ));
+                }
                 stack.push(fd);
             } else if is_type(&st, libc::S_IFLNK) {
                 links += 1;
@@ -345,6 +328,39 @@ fn parse_mtime(v: &[u8]) -> Option<libc::timespec> {
     })
 }
 
+/// A layer's path for an error message: whole when short, else its ends and its length (a hostile
+/// layer's names can be tens of kilobytes).
+pub fn show_path(raw: &[u8]) -> String {
+    const MAX: usize = 160;
+    if raw.len() <= MAX {
+        return String::from_utf8_lossy(raw).into_owned();
+    }
+    format!(
+        "{}…{} ({} bytes)",
+        String::from_utf8_lossy(&raw[..100]),
+        String::from_utf8_lossy(&raw[raw.len() - 40..]),
+        raw.len()
+    )
+}
+
+/// A PAX uid/gid: a decimal below 2^32-1 ((uid_t)-1 is "unchanged" to chown; larger ones
+/// would be truncated into another owner).
+fn pax_id(v: &[u8], what: &str) -> io::Result<u64> {
+    match std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        Some(n) if n < u32::MAX as u64 => Ok(n),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "PAX {what} {:?} is not a number below 4294967295",
+                String::from_utf8_lossy(v)
+            ),
+        )),
+    }
+}
+
 fn entry_meta<R: Read>(e: &mut tar::Entry<'_, R>, stats: &mut UnpackStats) -> io::Result<Meta> {
     let h = e.header();
     let mut m = Meta {
@@ -363,18 +379,8 @@ fn entry_meta<R: Read>(e: &mut tar::Entry<'_, R>, stats: &mut UnpackStats) -> io
             let k = ext.key_bytes();
             let v = ext.value_bytes();
             match k {
-                b"uid" => {
-                    m.uid = std::str::from_utf8(v)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(m.uid)
-                }
-                b"gid" => {
-                    m.gid = std::str::from_utf8(v)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(m.gid)
-                }
+                b"uid" => m.uid = pax_id(v, "uid")?,
+                b"gid" => m.gid = pax_id(v, "gid")?,
                 b"mtime" => m.mtime = parse_mtime(v).unwrap_or(m.mtime),
                 _ => {
                     if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
@@ -479,7 +485,7 @@ impl Unpacker {
 
     fn entry<R: Read>(&mut self, mut e: tar::Entry<'_, R>) -> Result<(), UnpackError> {
         let raw_path = e.path_bytes().into_owned();
-        let shown = String::from_utf8_lossy(&raw_path).into_owned();
+        let shown = show_path(&raw_path);
         let err = |op: &'static str| {
             let p = shown.clone();
             move |source: io::Error| UnpackError::Entry {
@@ -565,6 +571,12 @@ impl Unpacker {
         }
 
         let meta = entry_meta(&mut e, &mut self.stats).map_err(err("reading PAX headers"))?;
+        if meta.uid >= u32::MAX as u64 || meta.gid >= u32::MAX as u64 {
+            return Err(UnpackError::Invalid {
+                path: shown,
+                reason: format!("owner {}:{} is out of range", meta.uid, meta.gid),
+            });
+        }
         if self.opts.whiteouts == Whiteouts::Apply {
             self.created.insert(full.clone());
         }
@@ -590,6 +602,9 @@ impl Unpacker {
                     let k = e.read(&mut self.buf).map_err(UnpackError::Read)?;
                     if k == 0 {
                         break;
+                    }
+                    if let Some(b) = &self.opts.budget {
+                        b.take(k as u64)?;
                     }
                     f.write_all(&self.buf[..k]).map_err(err("writing"))?;
                     n += k as u64;
@@ -747,7 +762,7 @@ impl Unpacker {
             let Some((name, parent)) = refs.split_last() else {
                 continue;
             };
-            let shown = String::from_utf8_lossy(&comps.join(&b'/')).into_owned();
+            let shown = show_path(&comps.join(&b'/'));
             let Ok(p) = self.tree.resolve_dir(parent, false) else {
                 continue;
             }; // removed later in the layer
@@ -825,15 +840,8 @@ impl Tree {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty path"));
         };
         let p = self.resolve_dir(parent, false)?;
-        let fd = openat(p.as_raw_fd(), name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
-        let st = fstat(fd.as_raw_fd())?;
-        if !is_type(&st, libc::S_IFREG) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file",
-            ));
-        }
-        Ok(File::from(fd))
+        // a FIFO or a device planted at that path must not block the host's cw
+        cw_runtime::fsx::open_regular_at(p.as_raw_fd(), name)
     }
 }
 

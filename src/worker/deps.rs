@@ -112,7 +112,7 @@ impl Cache {
             for f in rd.flatten() {
                 let n = f.file_name().to_string_lossy().into_owned();
                 if !known.contains(&n) {
-                    let _ = crate::store::remove_tree(&f.path());
+                    crate::store::discard(&f.path());
                 }
             }
         }
@@ -287,6 +287,8 @@ impl Cache {
                     unpack::Options {
                         whiteouts: Whiteouts::Keep,
                         chown: false,
+                        // a dependency that expands without bound must not fill the work dir
+                        budget: Some(unpack::Budget::for_dir(&tmp2, None, "the dependency")),
                     },
                 )
                 .map_err(|e| e.to_string())?;
@@ -321,11 +323,11 @@ impl Cache {
             None => res,
         };
         if let Err(e) = res {
-            let _ = crate::store::remove_tree(&tmp);
+            crate::store::discard(&tmp);
             return Err(e);
         }
         if dest.symlink_metadata().is_ok() {
-            let _ = crate::store::remove_tree(&dest);
+            crate::store::discard(&dest);
         }
         std::fs::rename(&tmp, &dest).map_err(|e| format!("publishing {}: {e}", dest.display()))
     }
@@ -360,7 +362,7 @@ impl Cache {
         if !removed.is_empty() {
             for p in removed {
                 tracing::info!("dependency cache over its cap: removing {}", p.display());
-                let _ = crate::store::remove_tree(&p);
+                crate::store::discard(&p);
             }
             self.save();
         }

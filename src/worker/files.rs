@@ -5,7 +5,7 @@
 //! `cl cat bundle/x/etc/shadow`) is refused, never followed onto the worker's filesystem. (The
 //! official worker normalises the path lexically and follows such intermediate links.)
 
-use crate::store::unpack::{check, cstr, fstat, is_type, list_dir, lstatat, openat};
+use cw_runtime::fsx::{self, fstat, is_type, list_dir, lstatat, openat, readlinkat};
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -160,21 +160,6 @@ impl Target {
     }
 }
 
-fn readlinkat(dir: RawFd, name: &[u8]) -> io::Result<Vec<u8>> {
-    let c = cstr(name)?;
-    let mut buf = vec![0u8; 4096];
-    let n = check(unsafe {
-        libc::readlinkat(
-            dir,
-            c.as_ptr(),
-            buf.as_mut_ptr() as *mut libc::c_char,
-            buf.len(),
-        ) as libc::c_int
-    })?;
-    buf.truncate(n as usize);
-    Ok(buf)
-}
-
 fn info_of(
     dir: RawFd,
     name: &[u8],
@@ -229,8 +214,13 @@ fn info_of(
     v
 }
 
+/// The deepest `get_target_info` answers (the server asks for 1 or 2; a larger number from a
+/// hostile server must not recurse without bound).
+pub const MAX_INFO_DEPTH: u64 = 32;
+
 /// `get_target_info`: name, type, size, perm, link, contents down to `depth`.
 pub fn target_info(t: &Target, depth: u64) -> serde_json::Value {
+    let depth = depth.min(MAX_INFO_DEPTH);
     match &t.name {
         Some(n) => info_of(t.dir.as_raw_fd(), n, &t.display, &t.st, depth),
         None => info_of(t.dir.as_raw_fd(), b"", &t.display, &t.st, depth),
@@ -321,72 +311,54 @@ fn header_for(st: &libc::stat, kind: tar::EntryType, size: u64) -> tar::Header {
     h
 }
 
-fn walk<W: Write>(
-    b: &mut tar::Builder<W>,
-    dir: RawFd,
-    prefix: &str,
-    skip_top: &HashSet<String>,
-    excludes: &Excludes,
-) -> io::Result<()> {
-    let mut names = list_dir(dir)?;
-    names.sort();
-    for n in names {
-        let name = String::from_utf8_lossy(&n).into_owned();
-        if prefix.is_empty() && skip_top.contains(&name) {
-            continue;
+/// The results archive's walk: bounded fds and stack at any depth ([`fsx::walk`]); a file or
+/// directory that cannot be read is an error, not a gap in the results.
+struct TarWalk<'a, W: Write> {
+    b: &'a mut tar::Builder<W>,
+    skip_top: &'a HashSet<String>,
+    excludes: &'a Excludes,
+}
+
+impl<W: Write> fsx::Visit for TarWalk<'_, W> {
+    fn entry(&mut self, e: &fsx::Entry) -> io::Result<fsx::Step> {
+        use fsx::Step;
+        let rel = String::from_utf8_lossy(e.path).into_owned();
+        if e.depth == 1 && self.skip_top.contains(&rel) {
+            return Ok(Step::Skip);
         }
-        let rel = if prefix.is_empty() {
-            name.clone()
-        } else {
-            format!("{prefix}/{name}")
-        };
-        if excludes.matches(&rel) {
-            continue;
+        if self.excludes.matches(&rel) {
+            return Ok(Step::Skip);
         }
-        let Some(st) = lstatat(dir, &n)? else {
-            continue;
-        };
-        if is_type(&st, libc::S_IFDIR) {
-            let Ok(sub) = openat(
-                dir,
-                &n,
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-                0,
-            ) else {
-                continue;
+        let st = e.st;
+        if is_type(st, libc::S_IFDIR) {
+            let mut h = header_for(st, tar::EntryType::Directory, 0);
+            self.b.append_data(&mut h, format!("{rel}/"), io::empty())?;
+            return Ok(Step::Descend);
+        }
+        if is_type(st, libc::S_IFREG) {
+            let f = match fsx::open_regular_at(e.dir, e.name) {
+                Ok(f) => f,
+                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(Step::Skip),
+                Err(err) => return Err(io::Error::new(err.kind(), format!("{rel}: {err}"))),
             };
-            let mut h = header_for(&st, tar::EntryType::Directory, 0);
-            b.append_data(&mut h, format!("{rel}/"), io::empty())?;
-            walk(b, sub.as_raw_fd(), &rel, skip_top, excludes)?;
-        } else if is_type(&st, libc::S_IFREG) {
-            let Ok(fd) = openat(
-                dir,
-                &n,
-                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
-                0,
-            ) else {
-                continue;
-            };
-            let fst = fstat(fd.as_raw_fd())?;
-            if !is_type(&fst, libc::S_IFREG) {
-                continue;
-            }
+            let fst = fstat(f.as_raw_fd())?;
             let size = fst.st_size as u64;
             let mut h = header_for(&fst, tar::EntryType::Regular, size);
             let r = Exactly {
-                inner: File::from(fd),
+                inner: f,
                 left: size,
                 eof: false,
             };
-            b.append_data(&mut h, &rel, r)?;
-        } else if is_type(&st, libc::S_IFLNK) {
-            let target = readlinkat(dir, &n)?;
-            let mut h = header_for(&st, tar::EntryType::Symlink, 0);
-            b.append_link(&mut h, &rel, std::ffi::OsStr::from_bytes(&target))?;
+            self.b.append_data(&mut h, &rel, r)?;
+        } else if is_type(st, libc::S_IFLNK) {
+            let target = readlinkat(e.dir, e.name)?;
+            let mut h = header_for(st, tar::EntryType::Symlink, 0);
+            self.b
+                .append_link(&mut h, &rel, std::ffi::OsStr::from_bytes(&target))?;
         }
         // fifos, sockets and devices are not results
+        Ok(Step::Skip)
     }
-    Ok(())
 }
 
 /// Write a tar.gz of the directory `dir` (entries relative to it), skipping the top-level names
@@ -400,7 +372,14 @@ pub fn tar_gz_dir<W: Write>(
     let gz = flate2::write::GzEncoder::new(w, flate2::Compression::fast());
     let mut b = tar::Builder::new(gz);
     b.mode(tar::HeaderMode::Complete);
-    walk(&mut b, dir, "", skip_top, excludes)?;
+    fsx::walk(
+        dir,
+        &mut TarWalk {
+            b: &mut b,
+            skip_top,
+            excludes,
+        },
+    )?;
     let gz = b.into_inner()?;
     gz.finish()
 }
@@ -512,33 +491,8 @@ pub fn summarize(
 }
 
 /// Bytes used by a tree: Σ lstat size of every entry, directories included, links not followed
-/// (how the official worker measures `disk_utilization`).
-pub fn disk_usage(path: &Path) -> u64 {
-    fn walk(dir: RawFd) -> u64 {
-        let mut total = 0;
-        for n in list_dir(dir).unwrap_or_default() {
-            let Ok(Some(st)) = lstatat(dir, &n) else {
-                continue;
-            };
-            total += st.st_size as u64;
-            if is_type(&st, libc::S_IFDIR) {
-                if let Ok(d) = openat(
-                    dir,
-                    &n,
-                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-                    0,
-                ) {
-                    total += walk(d.as_raw_fd());
-                }
-            }
-        }
-        total
-    }
-    match File::open(path) {
-        Ok(f) => walk(f.as_raw_fd()),
-        Err(_) => 0,
-    }
-}
+/// (how the official worker measures `disk_utilization`), at any depth with bounded fds.
+pub use fsx::disk_usage;
 
 /// `write`: create or truncate `<bundle>/<subpath>` with `text`, never through a symlink.
 pub fn write_file(bundle: &Path, uuid: &str, sub: &str, text: &str) -> Result<(), ReadError> {
@@ -665,6 +619,34 @@ mod tests {
     }
 
     #[test]
+    fn archive_of_a_tree_deeper_than_the_walk_keeps_fds_for() {
+        let d = tempfile::tempdir().unwrap();
+        let b = d.path().join("b");
+        let mut p = b.clone();
+        for _ in 0..1500 {
+            p.push("d");
+        }
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("big"), vec![b'x'; 70_000]).unwrap();
+        std::fs::write(b.join("top"), "t").unwrap();
+        let f = File::open(&b).unwrap();
+        let gz = tar_gz_dir(f.as_raw_fd(), &HashSet::new(), &Excludes::new(&[]), Vec::new())
+            .unwrap();
+        let mut a = tar::Archive::new(flate2::read::GzDecoder::new(&gz[..]));
+        let mut n = 0;
+        let mut big = 0;
+        for e in a.entries().unwrap() {
+            let e = e.unwrap();
+            if e.path().unwrap().ends_with("big") {
+                big = e.header().size().unwrap();
+            }
+            n += 1;
+        }
+        assert_eq!(n, 1500 + 2, "every directory, the file at the bottom and the top one");
+        assert_eq!(big, 70_000);
+    }
+
+    #[test]
     fn archive_round_trip() {
         let d = tempfile::tempdir().unwrap();
         let b = d.path().join("b");
@@ -692,6 +674,6 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, vec!["link", "out/", "out/answer", "stdout"]);
-        assert!(disk_usage(&b) >= 3 + 2 + 1 + 3);
+        assert!(disk_usage(&b).unwrap() >= 3 + 2 + 1 + 3);
     }
 }

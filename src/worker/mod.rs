@@ -859,6 +859,19 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
         .map_err(|e| anyhow::anyhow!("--work-dir {}: {e}", a.work_dir.display()))?;
     let work_dir = std::fs::canonicalize(&a.work_dir)?;
     std::fs::create_dir_all(work_dir.join("runs"))?;
+    if a.shared_file_system {
+        // the server reads bundles from here itself, perhaps as another user
+        tracing::warn!("--shared-file-system: {} stays readable by other users (the server reads bundles there); runs' setuid files are reachable by local users who can reach it", work_dir.display());
+    } else {
+        // a bundle's root can make setuid files in its bundle directory: other local users must
+        // not reach them
+        crate::store::close_to_others(&work_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "--work-dir {}: closing it to other users: {e}",
+                work_dir.display()
+            )
+        })?;
+    }
     let hostname = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "localhost".into());
@@ -949,7 +962,7 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
             let left: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
             tokio::task::spawn_blocking(move || {
                 for p in left {
-                    let _ = crate::store::remove_tree(&p);
+                    crate::store::discard(&p);
                 }
             });
         }
@@ -1114,7 +1127,7 @@ async fn run_worker(ctx: Arc<Ctx>, ws_url: String) -> anyhow::Result<i32> {
     rl.abort();
     ctx.save();
     if ctx.args.delete_work_dir_on_exit {
-        let _ = crate::store::remove_tree(&ctx.work_dir);
+        crate::store::discard(&ctx.work_dir);
     }
     Ok(0)
 }

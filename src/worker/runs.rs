@@ -39,6 +39,9 @@ pub struct Transient {
     pub kill_sent: bool,
     /// The container's cgroup, read once from its request.
     pub cgroup: Option<String>,
+    /// Bytes in the run's overlay upper dir (its writes outside the bundle directory).
+    pub upper_usage: u64,
+    pub disk_errors: u32,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -261,6 +264,8 @@ async fn pull_image(ctx: &Arc<Ctx>, image: &str) -> ImageState {
     }));
     let opts = crate::pull::PullOptions {
         progress,
+        // --max-image-size bounds what the pull may unpack, not only what it left
+        max_unpacked: ctx.max_image_size,
         ..Default::default()
     };
     let digest_name = |rec: &ImageRecord| {
@@ -583,7 +588,7 @@ fn start_container(
                     .map_err(|e| format!("{}: {e}", parents.join("/")))?
             };
             use std::os::fd::AsRawFd;
-            let _ = crate::store::unpack::remove_all_at(parent.as_raw_fd(), name.as_bytes());
+            let _ = cw_runtime::fsx::remove_all_at(parent.as_raw_fd(), name.as_bytes());
             nix::unistd::symlinkat(target.as_str(), Some(parent.as_raw_fd()), name.as_str())
                 .map_err(|e| format!("linking {rel}: {e}"))?;
             to_remove.push(bp.join(&comps[0]));
@@ -603,7 +608,7 @@ fn start_container(
     let old = RunDir::new(crate::run::runs_dir(&ctx.store).join(&name));
     if old.path.exists() {
         let _ = old.kill();
-        let _ = crate::run::remove(&old);
+        let _ = crate::run::remove(&ctx.store, &old);
     }
     let mut env = vec![format!("HOME=/{uuid}"), "CODALAB=true".to_string()];
     if !gpus.is_empty() {
@@ -641,7 +646,7 @@ fn start_container(
                     .join(","),
             )
             .filter(|s| !s.is_empty()),
-            pids: None,
+            pids: Some(cw_runtime::request::DEFAULT_PIDS_LIMIT),
             shm_size: ctx.shm_size,
         },
         network: match (run.resources.network, ctx.private_network) {
@@ -702,7 +707,7 @@ fn limit_messages(run: &Run, oom: bool, time_limit_hit: bool) -> Vec<String> {
             size_str(r.memory as f64)
         ));
     }
-    if r.disk > 0 && run.disk_utilization > r.disk {
+    if r.disk > 0 && run.disk_utilization + run.t.upper_usage > r.disk {
         msgs.push(format!("Disk limit {}b exceeded.", size_str(r.disk as f64)));
     }
     msgs
@@ -718,19 +723,46 @@ fn measure_disk(ctx: &Arc<Ctx>, run: &mut Run) {
     }
     run.t.disk_busy = true;
     let (ctx2, uuid, path) = (ctx.clone(), run.uuid().to_string(), run.bundle_path.clone());
+    // what the run wrote outside its bundle directory (its overlay's upper dir) counts toward
+    // its disk limit too, or one bundle could fill the store's filesystem through /tmp
+    let upper = run.run_dir(ctx).map(|rd| rd.path.join("upper"));
     tokio::task::spawn_blocking(move || {
         let t0 = Instant::now();
         let used = files::disk_usage(&path);
+        let upper_used = match &upper {
+            Some(u) if u.exists() => files::disk_usage(u),
+            _ => Ok(0),
+        };
         let took = t0.elapsed();
         let mut runs = ctx2.runs.lock().unwrap();
         if let Some(r) = runs.get_mut(&uuid) {
-            r.disk_utilization = used;
+            match (used, upper_used) {
+                (Ok(b), Ok(u)) => {
+                    r.disk_utilization = b;
+                    r.t.upper_usage = u;
+                    r.t.disk_errors = 0;
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    // a walk that met a directory being renamed tries again; one that keeps
+                    // failing would leave the disk limit unenforced, so it ends the run
+                    r.t.disk_errors += 1;
+                    tracing::warn!("bundle {uuid}: measuring its disk use: {e}");
+                    if r.t.disk_errors >= DISK_ERRORS_FATAL && r.stage == Stage::Running {
+                        r.is_killed = true;
+                        r.kill_message =
+                            Some(format!("Could not measure the bundle's disk use: {e}"));
+                    }
+                }
+            }
             r.t.disk_busy = false;
             // as the official worker: sleep max(10 × the walk, 1 s) between walks
             r.t.disk_at = Some(Instant::now() + (took * 10).saturating_sub(Duration::from_secs(1)));
         }
     });
 }
+
+/// Failed disk-use walks in a row that end a run.
+const DISK_ERRORS_FATAL: u32 = 5;
 
 fn apply_exit(run: &mut Run, ex: &cw_runtime::monitor::ExitStatus, container_err: Option<String>) {
     tracing::info!(
@@ -867,8 +899,9 @@ fn cleaning_up(ctx: &Arc<Ctx>, run: &mut Run) {
                     }
                     // unmount + delete the container's upper dir off the run loop
                     let uuid = run.uuid().to_string();
+                    let store = ctx.store.clone();
                     tokio::task::spawn_blocking(move || {
-                        if let Err(e) = crate::run::remove(&rd) {
+                        if let Err(e) = crate::run::remove(&store, &rd) {
                             tracing::warn!("removing the run directory of {uuid}: {e:#}");
                         }
                     });
@@ -889,7 +922,7 @@ fn cleaning_up(ctx: &Arc<Ctx>, run: &mut Run) {
                 .map(|b| p.starts_with(b))
                 .unwrap_or(false)
         {
-            let _ = crate::store::remove_tree(&p);
+            crate::store::discard(&p);
         }
     }
     if run.is_restaged {
@@ -910,27 +943,25 @@ fn cleaning_up(ctx: &Arc<Ctx>, run: &mut Run) {
     run.finalize();
 }
 
-/// Shared-FS mode: exclude patterns are deleted in place, never outside the bundle.
+/// Shared-FS mode: exclude patterns are deleted in place, never outside the bundle (a walk
+/// through fds that never follows a symlink, at any depth).
 fn delete_excluded(root: &Path, ex: &Excludes) {
-    fn walk(dir: &Path, rel: &str, ex: &Excludes) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let r = if rel.is_empty() {
-                name.clone()
-            } else {
-                format!("{rel}/{name}")
-            };
-            if ex.matches(&r) {
-                let _ = crate::store::remove_tree(&e.path());
-            } else if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                walk(&e.path(), &r, ex);
+    use cw_runtime::fsx::{self, Entry, Step, Visit};
+    struct Del<'a>(&'a Excludes);
+    impl Visit for Del<'_> {
+        fn entry(&mut self, e: &Entry) -> std::io::Result<Step> {
+            if self.0.matches(&String::from_utf8_lossy(e.path)) {
+                fsx::remove_all_at(e.dir, e.name)?;
+                return Ok(Step::Skip);
             }
+            Ok(Step::Descend)
         }
     }
-    walk(root, "", ex);
+    let r = fsx::open_dir(root)
+        .and_then(|d| fsx::walk(std::os::fd::AsRawFd::as_raw_fd(&d), &mut Del(ex)));
+    if let Err(e) = r {
+        tracing::warn!("{}: deleting excluded files: {e}", root.display());
+    }
 }
 
 fn uploading(ctx: &Arc<Ctx>, run: &mut Run) {
@@ -1035,8 +1066,12 @@ async fn upload_with_retry(
         let produced = producer.await;
         match (res, produced) {
             (Ok(()), Ok(Ok(()))) => return Ok(()),
+            // the archive failed: the server saw a cut body, and this is why
+            (_, Ok(Err(e))) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                return Err(format!("archiving the results: {e}"))
+            }
             (Ok(()), Ok(Err(e))) => return Err(format!("archiving the results: {e}")),
-            (Ok(()), Err(e)) => return Err(format!("archiving the results: {e}")),
+            (_, Err(e)) => return Err(format!("archiving the results: {e}")),
             (Err(e), _) if e.retriable() && attempt < 720 => {
                 attempt += 1;
                 let wait = Duration::from_secs((1u64 << attempt.min(5)).min(30));

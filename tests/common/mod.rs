@@ -53,6 +53,13 @@ pub fn fixtures() {
     });
 }
 
+/// The cw under test: this build's, or `CW_BIN` (to show that a test fails on an older build).
+pub fn cw_bin() -> PathBuf {
+    std::env::var_os("CW_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_cw")))
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -61,6 +68,14 @@ pub fn is_root() -> bool {
 pub struct Cw {
     pub dir: tempfile::TempDir,
     pub env: Vec<(String, String)>,
+}
+
+impl Drop for Cw {
+    /// What a test leaves may be a tree no recursive removal survives (the hostile-input tests
+    /// make them): removed with cw's bounded walk before TempDir's own removal runs.
+    fn drop(&mut self) {
+        let _ = cw_runtime::fsx::remove_tree(self.dir.path());
+    }
 }
 
 impl Cw {
@@ -79,7 +94,7 @@ impl Cw {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cw"));
+        let mut c = Command::new(cw_bin());
         c.arg("--store")
             .arg(self.store())
             .arg("--config")
@@ -362,6 +377,12 @@ pub enum Fault {
     Status(u16),
     /// Send blob bodies slowly: 16 KiB every 20 ms (~800 KB/s).
     SlowBlobs,
+    /// Send one byte every 500 ms: of manifests when `min_blob` is 0, else of blobs of at least
+    /// `min_blob` bytes (layers, not configs).
+    Drip { min_blob: usize },
+    /// Answer HEAD of any manifest with this digest, and GET of it with 404: a registry that
+    /// claims an image it does not have.
+    HeadClaims(String),
 }
 
 pub struct Proxy {
@@ -432,6 +453,19 @@ fn handle(mut c: TcpStream, upstream: &str, log: &Mutex<Vec<String>>, fault: &Mu
     let path = first.split(' ').nth(1).unwrap_or("").to_string();
     let method = first.split(' ').next().unwrap_or("").to_string();
     let f = fault.lock().unwrap().clone();
+    if let Fault::HeadClaims(d) = &f {
+        if path.contains("/manifests/") {
+            let _ = if method == "HEAD" {
+                write!(c, "HTTP/1.1 200 OK\r\nDocker-Content-Digest: {d}\r\nContent-Type: application/vnd.docker.distribution.manifest.v2+json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            } else {
+                write!(
+                    c,
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )
+            };
+            return;
+        }
+    }
     if let Fault::Status(code) = f {
         let _ = write!(
             c,
@@ -513,6 +547,20 @@ fn handle(mut c: TcpStream, upstream: &str, log: &Mutex<Vec<String>>, fault: &Mu
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }
+        Fault::Drip { min_blob }
+            if ok
+                && ((min_blob == 0 && is_manifest)
+                    || (min_blob > 0 && is_blob && body.len() >= min_blob)) =>
+        {
+            let _ = c.write_all(&resp[..split + 4]);
+            for b in body.iter().take(120) {
+                if c.write_all(&[*b]).is_err() {
+                    return;
+                }
+                let _ = c.flush();
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        }
         Fault::BadManifest if is_manifest && ok => replace(&mut c, b"{not json", true),
         Fault::HugeManifest if is_manifest && ok => replace(&mut c, &vec![b' '; 5 << 20], true),
         Fault::WrongConfig if is_blob && ok && body.len() < 10000 => replace(
@@ -561,4 +609,143 @@ pub fn kill_monitor(rd: &cw_runtime::monitor::RunDir, monitor: i32) {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+// ---- hostile images, built here from raw layers
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// A layer tar from raw entries: (path, kind, link target, data, mode); long paths through GNU
+/// long-name records (the tar crate writes them).
+pub fn layer_tar(entries: &[(&str, tar::EntryType, &str, &[u8], u32)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, kind, link, data, mode) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(*kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(*mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        match kind {
+            tar::EntryType::Symlink | tar::EntryType::Link => {
+                b.append_link(&mut h, path, link).unwrap()
+            }
+            _ => b.append_data(&mut h, path, *data).unwrap(),
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// The host's static busybox as a layer: /bin/busybox and /bin/sh (Debian's busybox-static).
+pub fn busybox_layer() -> Vec<u8> {
+    let bb = std::fs::read("/bin/busybox").expect("busybox-static is installed by setup.sh");
+    let mut e: Vec<(&str, tar::EntryType, &str, &[u8], u32)> = vec![
+        ("bin/", tar::EntryType::Directory, "", b"", 0o755),
+        ("tmp/", tar::EntryType::Directory, "", b"", 0o1777),
+        ("etc/", tar::EntryType::Directory, "", b"", 0o755),
+        ("bin/busybox", tar::EntryType::Regular, "", &bb, 0o755),
+    ];
+    for a in [
+        "sh", "mkdir", "cat", "cp", "chmod", "sleep", "head", "ls", "id", "rm", "true",
+    ] {
+        e.push((
+            Box::leak(format!("bin/{a}").into_boxed_str()),
+            tar::EntryType::Symlink,
+            "busybox",
+            b"",
+            0o777,
+        ));
+    }
+    layer_tar(&e)
+}
+
+/// Write an OCI image layout at `dir` named `name` (its ref.name annotation) with these
+/// uncompressed layers and config `config` (the image config's "config" object). With
+/// `wrong_diff_ids`, the config claims diff ids the layers do not have.
+pub fn oci_layout(
+    dir: &Path,
+    name: &str,
+    layers: &[Vec<u8>],
+    config: serde_json::Value,
+    wrong_diff_ids: bool,
+) {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| -> String {
+        let h = sha256_hex(b);
+        std::fs::write(blobs.join(&h), b).unwrap();
+        format!("sha256:{h}")
+    };
+    let mut descs = vec![];
+    let mut diffs = vec![];
+    for l in layers {
+        let d = put(l);
+        diffs.push(if wrong_diff_ids {
+            format!("sha256:{}", sha256_hex(format!("not {d}").as_bytes()))
+        } else {
+            d.clone()
+        });
+        descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": d, "size": l.len()
+        }));
+    }
+    let cfg = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": config,
+        "rootfs": {"type": "layers", "diff_ids": diffs}
+    }))
+    .unwrap();
+    let cd = put(&cfg);
+    let man = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cfg.len()},
+        "layers": descs
+    }))
+    .unwrap();
+    let md = put(&man);
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": md, "size": man.len(),
+                "annotations": {"org.opencontainers.image.ref.name": name}}]
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+}
+
+/// Push an OCI layout made by [`oci_layout`] to the fixture registry as `repo:tag`.
+pub fn push_layout(dir: &Path, name: &str, repo_tag: &str) {
+    let o = Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:{name}", dir.display()))
+        .arg(format!("docker://{REG}/{repo_tag}"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "skopeo copy to {repo_tag}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A layer with one file at the bottom of `n` nested directories `d/d/…/d/bottom` (the
+/// unpacker makes the missing parents), named through a GNU long-name record.
+pub fn chain_layer(n: usize) -> Vec<u8> {
+    let p = format!("{}bottom", "d/".repeat(n));
+    layer_tar(&[(&p, tar::EntryType::Regular, "", b"bottom\n", 0o644)])
+}
+
+/// A command run as another user (uid:gid), for what a local attacker could do.
+pub fn as_user(uid: u32, prog: &Path, args: &[&str]) -> std::io::Result<Output> {
+    use std::os::unix::process::CommandExt;
+    Command::new(prog).args(args).uid(uid).gid(uid).output()
 }
