@@ -8,7 +8,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 pkgs=(libseccomp-dev pkg-config docker-registry skopeo umoci busybox-static zstd pigz curl jq attr
       apache2-utils openssl hyperfine libcap2-bin file debootstrap ca-certificates debian-archive-keyring
-      iproute2 python3 bc runc crun passt libelf-dev zlib1g-dev)
+      iproute2 python3 bc runc crun passt libelf-dev zlib1g-dev libc6-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
