@@ -135,9 +135,13 @@ struct RunArgs {
     /// UID[:GID] or NAME[:GROUP] from the image's /etc/passwd [default: the image's user]
     #[arg(short = 'u', long)]
     user: Option<String>,
-    /// Memory limit (also the memory+swap limit), e.g. 512m, 2g
+    /// Memory limit, e.g. 512m, 2g
     #[arg(short = 'm', long)]
     memory: Option<String>,
+    /// Memory plus swap (docker's --memory-swap): default twice --memory; equal to it for no
+    /// swap; -1 for unlimited swap
+    #[arg(long, allow_negative_numbers = true)]
+    memory_swap: Option<String>,
     /// CPU quota in CPUs, e.g. 1.5
     #[arg(long)]
     cpus: Option<f64>,
@@ -400,6 +404,18 @@ fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
         .map(config::parse_size)
         .transpose()
         .map_err(anyhow::Error::msg)?;
+    let memory_swap = match a.memory_swap.as_deref() {
+        None => None,
+        Some("-1") => Some(-1),
+        Some(v) => {
+            let total = config::parse_size(v).map_err(anyhow::Error::msg)?;
+            match memory {
+                Some(m) if total >= m => Some(total as i64),
+                Some(_) => bail!("--memory-swap {v} must be at least --memory"),
+                None => bail!("--memory-swap needs --memory"),
+            }
+        }
+    };
     if let Some(c) = a.cpus {
         if !(c > 0.0 && c.is_finite()) {
             bail!("--cpus {c} must be a positive number");
@@ -414,6 +430,7 @@ fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
         user: a.user.clone(),
         limits: cw_runtime::request::Limits {
             memory,
+            memory_swap,
             cpus: a.cpus,
             cpuset: a.cpuset.clone(),
             pids: (a.pids_limit > 0).then_some(a.pids_limit),

@@ -73,3 +73,50 @@ fn completions_and_man_page() {
         &man[..man.len().min(500)]
     );
 }
+
+/// Worker managers pass cl-worker 1.7.5's flags: `--bundle-runtime docker` (and Kubernetes
+/// options, which cl-worker ignores then) is taken; `kubernetes` is refused with the reason.
+#[test]
+fn cl_worker_runtime_flags() {
+    let d = tempfile::tempdir().unwrap();
+    let worker = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cw"))
+            .args(["--store", d.path().join("s").to_str().unwrap(), "worker"])
+            .args(["--server", "http://127.0.0.1:9", "--work-dir"])
+            .arg(d.path().join("w"))
+            .args(extra)
+            .env("CODALAB_USERNAME", "u")
+            .env("CODALAB_PASSWORD", "p")
+            .output()
+            .unwrap()
+    };
+    let o = worker(&["--bundle-runtime", "kubernetes"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("--bundle-runtime kubernetes is not supported"),
+        "{err}"
+    );
+    // docker: past the flags, to the (absent) server
+    let o = worker(&[
+        "--bundle-runtime",
+        "docker",
+        "--kubernetes-cluster-host",
+        "https://k8s.example.org",
+        "--kubernetes-cert-path",
+        "/dev/null",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--kubernetes-cluster-host is ignored"),
+        "{err}"
+    );
+    assert!(err.contains("Cannot log into the bundle service"), "{err}");
+    let o = worker(&["--bundle-runtime", "singularity"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

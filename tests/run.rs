@@ -548,6 +548,60 @@ fn limits_are_applied() {
     assert_no_leftovers(&cw);
 }
 
+/// Memory plus swap as docker sets it (so as cl-worker's runs get it): twice --memory unless
+/// --memory-swap says otherwise; read back from the run's own cgroup while it runs.
+#[test]
+fn memory_swap_is_dockers() {
+    let Some(cw) = runner() else { return };
+    let memsw = |extra: &[&str]| -> String {
+        let name = format!("sw{}", rand_suffix());
+        let mut args = vec!["run", "-d", "--name", &name, "--memory", "64m"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--image", TINY, "sleep", "30"]);
+        cw.ok(&args);
+        let v1 = format!("/sys/fs/cgroup/memory/cw/{name}/memory.memsw.limit_in_bytes");
+        let v2 = format!("/sys/fs/cgroup/cw/{name}/memory.swap.max");
+        let t = Instant::now();
+        let v = loop {
+            if let Ok(v) = std::fs::read_to_string(&v1).or_else(|_| std::fs::read_to_string(&v2)) {
+                break v.trim().to_string();
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "no {v1} or {v2}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let on_v2 = !Path::new(&v1).exists();
+        cw.ok(&["rm", "-f", &name]);
+        // v2 holds the swap alone, v1 memory plus swap
+        if on_v2 {
+            match v.parse::<u64>() {
+                Ok(n) => (n + (64 << 20)).to_string(),
+                Err(_) => v,
+            }
+        } else {
+            v
+        }
+    };
+    assert_eq!(memsw(&[]), (128u64 << 20).to_string());
+    assert_eq!(memsw(&["--memory-swap", "64m"]), (64u64 << 20).to_string());
+    let unlimited = memsw(&["--memory-swap", "-1"]);
+    assert!(
+        unlimited == "max" || unlimited.parse::<u64>().unwrap() > 1 << 60,
+        "{unlimited}"
+    );
+    let err = cw.fails(&[
+        "run",
+        "--memory",
+        "64m",
+        "--memory-swap",
+        "32m",
+        "--image",
+        TINY,
+        "true",
+    ]);
+    assert!(err.contains("at least --memory"), "{err}");
+    assert_no_leftovers(&cw);
+}
+
 /// The device cgroup is what stands between a run and the host's devices: the node passed with
 /// `--device` (as a GPU's /dev/nvidiaN is) is created and allowed, an unassigned one is denied
 /// even to a process holding a node for it. Major 42 ("sample drivers") has no driver here, so an

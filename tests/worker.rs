@@ -1050,3 +1050,162 @@ fn hostile_images_and_bundles_fail_alone_and_the_worker_keeps_serving() {
     w.assert_clean();
     w.terminate_within(30);
 }
+
+/// CodaLab's own suite (module write) needs a short run to be `running` on the server while it
+/// runs: `cl write`, `cl netcat` and `cl cat` are refused before. The server applies a checkin's
+/// report when it arrives and then holds it 5 s, so the container's start must be reported by
+/// the checkin that follows it, not one 5 s later.
+#[test]
+fn a_short_run_is_running_on_the_server_while_it_runs() {
+    if !need_root() {
+        return;
+    }
+    let s = server();
+    let t = tag("prompt");
+    let w = Worker::start(&t, &[]);
+    // warm the image cache, as the suite's later runs are
+    let warm = s.run(&t, &[], "true");
+    assert_eq!(s.wait_state(&warm, &["ready", "failed"], 120), "ready");
+    for _ in 0..3 {
+        let uuid = s.run(&t, &[], "sleep 5");
+        let t0 = Instant::now();
+        let mut seen: Vec<String> = vec![];
+        let mut when = vec![];
+        loop {
+            let st = s.state(&uuid);
+            if seen.last() != Some(&st) {
+                seen.push(st.clone());
+                when.push(t0.elapsed());
+            }
+            if st == "ready" || st == "failed" {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(90),
+                "{seen:?}\n{}",
+                w.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let running_at = seen.iter().position(|x| x == "running");
+        assert!(
+            running_at.is_some(),
+            "never seen running: {seen:?}\n{}",
+            w.log()
+        );
+        eprintln!("sleep 5: {seen:?} at {when:?}");
+        // and early enough to use: `cl write` works on it
+        let uuid = s.run(&t, &[], "sleep 6; cat msg");
+        let t0 = Instant::now();
+        while s.state(&uuid) != "running" {
+            assert!(t0.elapsed() < Duration::from_secs(60), "{}", w.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let started = t0.elapsed();
+        s.cl(&["write", &format!("{uuid}/msg"), "hello"]);
+        assert_eq!(s.wait_state(&uuid, &["ready", "failed"], 120), "ready");
+        assert_eq!(
+            s.cat(&format!("{uuid}/stdout")),
+            "hello",
+            "running after {started:?}"
+        );
+    }
+    w.assert_clean();
+}
+
+/// A run whose bundle the server deleted while it ran never gets `mark_finalized`: the worker
+/// asks the server after 30 s in FINALIZING, and drops it and its files on a 404 (before, it
+/// reported it at every checkin for ever, across restarts).
+#[test]
+fn a_finalizing_run_whose_bundle_the_server_deleted_is_dropped() {
+    if !need_root() {
+        return;
+    }
+    let s = server();
+    let t = tag("gone");
+    let w = Worker::start(&t, &[]);
+    let uuid = s.run(&t, &[], "sleep 15; echo done");
+    s.wait_state(&uuid, &["running"], 60);
+    // what the server does to a run over its user's quota (it fails it), then `cl rm`
+    s.sql(&format!(
+        "update bundle set state='failed' where uuid='{uuid}'"
+    ));
+    s.cl(&["rm", &uuid]);
+    assert_eq!(s.state(&uuid), "", "the server still has {uuid}");
+    let state = w.dir.join(format!("work/worker-state-{}.json", w.id));
+    let t0 = Instant::now();
+    loop {
+        let st = std::fs::read_to_string(&state).unwrap_or_default();
+        if !st.contains(&uuid[2..]) && !st.contains(&uuid) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the worker still holds {uuid}:\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        w.log().contains("the server no longer has it"),
+        "{}",
+        w.log()
+    );
+    w.assert_clean();
+}
+
+/// A dependency key that is an absolute path (`cl run /foo/bar:<dir>`, CodaLab's run module)
+/// is where the dependency appears in the container, as with cl-worker; nothing is made on the
+/// host at that path.
+#[test]
+fn absolute_dependency_keys_are_container_paths() {
+    if !need_root() {
+        return;
+    }
+    let s = server();
+    let t = tag("absdeps");
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("f1"), "file one\n").unwrap();
+    let d = src.path().join("dir");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("f2"), "in dir\n").unwrap();
+    let f = s.cl(&["upload", src.path().join("f1").to_str().unwrap()]);
+    let dd = s.cl(&["upload", d.to_str().unwrap()]);
+    let w = Worker::start(&t, &[]);
+    let (a1, a2) = (format!("/cw-abs/bar:{dd}"), format!("/cw-abs/bar2:{f}"));
+    let uuid = s.cl(&[
+        "run",
+        "--request-queue",
+        &t,
+        "--request-docker-image",
+        "codalab/ubuntu:1.9",
+        &a1,
+        &a2,
+        "cat /cw-abs/bar2 /cw-abs/bar/f2; ls /cw-abs; touch /cw-abs/bar/x 2>/dev/null || echo read-only",
+    ]);
+    assert_eq!(
+        s.wait_state(&uuid, &["ready", "failed"], 120),
+        "ready",
+        "{}\n{}",
+        s.meta(&uuid, "failure_message"),
+        w.log()
+    );
+    assert_eq!(
+        s.cat(&format!("{uuid}/stdout")),
+        "file one\nin dir\nbar\nbar2\nread-only"
+    );
+    assert!(!Path::new("/cw-abs").exists(), "made on the host");
+    // the kernel's own trees cannot be covered
+    let bad = s.cl(&[
+        "run",
+        "--request-queue",
+        &t,
+        "--request-docker-image",
+        "codalab/ubuntu:1.9",
+        &format!("/proc/x:{f}"),
+        "true",
+    ]);
+    let msg = s.wait_failure(&bad, "failed", 120, &|| w.log());
+    assert!(msg.contains("would cover the container's /proc"), "{msg}");
+    w.assert_clean();
+}

@@ -26,8 +26,12 @@ pub enum Network {
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Default)]
 pub struct Limits {
-    /// Bytes; also the memory+swap limit (no swap).
+    /// Bytes of memory.
     pub memory: Option<u64>,
+    /// Memory plus swap, in bytes; None: twice `memory` (docker's default, so cl-worker's: as
+    /// much swap again as memory, where the host has swap); -1: swap without limit.
+    #[serde(default)]
+    pub memory_swap: Option<i64>,
     /// CPUs as a fraction (1.5 = 150 ms per 100 ms period).
     pub cpus: Option<f64>,
     /// `0-3,7` style list.

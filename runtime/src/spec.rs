@@ -199,7 +199,11 @@ pub fn build(req: &RunRequest) -> Result<Spec, String> {
     }
     dev_rules.push(json!({"allow": true, "type": "c", "major": 136, "access": "rwm"})); // /dev/pts/*
     if let Some(m) = req.limits.memory {
-        resources["memory"] = json!({"limit": m, "swap": m});
+        let swap = req
+            .limits
+            .memory_swap
+            .unwrap_or_else(|| (m as i64).saturating_mul(2));
+        resources["memory"] = json!({"limit": m, "swap": swap});
     }
     let mut cpu = serde_json::Map::new();
     if let Some(c) = req.limits.cpus {
@@ -271,6 +275,7 @@ mod tests {
             }],
             limits: Limits {
                 memory: Some(64 << 20),
+                memory_swap: None,
                 cpus: Some(1.5),
                 cpuset: Some("0".into()),
                 pids: Some(100),
@@ -308,7 +313,8 @@ mod tests {
     fn limits_cgroup_and_no_cgroupfs() {
         let s = serde_json::to_value(build(&req(0)).unwrap()).unwrap();
         assert_eq!(s["linux"]["resources"]["memory"]["limit"], 64 << 20);
-        assert_eq!(s["linux"]["resources"]["memory"]["swap"], 64 << 20);
+        // docker's default: as much swap again as memory
+        assert_eq!(s["linux"]["resources"]["memory"]["swap"], 128 << 20);
         assert_eq!(s["linux"]["resources"]["cpu"]["quota"], 150000);
         assert_eq!(s["linux"]["resources"]["pids"]["limit"], 100);
         assert_eq!(s["linux"]["cgroupsPath"], "/cw/t1");

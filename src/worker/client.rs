@@ -298,6 +298,24 @@ impl Server {
         Ok(())
     }
 
+    /// Whether the server still has the bundle: `GET /bundles/<uuid>` (404: deleted; any other
+    /// answer that is not a success is an error, not an answer).
+    pub async fn bundle_exists(&self, uuid: &str) -> Result<bool, ClientError> {
+        match self
+            .request(
+                Method::GET,
+                &format!("/bundles/{}", quote(uuid)),
+                self.timeout * 2,
+                |b| b,
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(ClientError::Http { status: 404, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `GET /bundles/<uuid>/contents/info/<path>` → `data`.
     pub async fn contents_info(
         &self,

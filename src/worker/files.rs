@@ -630,8 +630,13 @@ mod tests {
         std::fs::write(p.join("big"), vec![b'x'; 70_000]).unwrap();
         std::fs::write(b.join("top"), "t").unwrap();
         let f = File::open(&b).unwrap();
-        let gz = tar_gz_dir(f.as_raw_fd(), &HashSet::new(), &Excludes::new(&[]), Vec::new())
-            .unwrap();
+        let gz = tar_gz_dir(
+            f.as_raw_fd(),
+            &HashSet::new(),
+            &Excludes::new(&[]),
+            Vec::new(),
+        )
+        .unwrap();
         let mut a = tar::Archive::new(flate2::read::GzDecoder::new(&gz[..]));
         let mut n = 0;
         let mut big = 0;
@@ -642,7 +647,11 @@ mod tests {
             }
             n += 1;
         }
-        assert_eq!(n, 1500 + 2, "every directory, the file at the bottom and the top one");
+        assert_eq!(
+            n,
+            1500 + 2,
+            "every directory, the file at the bottom and the top one"
+        );
         assert_eq!(big, 70_000);
     }
 

@@ -108,8 +108,8 @@ pub struct WorkerArgs {
     /// Accepted for compatibility (cw makes no Docker networks)
     #[arg(long, default_value = "codalab_worker_network")]
     pub network_prefix: String,
-    /// Accepted for compatibility: cw is the runtime
-    #[arg(long, default_value = "docker", hide = true)]
+    /// cl-worker's runtime choice: `docker` (cw stands in for it); `kubernetes` is refused
+    #[arg(long, default_value = "docker", value_parser = ["docker", "kubernetes"])]
     pub bundle_runtime: String,
     #[arg(long, hide = true)]
     pub kubernetes_cluster_host: Option<String>,
@@ -391,6 +391,15 @@ impl Ctx {
             is_terminating: self.terminating.load(Ordering::Relaxed),
             preemptible: self.args.preemptible,
         }
+    }
+
+    /// A run's container is being started (its start task is in flight).
+    fn starting(&self) -> bool {
+        self.runs
+            .lock()
+            .unwrap()
+            .values()
+            .any(|r| r.stage == Stage::Preparing && r.t.busy)
     }
 
     /// One pass over every run; drops finished ones. True if any run changed stage.
@@ -844,6 +853,20 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
         Some(m) => size_arg(m, "--max-memory")?.min(ram),
         None => ram,
     };
+    if a.bundle_runtime == "kubernetes" {
+        anyhow::bail!("--bundle-runtime kubernetes is not supported: cw runs each bundle on this node, in a container of its own, and cannot hand bundles to a Kubernetes cluster (cl-worker does that); leave the flag out or pass --bundle-runtime docker");
+    }
+    for (flag, v) in [
+        ("--kubernetes-cluster-host", &a.kubernetes_cluster_host),
+        ("--kubernetes-auth-token", &a.kubernetes_auth_token),
+        ("--kubernetes-cert-path", &a.kubernetes_cert_path),
+        ("--kubernetes-cert", &a.kubernetes_cert),
+    ] {
+        if v.is_some() {
+            // as cl-worker: only applicable with --bundle-runtime kubernetes
+            tracing::warn!("{flag} is ignored: it applies only to --bundle-runtime kubernetes");
+        }
+    }
     let max_deps = size_arg(&a.max_work_dir_size, "--max-work-dir-size")?;
     let max_image_size = a
         .max_image_size
@@ -1089,10 +1112,22 @@ async fn run_worker(ctx: Arc<Ctx>, ws_url: String) -> anyhow::Result<i32> {
                 // as cl-worker: one pass over the runs before the next checkin reports them
                 ctx.process_runs();
                 if ctx.accepted.load(Ordering::Relaxed) > before {
-                    // A run was just accepted. The server holds every checkin 5 s, so a short
-                    // run that ends during the next one would wait that long to be reported:
-                    // give it a moment to finish first. (cl-worker leaves ~5 s between its
-                    // long-polls all the time; this gap is one of at most 1.5 s, only here.)
+                    // A run was just accepted. The server applies a checkin's report when it
+                    // arrives and then holds it 5 s: the next checkin must carry the container's
+                    // start (a short run reported `preparing` stays so on the server for 5 s,
+                    // and `cl write`/`netcat`/`cat` are refused meanwhile), so wait for the
+                    // starts in flight (≤ 5 s; an image still downloading is not waited for).
+                    let t0 = Instant::now();
+                    while ctx.starting() && t0.elapsed() < Duration::from_secs(5) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        ctx.process_runs();
+                    }
+                    // Then give a short run a moment to finish, so that its end is not held
+                    // 5 s either. (cl-worker leaves ~5 s between its long-polls all the time;
+                    // this gap is one of at most 1.5 s, only here.) A permit an earlier run's
+                    // end left would end the wait at once: drained first.
+                    let _ = tokio::time::timeout(Duration::ZERO, ctx.finalizing.notified()).await;
+                    ctx.process_runs();
                     let _ = tokio::time::timeout(
                         Duration::from_millis(1500),
                         ctx.finalizing.notified(),

@@ -41,6 +41,9 @@ pub struct Transient {
     pub cgroup: Option<String>,
     /// Bytes in the run's overlay upper dir (its writes outside the bundle directory).
     pub upper_usage: u64,
+    /// The last question whether the server still has a finalizing run's bundle.
+    pub gone_check_at: Option<Instant>,
+    pub gone_check_busy: bool,
     pub disk_errors: u32,
 }
 
@@ -313,6 +316,21 @@ async fn pull_image(ctx: &Arc<Ctx>, image: &str) -> ImageState {
 
 /// A dependency's child path as given by the server, checked: relative, no `..`, not empty
 /// (`.` means "each top-level entry").
+/// Where a dependency with an absolute key goes in the container: the key, normalised; not the
+/// root and not inside the kernel's own trees (/proc, /sys, /dev).
+fn absolute_dependency_path(child: &str) -> Result<String, String> {
+    let c = files::normalize(child)
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| format!("dependency path {child:?} is not a path in the container"))?;
+    if matches!(c[0].as_str(), "proc" | "sys" | "dev") {
+        return Err(format!(
+            "dependency path {child:?} would cover the container's /{}",
+            c[0]
+        ));
+    }
+    Ok(format!("/{}", c.join("/")))
+}
+
 fn child_components(child: &str) -> Result<Vec<String>, String> {
     if child == "." {
         return Ok(vec![]);
@@ -343,10 +361,55 @@ pub fn step(
                 }
                 run.run_status = "Finished".into();
                 run.set_stage(Stage::Finished);
+            } else {
+                check_still_known(ctx, run);
             }
         }
         Stage::Finished | Stage::Restaged => {}
     }
+}
+
+/// How long a run may wait in FINALIZING for `mark_finalized` before the worker asks whether
+/// the server still has its bundle (its bundle-manager sends the message every pass, ~1 s).
+pub const FINALIZE_CHECK: Duration = Duration::from_secs(30);
+
+/// A finalizing run whose bundle the server deleted (`cl rm -f`, an upload over quota then
+/// `cl rm`) would never get `mark_finalized`: reported at every checkin for ever, across
+/// restarts, its directory kept. Every FINALIZE_CHECK the worker asks; a 404 drops it.
+fn check_still_known(ctx: &Arc<Ctx>, run: &mut Run) {
+    let since = run
+        .bundle_profile_stats
+        .get(Stage::Finalizing.key())
+        .and_then(|s| s.start)
+        .unwrap_or_else(now);
+    if now() - since < FINALIZE_CHECK.as_secs_f64() || run.t.gone_check_busy {
+        return;
+    }
+    if run
+        .t
+        .gone_check_at
+        .is_some_and(|t| t.elapsed() < FINALIZE_CHECK)
+    {
+        return;
+    }
+    run.t.gone_check_busy = true;
+    run.t.gone_check_at = Some(Instant::now());
+    let (ctx2, uuid) = (ctx.clone(), run.uuid().to_string());
+    tokio::spawn(async move {
+        let known = ctx2.server.bundle_exists(&uuid).await;
+        if let Some(r) = ctx2.runs.lock().unwrap().get_mut(&uuid) {
+            r.t.gone_check_busy = false;
+            match known {
+                Ok(false) => {
+                    tracing::warn!("bundle {uuid}: the server no longer has it; dropping the run and its files");
+                    r.finalized = true;
+                }
+                Ok(true) => {}
+                Err(e) => tracing::debug!("bundle {uuid}: asking the server about it: {e}"),
+            }
+        }
+        ctx2.wake_runs.notify_one();
+    });
 }
 
 fn preparing(ctx: &Arc<Ctx>, run: &mut Run, held: &(HashSet<usize>, HashSet<String>, usize)) {
@@ -400,7 +463,12 @@ fn preparing(ctx: &Arc<Ctx>, run: &mut Run, held: &(HashSet<usize>, HashSet<Stri
     // dependencies
     let mut dep_paths: Vec<(String, PathBuf)> = vec![];
     for d in &run.bundle.dependencies {
-        if let Err(e) = child_components(&d.child_path) {
+        let valid = if d.child_path.starts_with('/') && !ctx.shared_fs {
+            absolute_dependency_path(&d.child_path).map(|_| ())
+        } else {
+            child_components(&d.child_path).map(|_| ())
+        };
+        if let Err(e) = valid {
             run.fail_preparing(format!(
                 "Failed to download dependency {}: {e}",
                 d.child_path
@@ -514,6 +582,7 @@ fn preparing(ctx: &Arc<Ctx>, run: &mut Run, held: &(HashSet<usize>, HashSet<Stri
                     r.has_contents = true;
                     r.run_status = "Running job in container.".into();
                     r.set_stage(Stage::Running);
+                    tracing::info!("bundle {uuid}: RUN_STAGE.PREPARING -> RUN_STAGE.RUNNING");
                 }
                 Err(e) => {
                     r.cpuset.clear();
@@ -550,6 +619,17 @@ fn start_container(
     let mut to_remove: Vec<PathBuf> = vec![];
     let bundle_dir = std::fs::File::open(&bp).map_err(|e| format!("{}: {e}", bp.display()))?;
     for (child, src) in deps {
+        if child.starts_with('/') && !ctx.shared_fs {
+            // an absolute key names a path in the container, as cl-worker's
+            // os.path.join("/<uuid>_dependencies", key) does: mounted there, read-only; nothing
+            // is made on the host (cl-worker would make its symlink at that host path)
+            mounts.push(BindMount {
+                source: src.clone(),
+                destination: absolute_dependency_path(child)?,
+                readonly: true,
+            });
+            continue;
+        }
         let entries: Vec<(Vec<String>, PathBuf)> = if child == "." {
             std::fs::read_dir(src)
                 .map_err(|e| format!("dependency {}: {e}", src.display()))?
@@ -637,6 +717,8 @@ fn start_container(
         )),
         limits: Limits {
             memory: (run.resources.memory > 0).then_some(run.resources.memory),
+            // docker's default, so cl-worker's: memory+swap = 2 × memory
+            memory_swap: None,
             cpus: None,
             cpuset: Some(
                 run.cpuset
@@ -1098,6 +1180,20 @@ mod tests {
             },
             PathBuf::from("/nonexistent"),
         )
+    }
+
+    #[test]
+    fn absolute_dependency_keys_name_container_paths() {
+        assert_eq!(absolute_dependency_path("/foo/bar").unwrap(), "/foo/bar");
+        assert_eq!(
+            absolute_dependency_path("/foo/./x/../bar/").unwrap(),
+            "/foo/bar"
+        );
+        assert!(absolute_dependency_path("/").is_err());
+        assert!(absolute_dependency_path("/../..").is_err());
+        assert!(absolute_dependency_path("/proc/self").is_err());
+        assert!(absolute_dependency_path("/dev").is_err());
+        assert_eq!(absolute_dependency_path("/devices").unwrap(), "/devices");
     }
 
     #[test]
