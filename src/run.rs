@@ -198,6 +198,12 @@ pub fn prepare(
         if !cwd.starts_with('/') {
             anyhow::bail!("working directory {cwd:?} must be absolute");
         }
+        // what the container's init would fail on with no path named ("failed to unix
+        // syscall", "failed to prepare rootfs"): checked here, inside the rootfs, by name
+        dir_in_image(&rf.path, &cwd, "working directory", false, true)?;
+        for m in &o.mounts {
+            dir_in_image(&rf.path, &m.destination, "mount destination", true, false)?;
+        }
         let mut host_files = etc_files(&dir, &hostname, o.network)?;
         let mut env =
             environment(&image.run, &o.env, &home, &hostname).map_err(anyhow::Error::msg)?;
@@ -295,6 +301,33 @@ pub fn prepare(
             release_abandoned(store, &id, &rd);
             Err(e)
         }
+    }
+}
+
+/// `path` (or with `parent_only` its parent) is a directory in the image, or does not exist yet
+/// (with `create` it is made now, as docker makes a missing working directory; else it is made
+/// at the start); through a file or a device, it is an error that names it.
+fn dir_in_image(
+    rootfs: &Path,
+    path: &str,
+    what: &str,
+    parent_only: bool,
+    create: bool,
+) -> anyhow::Result<()> {
+    let comps = crate::store::unpack::clean_components(path.as_bytes());
+    let comps = if parent_only {
+        &comps[..comps.len().saturating_sub(1)]
+    } else {
+        &comps[..]
+    };
+    let mut t = crate::store::unpack::Tree::open(rootfs)?;
+    match t.resolve_dir(comps, create) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+            anyhow::bail!("{what} {path}: the image has a file where it needs a directory")
+        }
+        Err(e) => anyhow::bail!("{what} {path}: {e}"),
     }
 }
 

@@ -46,6 +46,17 @@ echo "codalab-suite: logs in $W"
 
 sql() { mariadb --defaults-file="$MYCNF" -uroot codalab_bundles -N -B -e "$1"; }
 
+# The suite's tree has four symlinks (git mode 120000) that the copy in ../shared holds as
+# plain files with the link text; upload1/upload2 upload them and check ' -> /etc/passwd'. Run
+# from a copy with them restored (nothing else differs).
+cp -a "$SUITE" "$W/suite"
+chmod -R u+w "$W/suite"
+for f in a-symlink.txt broken-symlink dir1/broken-symlink passwd; do
+  p="$W/suite/tests/cli/files/$f"
+  if [ -f "$p" ] && [ ! -L "$p" ]; then t=$(cat "$p"); rm -f "$p"; ln -s "$t" "$p"; fi
+done
+SUITE=$W/suite
+
 PIDS=()
 start_worker() { # start_worker NAME [flags...]: a cw worker on the local server, logging to $W/NAME.log
   local name=$1; shift
@@ -66,6 +77,8 @@ stop_workers() {
     [ -d "$s/runs" ] || continue
     for r in "$s"/runs/*; do [ -e "$r" ] && "$CW" --store "$s" rm -f "$(basename "$r")" >/dev/null 2>&1; done
   done
+  # keep the logs, not the stores and bundle dirs (hundreds of MB a run)
+  for s in "$W"/store-* "$W"/work "$W"/pre-work; do [ -e "$s" ] && rm -rf --one-file-system "$s"; done
 }
 trap stop_workers EXIT
 

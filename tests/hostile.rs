@@ -471,6 +471,22 @@ fn ids_names_and_variables_that_cannot_be_honoured_are_refused() {
     assert!(!err.contains("panicked"), "{err}");
     let err = cw.fails(&["run", "--name=-x", "--image", TINY, "true"]);
     assert!(err.contains("not a valid run id"), "{err}");
+    // what libcontainer's init reports as "failed to unix syscall" / "failed to prepare rootfs"
+    let err = cw.fails(&["run", "-w", "/etc/passwd", "--image", TINY, "true"]);
+    assert!(
+        err.contains(
+            "working directory /etc/passwd: the image has a file where it needs a directory"
+        ),
+        "{err}"
+    );
+    let err = cw.fails(&["run", "-v", "/tmp:/etc/passwd/x", "--image", TINY, "true"]);
+    assert!(err.contains("mount destination /etc/passwd/x"), "{err}");
+    // a missing working directory is made, as docker makes it
+    assert_eq!(
+        cw.ok(&["run", "-w", "/made/here", "--image", TINY, "pwd"])
+            .trim(),
+        "/made/here"
+    );
     // a PAX uid past 32 bits would be truncated into another owner
     let mut b = tar::Builder::new(Vec::new());
     b.append_pax_extensions([("uid", &b"4294968296"[..])])
