@@ -287,10 +287,11 @@ impl Worker {
             .env("CODALAB_PASSWORD", "codalab")
             .stdout(Stdio::null())
             .stderr(log);
+        let before = self.log().matches("Worker started!").count();
         self.child = Some(c.spawn().expect("starting cw worker"));
-        // ready once it has logged "Worker started!"
+        // ready once it has logged "Worker started!" (the log is appended to across restarts)
         let t = Instant::now();
-        while !self.log().contains("Worker started!") {
+        while self.log().matches("Worker started!").count() <= before {
             assert!(
                 t.elapsed() < Duration::from_secs(30),
                 "worker did not start:\n{}",
@@ -1207,5 +1208,50 @@ fn absolute_dependency_keys_are_container_paths() {
     ]);
     let msg = s.wait_failure(&bad, "failed", 120, &|| w.log());
     assert!(msg.contains("would cover the container's /proc"), "{msg}");
+    w.assert_clean();
+}
+
+/// A bundle that keeps stopping the worker (before, a hostile image aborted it at every restart
+/// with the same --id, and every later bundle stayed staged) is failed on the third unexpected
+/// stop in one stage; the worker then serves the next bundle. A SIGKILL stands in for the abort.
+#[test]
+fn a_bundle_that_keeps_stopping_the_worker_is_failed_and_the_worker_goes_on() {
+    if !need_root() {
+        return;
+    }
+    let s = server();
+    let t = tag("strikes");
+    let mut w = Worker::start(&t, &[]);
+    let uuid = s.run(&t, &[], "sleep 600");
+    s.wait_state(&uuid, &["running"], 120);
+    for _ in 0..3 {
+        w.kill9();
+        w.spawn();
+    }
+    let msg = s.wait_failure(&uuid, "failed", 120, &|| w.log());
+    assert!(
+        msg.contains("The worker stopped unexpectedly 3 times while this bundle was running"),
+        "{msg}"
+    );
+    let ok = s.run(&t, &[], "echo next");
+    assert_eq!(
+        s.wait_state(&ok, &["ready", "failed"], 120),
+        "ready",
+        "{}",
+        w.log()
+    );
+    assert_eq!(s.cat(&format!("{ok}/stdout")), "next");
+    // one unexpected stop is a restart like any other: the run goes on
+    let more = s.run(&t, &[], "sleep 4; echo survived");
+    s.wait_state(&more, &["running"], 120);
+    w.kill9();
+    w.spawn();
+    assert_eq!(
+        s.wait_state(&more, &["ready", "failed"], 120),
+        "ready",
+        "{}",
+        w.log()
+    );
+    assert_eq!(s.cat(&format!("{more}/stdout")), "survived");
     w.assert_clean();
 }

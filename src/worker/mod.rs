@@ -942,6 +942,34 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
                 state_file.display()
             );
         }
+        // a worker with this --id that did not exit cleanly left its marker: count a strike
+        // against each of its runs (a bundle that aborts the worker must not do so for ever)
+        let alive = work_dir.join(format!("worker-{}.alive", id.replace('/', "_")));
+        let other = std::fs::read_to_string(&alive)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .filter(|&p| p != std::process::id() as i32)
+            .filter(|p| Path::new(&format!("/proc/{p}")).exists());
+        if let Some(p) = other {
+            tracing::warn!("another process ({p}) may be a worker with id {id} on this work dir: two workers must not share an id");
+        } else if alive.exists() {
+            tracing::warn!("the last worker with id {id} stopped unexpectedly");
+            for r in runs.values_mut() {
+                if r.note_unclean_restart() {
+                    tracing::warn!(
+                        "bundle {}: failed after {} unexpected worker stops",
+                        r.uuid(),
+                        r.crash_strikes
+                    );
+                }
+            }
+            let b = serde_json::to_vec(&runs).unwrap();
+            if let Err(e) = cw_runtime::monitor::write_atomic(&state_file, &b) {
+                tracing::warn!("saving {}: {e}", state_file.display());
+            }
+        }
+        std::fs::write(&alive, format!("{}\n", std::process::id()))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", alive.display()))?;
         let ctx = Arc::new(Ctx {
             id,
             hostname,
@@ -989,7 +1017,10 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
                 }
             });
         }
-        run_worker(ctx, ws_url).await
+        let res = run_worker(ctx, ws_url).await;
+        // a clean exit (an error return is one too: it is not a crash of a bundle's making)
+        let _ = std::fs::remove_file(&alive);
+        res
     })
 }
 

@@ -77,6 +77,10 @@ pub struct Run {
     pub bundle_profile_stats: BTreeMap<String, StageStat>,
     pub paths_to_remove: Vec<PathBuf>,
     pub bundle_dir_wait_num_tries: u32,
+    /// Worker starts that found this run, in this stage, after the worker had stopped
+    /// unexpectedly (see [`Run::note_unclean_restart`]).
+    #[serde(default)]
+    pub crash_strikes: u32,
     #[serde(skip)]
     pub t: Transient,
 }
@@ -111,6 +115,7 @@ impl Run {
             bundle_profile_stats: BTreeMap::new(),
             paths_to_remove: vec![],
             bundle_dir_wait_num_tries: 0,
+            crash_strikes: 0,
             t: Transient::default(),
         };
         r.bundle_profile_stats.insert(
@@ -148,6 +153,39 @@ impl Run {
             );
         }
         self.stage = s;
+        // moving on: whatever stopped the worker before did not come back here
+        self.crash_strikes = 0;
+    }
+
+    /// The worker had stopped unexpectedly (crash, abort, SIGKILL) while it had this run. A
+    /// bundle that makes the worker abort would do it again at every restart with the same
+    /// `--id` and keep every later bundle waiting: after CRASH_STRIKES such restarts in one
+    /// stage, the run fails with a message that says why. True when it did.
+    pub fn note_unclean_restart(&mut self) -> bool {
+        if matches!(self.stage, Stage::Finished | Stage::Restaged) || self.finalized {
+            return false;
+        }
+        self.crash_strikes += 1;
+        if self.crash_strikes < CRASH_STRIKES {
+            return false;
+        }
+        let msg = format!(
+            "The worker stopped unexpectedly {} times while this bundle was {}; it is failed so that whatever stopped it is not repeated at every restart",
+            self.crash_strikes,
+            self.stage.server_state()
+        );
+        match self.stage {
+            Stage::Preparing => self.fail_preparing(msg),
+            Stage::Running => {
+                self.is_killed = true;
+                self.kill_message = Some(msg);
+            }
+            _ => {
+                self.add_failure(&msg);
+                self.finalize();
+            }
+        }
+        true
     }
 
     /// The run's entry in a checkin (every key the server reads, all five profile stages).
@@ -368,6 +406,9 @@ pub fn step(
         Stage::Finished | Stage::Restaged => {}
     }
 }
+
+/// Unexpected worker stops in one stage of a run that fail it.
+pub const CRASH_STRIKES: u32 = 3;
 
 /// How long a run may wait in FINALIZING for `mark_finalized` before the worker asks whether
 /// the server still has its bundle (its bundle-manager sends the message every pass, ~1 s).
@@ -1180,6 +1221,35 @@ mod tests {
             },
             PathBuf::from("/nonexistent"),
         )
+    }
+
+    #[test]
+    fn a_run_that_keeps_stopping_the_worker_fails_after_three_strikes() {
+        let mut r = run(0, 0, 0);
+        assert!(!r.note_unclean_restart());
+        assert!(!r.note_unclean_restart());
+        // moving on resets the count
+        r.set_stage(Stage::Running);
+        assert_eq!(r.crash_strikes, 0);
+        assert!(!r.note_unclean_restart());
+        assert!(!r.note_unclean_restart());
+        assert!(r.note_unclean_restart());
+        assert!(r.is_killed);
+        assert!(r
+            .kill_message
+            .as_deref()
+            .unwrap()
+            .contains("stopped unexpectedly 3 times while this bundle was running"));
+        let mut p = run(0, 0, 0);
+        for _ in 0..3 {
+            p.note_unclean_restart();
+        }
+        assert_eq!(p.stage, Stage::CleaningUp);
+        assert!(p
+            .failure_message
+            .as_deref()
+            .unwrap()
+            .contains("while this bundle was preparing"));
     }
 
     #[test]
