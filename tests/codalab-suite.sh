@@ -113,6 +113,13 @@ old=$(sql "select uuid from bundle where state in ('ready','failed','killed')" |
 # the server sums it again only at its next upload: set it to what is left now
 sql "update user set disk_used = (select coalesce(sum(metadata_value), 0) from bundle_metadata where metadata_key = 'data_size') where user_name = '$CODALAB_USERNAME'"
 
+# `cl upload --link /tmp/codalab/link-mounts/...` bundles are read by the server at
+# /opt/codalab-worksheets-link-mounts/<path>, where CodaLab's docker-compose mounts that host
+# directory into the server's container; this server runs on the host, so it gets a link.
+mkdir -p /tmp/codalab/link-mounts /opt/codalab-worksheets-link-mounts/tmp/codalab
+[ -e /opt/codalab-worksheets-link-mounts/tmp/codalab/link-mounts ] || \
+  ln -s /tmp/codalab/link-mounts /opt/codalab-worksheets-link-mounts/tmp/codalab/link-mounts
+
 needs_worker=1
 passed=0; failed=0
 for m in "${MODULES[@]}"; do
