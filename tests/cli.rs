@@ -112,6 +112,11 @@ fn cl_worker_runtime_flags() {
         "{err}"
     );
     assert!(err.contains("Cannot log into the bundle service"), "{err}");
+    // a log that is not a terminal has no colour codes (a worker under systemd logs to a file)
+    assert!(
+        !err.contains('\u{1b}'),
+        "escape sequences in a non-terminal log: {err:?}"
+    );
     let o = worker(&["--bundle-runtime", "singularity"]);
     assert_eq!(
         o.status.code(),
