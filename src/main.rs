@@ -604,7 +604,11 @@ fn main() {
         .init();
     if let Err(e) = run(cli) {
         eprintln!("cw: error: {}", chain(&e));
-        std::process::exit(125);
+        // docker's codes: 126/127 when the command cannot run, 125 for cw's own errors
+        let code = e
+            .downcast_ref::<cw::run::ExecError>()
+            .map_or(125, |x| x.code);
+        std::process::exit(code);
     }
 }
 

@@ -266,6 +266,18 @@ pub fn prepare(
         } else {
             env.push("NVIDIA_VISIBLE_DEVICES=void".into());
         }
+        let mounted: Vec<&str> = o
+            .mounts
+            .iter()
+            .map(|m| m.destination.as_str())
+            .chain(host_files.iter().map(|m| m.destination.as_str()))
+            .collect();
+        let image_name = image
+            .names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| image.manifest.short().to_string());
+        check_executable(&rf.path, &args[0], &env, &cwd, &mounted, &image_name)?;
         Ok(RunRequest {
             id: id.clone(),
             rootfs: rf.path.clone(),
@@ -302,6 +314,129 @@ pub fn prepare(
             Err(e)
         }
     }
+}
+
+/// A command that cannot run: docker's exit codes, 127 for not found and 126 for not
+/// executable, with a message naming the command and the image.
+#[derive(Debug)]
+pub struct ExecError {
+    pub code: i32,
+    pub message: String,
+}
+
+impl std::fmt::Display for ExecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ExecError {}
+
+/// What `path` in the image is, symlinks followed inside the rootfs (at most 40): None when it
+/// does not exist.
+fn stat_in_image(rootfs: &Path, path: &str) -> std::io::Result<Option<libc::stat>> {
+    use crate::store::unpack::{clean_components, lstatat, Tree};
+    let mut t = Tree::open(rootfs)?;
+    let mut p = path.to_string();
+    for _ in 0..40 {
+        let comps = clean_components(p.as_bytes());
+        let Some((name, parent)) = comps.split_last() else {
+            return Ok(None);
+        };
+        let dir = match t.resolve_dir(parent, false) {
+            Ok(d) => d,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        use std::os::fd::AsRawFd;
+        let Some(st) = lstatat(dir.as_raw_fd(), name)? else {
+            return Ok(None);
+        };
+        if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            return Ok(Some(st));
+        }
+        let target = cw_runtime::fsx::readlinkat(dir.as_raw_fd(), name)?;
+        let target = String::from_utf8_lossy(&target).into_owned();
+        p = if target.starts_with('/') {
+            target
+        } else {
+            let parent: Vec<String> = parent
+                .iter()
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect();
+            format!("/{}/{target}", parent.join("/"))
+        };
+    }
+    Err(std::io::Error::from_raw_os_error(libc::ELOOP))
+}
+
+/// As docker does at create: the command must exist in the image (for a bare name, in a
+/// directory of the run's PATH) and be executable. Paths under a bind mount cannot be told
+/// before the start and are let through.
+fn check_executable(
+    rootfs: &Path,
+    cmd: &str,
+    env: &[String],
+    cwd: &str,
+    mounted: &[&str],
+    image: &str,
+) -> anyhow::Result<()> {
+    let under_mount = |p: &str| {
+        mounted.iter().any(|m| {
+            let m = m.trim_end_matches('/');
+            p == m || p.starts_with(&format!("{m}/"))
+        })
+    };
+    let candidates: Vec<String> = if cmd.contains('/') {
+        vec![if cmd.starts_with('/') {
+            cmd.to_string()
+        } else {
+            format!("{}/{cmd}", cwd.trim_end_matches('/'))
+        }]
+    } else {
+        let path = env
+            .iter()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        path.split(':')
+            .filter(|d| d.starts_with('/'))
+            .map(|d| format!("{}/{cmd}", d.trim_end_matches('/')))
+            .collect()
+    };
+    let mut not_executable = None;
+    for c in &candidates {
+        if under_mount(c) {
+            return Ok(());
+        }
+        match stat_in_image(rootfs, c)? {
+            Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_mode & 0o111 != 0 => {
+                return Ok(())
+            }
+            Some(_) => {
+                not_executable.get_or_insert_with(|| c.clone());
+            }
+            None => {}
+        }
+    }
+    Err(match not_executable {
+        Some(c) => ExecError {
+            code: 126,
+            message: format!(
+                "{cmd}: {c} in image {image} cannot be executed (not an executable file)"
+            ),
+        },
+        None if cmd.contains('/') => ExecError {
+            code: 127,
+            message: format!("{cmd}: no such file in image {image}"),
+        },
+        None => ExecError {
+            code: 127,
+            message: format!("{cmd}: not found in the PATH of image {image}"),
+        },
+    }
+    .into())
 }
 
 /// `path` (or with `parent_only` its parent) is a directory in the image, or does not exist yet

@@ -548,6 +548,36 @@ fn limits_are_applied() {
     assert_no_leftovers(&cw);
 }
 
+/// docker's exit codes for a command that cannot run: 127 not found, 126 not executable, each
+/// with one line naming the command and the image (not libcontainer's wording).
+#[test]
+fn a_command_that_cannot_run_exits_126_or_127_with_its_name() {
+    let Some(cw) = runner() else { return };
+    for (cmd, code, says) in [
+        (
+            "/nonexistent",
+            127,
+            "/nonexistent: no such file in image 127.0.0.1:5000/tiny:amd64",
+        ),
+        (
+            "nosuchcmd",
+            127,
+            "nosuchcmd: not found in the PATH of image 127.0.0.1:5000/tiny:amd64",
+        ),
+        ("/etc/passwd", 126, "cannot be executed"),
+    ] {
+        let (rc, _, err) = run_out(&cw, &["run", "--image", TINY, cmd]);
+        assert_eq!(rc, code, "{cmd}: {err}");
+        assert!(err.contains(says), "{cmd}: {err}");
+        assert!(!err.contains("executing process"), "{cmd}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{cmd}: {err}");
+    }
+    // through a symlink (busybox's applets), from the PATH, and a command's own code
+    let (rc, _, err) = run_out(&cw, &["run", "--image", TINY, "sh", "-c", "exit 3"]);
+    assert_eq!(rc, 3, "{err}");
+    assert_no_leftovers(&cw);
+}
+
 /// Memory plus swap as docker sets it (so as cl-worker's runs get it): twice --memory unless
 /// --memory-swap says otherwise; read back from the run's own cgroup while it runs.
 #[test]
