@@ -9,6 +9,9 @@
 #   bash tests/codalab-suite.sh               every module that runs bundles (below), ~40 min
 #   bash tests/codalab-suite.sh ci            the subset .ci/run runs
 #   bash tests/codalab-suite.sh run write     some modules
+#   WORKER=cl bash tests/codalab-suite.sh resources   the same with the official cl-worker and
+#                                             Debian's dockerd instead (as bench/worker.sh runs
+#                                             them), to compare
 #
 # preemptible runs with two `--preemptible` workers sharing a work dir: the first is SIGKILLed
 # with its runs (a preempted node) once the bundle runs on it; the second must finish it.
@@ -58,11 +61,34 @@ done
 SUITE=$W/suite
 
 PIDS=()
-start_worker() { # start_worker NAME [flags...]: a cw worker on the local server, logging to $W/NAME.log
+if [ "${WORKER:-cw}" = cl ]; then
+  # the official worker: codalab 1.7.5's cl-worker with Debian's dockerd on a private socket,
+  # the suite's images copied into it (it cannot pull through our mirror)
+  dpkg-query -W -f='${Status}' docker.io 2>/dev/null | grep -q 'install ok installed' || \
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends docker.io >/dev/null
+  mkdir -p "$W/docker" "$W/dockerrun"
+  HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY=127.0.0.1,localhost \
+    dockerd --data-root "$W/docker" --exec-root "$W/dockerrun/exec" --pidfile "$W/dockerrun/dockerd.pid" \
+      -H "unix://$W/dockerrun/docker.sock" --iptables=false --ip-masq=false \
+      --userland-proxy=false >"$W/dockerd.log" 2>&1 &
+  PIDS+=($!)
+  export DOCKER_HOST=unix://$W/dockerrun/docker.sock
+  for _ in $(seq 60); do docker version >/dev/null 2>&1 && break; sleep 0.5; done
+  FIX=${CW_FIXTURES:-/var/tmp/cw-fixtures}
+  skopeo copy -q --insecure-policy "oci:$FIX/work/oci-suite:latest" docker-daemon:python:3.6.10-slim-buster --dest-daemon-host "$DOCKER_HOST"
+  skopeo copy -q --insecure-policy "oci:$FIX/work/oci-codalab:latest" docker-daemon:codalab/default-cpu:latest --dest-daemon-host "$DOCKER_HOST"
+fi
+start_worker() { # start_worker NAME [flags...]: a worker on the local server, logging to $W/NAME.log
   local name=$1; shift
-  "$CW" --store "$W/store-$name" --registry-mirror http://127.0.0.1:5000 worker \
-    --server "$CL_URL" --ws-server "$CL_WS" --id "cw-suite-$name" --verbose "$@" \
-    >"$W/$name.log" 2>&1 &
+  if [ "${WORKER:-cw}" = cl ]; then
+    (export CODALAB_HOME=$W/cl-home-$name; exec "$VENV/bin/python" "$ROOT/tests/fixtures/codalab/cl_local.py" worker \
+      --server "$CL_URL" --ws-server "$CL_WS" --id "cl-suite-$name" --verbose --network-prefix "cl_suite_$name" "$@") \
+      >"$W/$name.log" 2>&1 &
+  else
+    "$CW" --store "$W/store-$name" --registry-mirror http://127.0.0.1:5000 worker \
+      --server "$CL_URL" --ws-server "$CL_WS" --id "cw-suite-$name" --verbose "$@" \
+      >"$W/$name.log" 2>&1 &
+  fi
   local pid=$!
   PIDS+=("$pid")
   for _ in $(seq 300); do grep -q "Worker started!" "$W/$name.log" && { echo "$pid"; return; }; sleep 0.1; done
@@ -119,6 +145,10 @@ sql "update user set disk_used = (select coalesce(sum(metadata_value), 0) from b
 mkdir -p /tmp/codalab/link-mounts /opt/codalab-worksheets-link-mounts/tmp/codalab
 [ -e /opt/codalab-worksheets-link-mounts/tmp/codalab/link-mounts ] || \
   ln -s /tmp/codalab/link-mounts /opt/codalab-worksheets-link-mounts/tmp/codalab/link-mounts
+# what CodaLab's tests/test-setup.sh (not in the copy) makes for the link module
+mkdir -p /tmp/codalab/link-mounts/test
+echo 'hello world!' > /tmp/codalab/link-mounts/test.txt
+echo 'hello world!' > /tmp/codalab/link-mounts/test/test.txt
 
 needs_worker=1
 passed=0; failed=0
