@@ -98,6 +98,17 @@ enum Cmd {
     },
     /// Show a run's resource usage (JSON): live from its cgroup, or final
     Stats { id: String },
+    /// Print a run's output (its stdout, and its stderr to stderr) when it went to files (`-d`,
+    /// `--stdout`, `--stderr`)
+    Logs {
+        /// Keep printing what the run writes until it ends
+        #[arg(short, long)]
+        follow: bool,
+        /// Start with only the last N lines of each
+        #[arg(long)]
+        tail: Option<usize>,
+        id: String,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff); `cw man | man -l -`
@@ -776,6 +787,11 @@ fn run(cli: Cli) -> Result<()> {
             };
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
+        }
+        Cmd::Logs { follow, tail, id } => {
+            let ctx = context(&cli.global)?;
+            let rd = cw::run::find(&ctx.store, &id)?;
+            cw::run::logs(&rd, follow, tail)
         }
         Cmd::Monitor { .. } => unreachable!("handled in main"),
         Cmd::Worker(w) => {

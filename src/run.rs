@@ -592,6 +592,103 @@ pub fn remove(store: &Store, rd: &RunDir) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the last `n` lines of `f` start (0 when it has fewer).
+fn tail_offset(f: &mut std::fs::File, n: usize) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = f.metadata()?.len();
+    if n == 0 {
+        return Ok(len);
+    }
+    let mut end = len;
+    let mut seen = 0;
+    let mut buf = vec![0u8; 64 << 10];
+    // a final newline ends the last line, it does not start another
+    let mut skip_last = true;
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let k = (end - start) as usize;
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut buf[..k])?;
+        for i in (0..k).rev() {
+            if buf[i] == b'\n' {
+                if skip_last && start + i as u64 == len - 1 {
+                    skip_last = false;
+                    continue;
+                }
+                seen += 1;
+                if seen == n {
+                    return Ok(start + i as u64 + 1);
+                }
+            }
+        }
+        skip_last = false;
+        end = start;
+    }
+    Ok(0)
+}
+
+/// `cw logs`: the run's output files, from the start (or their last `tail` lines); with
+/// `follow`, what is written next, until the run has ended and nothing more comes.
+pub fn logs(rd: &RunDir, follow: bool, tail: Option<usize>) -> anyhow::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let req = rd.request()?;
+    let outs: Vec<(PathBuf, bool)> = [(req.stdout.clone(), true), (req.stderr.clone(), false)]
+        .into_iter()
+        .filter_map(|(p, o)| p.map(|p| (p, o)))
+        .collect();
+    if outs.is_empty() {
+        anyhow::bail!(
+            "run {}'s output went to the cw that started it, not to files: there are no logs (cw run -d keeps them)",
+            rd.path.file_name().unwrap_or_default().to_string_lossy()
+        );
+    }
+    let mut files: Vec<(Option<std::fs::File>, u64, bool, PathBuf)> =
+        outs.into_iter().map(|(p, o)| (None, 0, o, p)).collect();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut first = true;
+    loop {
+        let ended = rd.exit().is_some();
+        let mut got = false;
+        for (f, off, is_out, p) in files.iter_mut() {
+            if f.is_none() {
+                match std::fs::File::open(&*p) {
+                    Ok(mut h) => {
+                        if let (Some(n), true) = (tail, first) {
+                            *off = tail_offset(&mut h, n)?;
+                        }
+                        *f = Some(h);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => anyhow::bail!("{}: {e}", p.display()),
+                }
+            }
+            let h = f.as_mut().expect("opened above");
+            h.seek(SeekFrom::Start(*off))?;
+            loop {
+                let k = h.read(&mut buf)?;
+                if k == 0 {
+                    break;
+                }
+                got = true;
+                *off += k as u64;
+                if *is_out {
+                    std::io::stdout().write_all(&buf[..k])?;
+                } else {
+                    std::io::stderr().write_all(&buf[..k])?;
+                }
+            }
+        }
+        first = false;
+        std::io::stdout().flush()?;
+        if !follow || (ended && !got) {
+            return Ok(());
+        }
+        if !got {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
 pub fn describe_exit(e: &ExitStatus, memory: Option<u64>) -> Option<String> {
     if let Some(err) = &e.error {
         return Some(err.clone());
@@ -616,6 +713,30 @@ pub fn describe_exit(e: &ExitStatus, memory: Option<u64>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tail_offsets() {
+        use std::io::{Read, Seek, SeekFrom};
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let last = |content: &str, n: usize| {
+            std::fs::write(&p, content).unwrap();
+            let mut f = std::fs::File::open(&p).unwrap();
+            let o = tail_offset(&mut f, n).unwrap();
+            f.seek(SeekFrom::Start(o)).unwrap();
+            let mut s = String::new();
+            f.read_to_string(&mut s).unwrap();
+            s
+        };
+        assert_eq!(last("a\nb\nc\n", 1), "c\n");
+        assert_eq!(last("a\nb\nc\n", 2), "b\nc\n");
+        assert_eq!(last("a\nb\nc", 1), "c");
+        assert_eq!(last("a\nb\n", 5), "a\nb\n");
+        assert_eq!(last("", 3), "");
+        assert_eq!(last("a\nb\n", 0), "");
+        let big: String = (0..100_000).map(|i| format!("line{i}\n")).collect();
+        assert_eq!(last(&big, 2), "line99998\nline99999\n");
+    }
 
     #[test]
     fn status_of_a_run_without_an_exit() {

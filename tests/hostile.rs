@@ -286,16 +286,19 @@ fn a_run_whose_preparing_cw_died_is_listed_removed_and_released() {
     let mut dead = dead;
     dead.wait().unwrap();
     let run = cw.store().join("runs/halfway");
-    std::fs::create_dir_all(run.join("rootfs")).unwrap();
-    std::fs::write(run.join("creator"), format!("{pid} 1\n")).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &run.join("rootfs"),
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=1m"),
-    )
-    .unwrap();
+    let leave_half_a_run = || {
+        std::fs::create_dir_all(run.join("rootfs")).unwrap();
+        std::fs::write(run.join("creator"), format!("{pid} 1\n")).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &run.join("rootfs"),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .unwrap();
+    };
+    leave_half_a_run();
     let ps = cw.ok(&["ps"]);
     assert!(
         ps.lines()
@@ -306,16 +309,7 @@ fn a_run_whose_preparing_cw_died_is_listed_removed_and_released() {
     assert!(!run.exists());
     assert!(mounts_under(&cw.store()).is_empty());
     // the next cw run releases such runs by itself
-    std::fs::create_dir_all(run.join("rootfs")).unwrap();
-    std::fs::write(run.join("creator"), format!("{pid} 1\n")).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &run.join("rootfs"),
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=1m"),
-    )
-    .unwrap();
+    leave_half_a_run();
     cw.ok(&["run", "--image", TINY, "true"]);
     assert!(!run.exists(), "the next cw run left the abandoned run");
     assert!(mounts_under(&cw.store()).is_empty());
@@ -329,16 +323,7 @@ fn pids_max(cw: &Cw, extra: &[&str]) -> String {
     args.extend_from_slice(extra);
     args.extend_from_slice(&["--image", TINY, "sleep", "30"]);
     cw.ok(&args);
-    let p = format!("/sys/fs/cgroup/pids/cw/{name}/pids.max");
-    let p2 = format!("/sys/fs/cgroup/cw/{name}/pids.max");
-    let t = Instant::now();
-    let v = loop {
-        if let Ok(v) = std::fs::read_to_string(&p).or_else(|_| std::fs::read_to_string(&p2)) {
-            break v.trim().to_string();
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "no {p} or {p2}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (v, _) = run_cgroup_file(&name, "pids", "pids.max", "pids.max");
     cw.ok(&["rm", "-f", &name]);
     v
 }

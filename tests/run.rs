@@ -548,6 +548,46 @@ fn limits_are_applied() {
     assert_no_leftovers(&cw);
 }
 
+/// `cw logs` of a detached run: its output as it was written, `--tail N`, and `-f` following it
+/// until it ends; a run whose output went to its terminal has none, and says so.
+#[test]
+fn logs_of_a_detached_run_and_following_it_to_its_end() {
+    let Some(cw) = runner() else { return };
+    cw.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "lg",
+        "--image",
+        TINY,
+        "sh",
+        "-c",
+        "for i in 1 2 3; do echo out$i; echo err$i >&2; sleep 1; done",
+    ]);
+    let t0 = Instant::now();
+    let o = cw.run(&["logs", "-f", "lg"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "out1\nout2\nout3\n");
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "err1\nerr2\nerr3\n");
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "followed for {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        cw.store().join("runs/lg/exit.json").exists(),
+        "-f returned before the end"
+    );
+    assert_eq!(cw.ok(&["logs", "--tail", "1", "lg"]), "out3\n");
+    assert_eq!(cw.ok(&["logs", "--tail", "0", "lg"]), "");
+    cw.ok(&["rm", "lg"]);
+    cw.ok(&["run", "--keep", "--name", "fg", "--image", TINY, "true"]);
+    let err = cw.fails(&["logs", "fg"]);
+    assert!(err.contains("there are no logs"), "{err}");
+    cw.ok(&["rm", "fg"]);
+    assert_no_leftovers(&cw);
+}
+
 /// docker's exit codes for a command that cannot run: 127 not found, 126 not executable, each
 /// with one line naming the command and the image (not libcontainer's wording).
 #[test]
@@ -589,17 +629,12 @@ fn memory_swap_is_dockers() {
         args.extend_from_slice(extra);
         args.extend_from_slice(&["--image", TINY, "sleep", "30"]);
         cw.ok(&args);
-        let v1 = format!("/sys/fs/cgroup/memory/cw/{name}/memory.memsw.limit_in_bytes");
-        let v2 = format!("/sys/fs/cgroup/cw/{name}/memory.swap.max");
-        let t = Instant::now();
-        let v = loop {
-            if let Ok(v) = std::fs::read_to_string(&v1).or_else(|_| std::fs::read_to_string(&v2)) {
-                break v.trim().to_string();
-            }
-            assert!(t.elapsed() < Duration::from_secs(20), "no {v1} or {v2}");
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let on_v2 = !Path::new(&v1).exists();
+        let (v, on_v2) = run_cgroup_file(
+            &name,
+            "memory",
+            "memory.memsw.limit_in_bytes",
+            "memory.swap.max",
+        );
         cw.ok(&["rm", "-f", &name]);
         // v2 holds the swap alone, v1 memory plus swap
         if on_v2 {

@@ -188,6 +188,15 @@ impl Worker {
     }
 
     fn start_as(tag: &str, name: &str, extra: &[&str]) -> Worker {
+        Worker::start_with(tag, name, extra, None)
+    }
+
+    /// A worker started with at most `nofile` open files.
+    fn start_limited(tag: &str, extra: &[&str], nofile: u64) -> Worker {
+        Worker::start_with(tag, tag, extra, Some(nofile))
+    }
+
+    fn start_with(tag: &str, name: &str, extra: &[&str], nofile: Option<u64>) -> Worker {
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-stores");
         std::fs::create_dir_all(&base).unwrap();
         let dir = base.join(format!("worker-{name}"));
@@ -199,26 +208,7 @@ impl Worker {
             id: format!("w-{name}"),
             tag: tag.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            nofile: None,
-        };
-        w.spawn();
-        w
-    }
-
-    /// A worker started with at most `nofile` open files.
-    fn start_limited(tag: &str, extra: &[&str], nofile: u64) -> Worker {
-        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-stores");
-        std::fs::create_dir_all(&base).unwrap();
-        let dir = base.join(format!("worker-{tag}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut w = Worker {
-            child: None,
-            dir,
-            id: format!("w-{tag}"),
-            tag: tag.to_string(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            nofile: Some(nofile),
+            nofile,
         };
         w.spawn();
         w
@@ -1095,8 +1085,13 @@ fn a_short_run_is_running_on_the_server_while_it_runs() {
             w.log()
         );
         eprintln!("sleep 5: {seen:?} at {when:?}");
-        // and early enough to use: `cl write` works on it
-        let uuid = s.run(&t, &[], "sleep 6; cat msg");
+        // and usable while it runs: `cl write` reaches it (the run waits for the file, so the
+        // client's own start-up time, seconds under load, does not matter)
+        let uuid = s.run(
+            &t,
+            &[],
+            "for i in $(seq 60); do [ -f msg ] && break; sleep 0.5; done; cat msg",
+        );
         let t0 = Instant::now();
         while s.state(&uuid) != "running" {
             assert!(t0.elapsed() < Duration::from_secs(60), "{}", w.log());
@@ -1253,5 +1248,35 @@ fn a_bundle_that_keeps_stopping_the_worker_is_failed_and_the_worker_goes_on() {
         w.log()
     );
     assert_eq!(s.cat(&format!("{more}/stdout")), "survived");
+    w.assert_clean();
+}
+
+/// A bundle's memory limit comes with as much swap again, as docker (so cl-worker) gives it:
+/// on a host with swap, what passes under cl-worker is not killed under cw. Read back from the
+/// run's own cgroup while it runs.
+#[test]
+fn a_bundle_gets_dockers_swap_allowance() {
+    if !need_root() {
+        return;
+    }
+    let s = server();
+    let t = tag("swap");
+    let w = Worker::start(&t, &[]);
+    let uuid = s.run(&t, &["--request-memory", "50m"], "sleep 8");
+    s.wait_state(&uuid, &["running"], 120);
+    let (v, on_v2) = run_cgroup_file(
+        &format!("codalab_run_{uuid}"),
+        "memory",
+        "memory.memsw.limit_in_bytes",
+        "memory.swap.max",
+    );
+    let total: u64 = v.parse::<u64>().unwrap() + if on_v2 { 50 << 20 } else { 0 };
+    assert_eq!(total, 100 << 20, "memory+swap of a 50m bundle: {v}");
+    assert_eq!(
+        s.wait_state(&uuid, &["ready", "failed"], 120),
+        "ready",
+        "{}",
+        w.log()
+    );
     w.assert_clean();
 }

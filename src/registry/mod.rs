@@ -588,20 +588,8 @@ fn too_slow(url: &str, t: Duration) -> RegistryError {
     }
 }
 
-/// An error with its sources, one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
+/// An error with its sources, one line (the runtime's, so that both read alike).
+pub use cw_runtime::monitor::error_chain;
 
 /// sha256 over a stream, for callers verifying blobs chunk by chunk.
 #[derive(Clone, Default)]

@@ -749,3 +749,24 @@ pub fn as_user(uid: u32, prog: &Path, args: &[&str]) -> std::io::Result<Output> 
     use std::os::unix::process::CommandExt;
     Command::new(prog).args(args).uid(uid).gid(uid).output()
 }
+
+/// A file of a running run's cgroup (`/cw/<name>`), waited for: `v1` in the `controller`
+/// hierarchy, else `v2` in the unified one. Returns its trimmed content and whether it was v2.
+pub fn run_cgroup_file(name: &str, controller: &str, v1: &str, v2: &str) -> (String, bool) {
+    let p1 = format!("/sys/fs/cgroup/{controller}/cw/{name}/{v1}");
+    let p2 = format!("/sys/fs/cgroup/cw/{name}/{v2}");
+    let t = std::time::Instant::now();
+    loop {
+        if let Ok(v) = std::fs::read_to_string(&p1) {
+            return (v.trim().to_string(), false);
+        }
+        if let Ok(v) = std::fs::read_to_string(&p2) {
+            return (v.trim().to_string(), true);
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "no {p1} or {p2}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
