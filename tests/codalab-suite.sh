@@ -131,13 +131,16 @@ preemptible() {
 }
 
 # The server keeps user.disk_used in a MariaDB FLOAT (about 6 significant digits) and sums it
-# from the user's bundles. CodaLab's CI starts from an empty database; this fixture server has
-# kept every earlier test's bundles, and at 30 MB the disk module's exact sums
-# (31577400 + 22 -> 31577500) cannot hold. So the finished bundles of earlier runs go first.
-old=$(sql "select uuid from bundle where state in ('ready','failed','killed')" | tr '\n' ' ')
-[ -n "$old" ] && "$CL" rm --force $old >/dev/null 2>&1
-# the server sums it again only at its next upload: set it to what is left now
-sql "update user set disk_used = (select coalesce(sum(metadata_value), 0) from bundle_metadata where metadata_key = 'data_size') where user_name = '$CODALAB_USERNAME'"
+# from the user's bundles. CodaLab's CI runs each module on a fresh server; this fixture server
+# keeps every earlier test's and module's bundles (netcat leaves 124 MB of uploads), and past a
+# few MB the disk module's exact sums (31577400 + 22 -> 31577500) cannot hold. So before each
+# module the finished bundles of earlier ones go, and disk_used is set to what is left.
+fresh_accounting() {
+  local old
+  old=$(sql "select uuid from bundle where state in ('ready','failed','killed')" | tr '\n' ' ')
+  [ -n "$old" ] && "$CL" rm --force $old >/dev/null 2>&1
+  sql "update user set disk_used = (select coalesce(sum(metadata_value), 0) from bundle_metadata where metadata_key = 'data_size') where user_name = '$CODALAB_USERNAME'"
+}
 
 # `cl upload --link /tmp/codalab/link-mounts/...` bundles are read by the server at
 # /opt/codalab-worksheets-link-mounts/<path>, where CodaLab's docker-compose mounts that host
@@ -157,6 +160,7 @@ for m in "${MODULES[@]}"; do
     start_worker main --work-dir "$W/work" >/dev/null
     needs_worker=0
   fi
+  fresh_accounting
   t0=$(date +%s)
   if [ "$m" = preemptible ]; then preemptible; rc=$?; else module "$m"; rc=$?; fi
   secs=$(( $(date +%s) - t0 ))
