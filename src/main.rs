@@ -278,18 +278,14 @@ fn context(g: &Global) -> Result<Ctx> {
         .unwrap_or_else(cw::store::default_root);
     let store =
         Store::open(&root).with_context(|| format!("opening the store at {}", root.display()))?;
-    let max_store_size = file
-        .max_store_size
-        .as_deref()
-        .map(config::parse_size)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    let max_image_size = file
-        .max_image_size
-        .as_deref()
-        .map(config::parse_size)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
+    let size = |v: &Option<String>| {
+        v.as_deref()
+            .map(config::parse_size)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+    };
+    let max_store_size = size(&file.max_store_size)?;
+    let max_image_size = size(&file.max_image_size)?;
     Ok(Ctx {
         store,
         registry,

@@ -389,13 +389,20 @@ async fn manifest_by_digest(
 /// Whether the store holds the image (or index) `d` under a name of `r`'s repository: only then
 /// does a HEAD that answers `d` bind `r` without a GET.
 fn pulled_from(store: &Store, d: &Digest, r: &Reference) -> bool {
-    store.images().iter().any(|i| {
-        (i.manifest == *d || i.index.as_ref() == Some(d))
-            && i.names.iter().any(|n| {
-                Reference::parse(n)
-                    .is_ok_and(|x| x.registry == r.registry && x.repository == r.repository)
-            })
-    })
+    let ours = |i: &ImageRecord| {
+        i.names.iter().any(|n| {
+            Reference::parse(n)
+                .is_ok_and(|x| x.registry == r.registry && x.repository == r.repository)
+        })
+    };
+    // a platform manifest's record is read directly; only an index needs the scan
+    match store.image(d) {
+        Some(i) => ours(&i),
+        None => store
+            .images()
+            .iter()
+            .any(|i| i.index.as_ref() == Some(d) && ours(i)),
+    }
 }
 
 /// Resolve the reference on one endpoint: the top-level manifest (HEAD first when by tag).
