@@ -33,11 +33,16 @@ for i in $(seq "$RUNS"); do
     echo "run $i $tool: $(echo "$t1 - $t0" | bc) s" >&2
   done
 done
+# a cached tag (one HEAD, no GET, no fsync), on a quiet disk and right after a large delete (the
+# last tar tree, ~1 GB, and a copy of it: writeback an fsync would have to wait for)
 sync; t0=$(now); "$CW" --store "$W/store" pull -q "$IMG" >/dev/null; warm=$(echo "$(now) - $t0" | bc)
+cp -a "$W/tar" "$W/tar2"; sync; rm -rf "$W/tar" "$W/tar2"
+t0=$(now); "$CW" --store "$W/store" pull -q "$IMG" >/dev/null; warm_del=$(echo "$(now) - $t0" | bc)
 median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 cw=$(echo "${T[cw]}" | median); um=$(echo "${T[umoci]}" | median); tr=$(echo "${T[tar]}" | median)
 echo "environment: $(nproc) CPUs, $(free -g | awk '/Mem/{print $2}') GiB, $(uname -r), store on $(df -T "$W" | awk 'NR==2{print $2}'), $RUNS interleaved runs"
-printf '%-40s %8s s\n' "cw pull (cold, pull+verify+unpack)" "$cw" "skopeo copy + umoci unpack" "$um" "tar -xzf of each layer" "$tr" "cw pull (warm: tag unchanged)" "$warm"
-printf 'ratio cw / (skopeo+umoci) = %.2f   (goal <= 0.5)\n' "$(echo "$cw / $um" | bc -l)"
-printf 'ratio cw / tar -xzf       = %.2f   (goal <= 1.0)\n' "$(echo "$cw / $tr" | bc -l)"
+printf '%-40s %8s s\n' "cw pull (cold, pull+verify+unpack)" "$cw" "skopeo copy + umoci unpack" "$um" "tar -xzf of each layer" "$tr" "cw pull (warm: tag unchanged)" "$warm" "cw pull (warm, right after a 2 GB delete)" "$warm_del"
+printf 'ratio cw / (skopeo+umoci) = %.2f   (goal <= 0.30)\n' "$(echo "$cw / $um" | bc -l)"
+printf 'ratio cw / tar -xzf       = %.2f   (goal <= 0.35)\n' "$(echo "$cw / $tr" | bc -l)"
+printf 'warm pull after a delete  = %.0f ms (goal <= 50)\n' "$(echo "$warm_del * 1000" | bc -l)"
 rm -rf "$W/store" "$W/oci" "$W/bundle" "$W/tar"

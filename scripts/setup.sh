@@ -8,20 +8,9 @@ export DEBIAN_FRONTEND=noninteractive
 
 pkgs=(libseccomp-dev pkg-config docker-registry skopeo umoci busybox-static zstd pigz curl jq attr
       apache2-utils openssl hyperfine libcap2-bin file debootstrap ca-certificates debian-archive-keyring
-      iproute2 python3 bc runc crun passt libelf-dev zlib1g-dev libc6-dev)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  # docker-registry's own service would listen on every address: keep the postinst from starting it
-  made_policy=0
-  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; made_policy=1; fi
-  apt-get -o DPkg::Lock::Timeout=600 update -q
-  apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}"
-  [ $made_policy = 1 ] && rm -f /usr/sbin/policy-rc.d
-  if [ -d /run/systemd/system ]; then systemctl disable --now docker-registry.service 2>/dev/null || true; fi
-fi
+      iproute2 python3 bc runc crun passt libelf-dev zlib1g-dev libc6-dev user-mode-linux slurm-wlm munge
+      strace socat)
+bash scripts/apt-install.sh "${pkgs[@]}"
 
 cargo build --workspace --all-targets
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked

@@ -3,7 +3,9 @@
 //! Data flow: [`image::reference`] → [`registry`] → [`store`] (+ [`store::unpack`]) →
 //! `rootfs` → `cw_runtime` (spec → monitor → container) → `worker`.
 
+pub mod attach;
 pub mod config;
+pub mod exec;
 pub mod image;
 pub mod load;
 pub mod progress;

@@ -1,16 +1,15 @@
 //! The `cw` command line.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use cw::config;
-use cw::image::manifest::Platform;
-use cw::image::reference::Reference;
-use cw::progress::{human, Progress};
-use cw::pull::{self, PullOptions};
-use cw::registry::config::RegistryConfig;
-use cw::registry::Client;
-use cw::store::Store;
+use cw::progress::human;
 use std::path::PathBuf;
+
+mod cli;
+use cli::images::{cmd_images, cmd_pull, PullArgs};
+use cli::run::{cmd_run, RunArgs};
+use cli::{auto_gc, context, platform};
 
 #[derive(Parser)]
 #[command(name = "cw", version, about = "Daemonless container runner and CodaLab Worksheets worker", long_about = None)]
@@ -96,6 +95,35 @@ enum Cmd {
         #[arg(short, long)]
         force: bool,
     },
+    /// Run a command inside a running run (its namespaces, cgroup, capabilities and seccomp)
+    Exec {
+        /// Connect stdin
+        #[arg(short, long)]
+        interactive: bool,
+        /// Give the command a terminal
+        #[arg(short, long)]
+        tty: bool,
+        /// Environment variable NAME=VALUE (NAME alone copies it from here); repeatable
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        /// Working directory inside the run [default: the run's]
+        #[arg(short = 'w', long)]
+        workdir: Option<String>,
+        /// USER[:GROUP] or UID[:GID], resolved in the run's /etc/passwd [default: the run's]
+        #[arg(short = 'u', long)]
+        user: Option<String>,
+        id: String,
+        /// Command and arguments
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Connect to a running run's terminal (a run started with -t); the detach keys leave it
+    Attach {
+        /// Keys that detach, leaving the run running
+        #[arg(long, default_value = "ctrl-p,ctrl-q")]
+        detach_keys: String,
+        id: String,
+    },
     /// Show a run's resource usage (JSON): live from its cgroup, or final
     Stats { id: String },
     /// Print a run's output (its stdout, and its stderr to stderr) when it went to files (`-d`,
@@ -129,438 +157,16 @@ enum Cmd {
     },
 }
 
-#[derive(Args)]
-struct RunArgs {
-    /// Image to run (pulled if missing, see --pull)
-    #[arg(long)]
-    image: String,
-    /// Environment variable NAME=VALUE (NAME alone copies it from here); repeatable
-    #[arg(short = 'e', long = "env")]
-    env: Vec<String>,
-    /// Bind mount SRC:DST[:ro|rw]; repeatable
-    #[arg(short = 'v', long = "volume")]
-    volume: Vec<String>,
-    /// Working directory inside the container [default: the image's, else /]
-    #[arg(short = 'w', long)]
-    workdir: Option<String>,
-    /// UID[:GID] or NAME[:GROUP] from the image's /etc/passwd [default: the image's user]
-    #[arg(short = 'u', long)]
-    user: Option<String>,
-    /// Memory limit, e.g. 512m, 2g
-    #[arg(short = 'm', long)]
-    memory: Option<String>,
-    /// Memory plus swap (docker's --memory-swap): default twice --memory; equal to it for no
-    /// swap; -1 for unlimited swap
-    #[arg(long, allow_negative_numbers = true)]
-    memory_swap: Option<String>,
-    /// CPU quota in CPUs, e.g. 1.5
-    #[arg(long)]
-    cpus: Option<f64>,
-    /// CPUs the run may use, e.g. 0-3,7
-    #[arg(long)]
-    cpuset: Option<String>,
-    /// Maximum number of processes and threads (0 or -1: no limit)
-    #[arg(long, default_value_t = cw_runtime::request::DEFAULT_PIDS_LIMIT, allow_negative_numbers = true)]
-    pids_limit: i64,
-    /// Size of /dev/shm
-    #[arg(long, default_value = "64m")]
-    shm_size: String,
-    /// none: a network namespace with only loopback; private: its own namespace with outbound
-    /// access through pasta (no host loopback, no inbound); host: the host's network
-    #[arg(long, default_value = "none", value_parser = ["none", "private", "host"])]
-    network: String,
-    /// Kill the run after this long, e.g. 30s, 30m, 2h
-    #[arg(long)]
-    time_limit: Option<String>,
-    /// Time between SIGTERM and SIGKILL when a run is stopped
-    #[arg(long, default_value = "10s")]
-    stop_timeout: String,
-    /// Run name (id) [default: random]
-    #[arg(long)]
-    name: Option<String>,
-    /// Write the container's stdout to this file
-    #[arg(long)]
-    stdout: Option<PathBuf>,
-    /// Write the container's stderr to this file
-    #[arg(long)]
-    stderr: Option<PathBuf>,
-    /// Start and print the run id; output goes to files in the run directory unless given
-    #[arg(short, long)]
-    detach: bool,
-    /// Keep the run directory after the run ends (cw rm removes it)
-    #[arg(long)]
-    keep: bool,
-    /// When to pull the image: missing, always, never
-    #[arg(long, default_value = "missing", value_parser = ["missing", "always", "never"])]
-    pull: String,
-    /// Platform os/arch[/variant] when pulling
-    #[arg(long)]
-    platform: Option<String>,
-    /// cgroup under which the run's cgroup is made
-    #[arg(long, default_value = "/cw")]
-    cgroup_parent: String,
-    /// Mount the root filesystem read-only
-    #[arg(long)]
-    read_only: bool,
-    /// Copy the layers instead of mounting overlayfs
-    #[arg(long)]
-    no_overlay: bool,
-    /// GPUs: a count (N free ones), all, none, or indexes/UUIDs (0,2 or GPU-3bb1…, MIG-…)
-    #[arg(long)]
-    gpus: Option<String>,
-    /// Pass a host device node through: HOST[:CONTAINER[:PERMS]] (PERMS ⊆ rwm); repeatable
-    #[arg(long = "device", value_parser = parse_device_arg)]
-    devices: Vec<cw_runtime::request::Device>,
-    /// CDI spec directory for --gpus; repeatable (default: /etc/cdi, /var/run/cdi)
-    #[arg(long = "cdi-spec-dir")]
-    cdi_spec_dirs: Vec<PathBuf>,
-    /// Command and arguments; one argument with spaces or shell syntax runs under /bin/sh -c
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    command: Vec<String>,
-}
-
-#[derive(Args)]
-struct PullArgs {
-    /// Image reference, e.g. ubuntu, codalab/ubuntu:1.9, host:5000/ns/name@sha256:…
-    image: String,
-    /// Platform os/arch[/variant] to choose from a multi-platform image [default: this host]
-    #[arg(long)]
-    platform: Option<String>,
-    /// Registry credentials user:password (else ~/.docker/config.json)
-    #[arg(long, env = "CW_REGISTRY_CREDS", hide_env_values = true)]
-    creds: Option<String>,
-    /// Layers downloaded at once
-    #[arg(long, default_value_t = pull::DEFAULT_PARALLEL)]
-    parallel: usize,
-    /// No progress output
-    #[arg(short, long)]
-    quiet: bool,
-}
-
-struct Ctx {
-    store: Store,
-    registry: RegistryConfig,
-    max_store_size: Option<u64>,
-    max_image_size: Option<u64>,
-}
-
-fn context(g: &Global) -> Result<Ctx> {
-    let (path, explicit) = match &g.config {
-        Some(p) => (p.clone(), true),
-        None => (config::default_path(), false),
-    };
-    let file = config::load(&path, explicit)?;
-    let mut registry = file.registry_config();
-    let timeout = std::env::var("CW_REGISTRY_TIMEOUT")
-        .ok()
-        .or(file.registry_timeout.clone());
-    if let Some(t) = timeout {
-        registry.timeout = Some(
-            humantime::parse_duration(&t)
-                .ok()
-                .or_else(|| t.parse::<u64>().ok().map(std::time::Duration::from_secs))
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    anyhow::anyhow!("registry timeout {t:?}: not a duration like 60s")
-                })?,
-        );
+/// The command line, where cw installed as `cl-worker` (a link named so) is `cw worker`: CodaLab's
+/// worker managers (slurm-batch, aws-batch) start the executable of that name with cl-worker's
+/// flags, which `cw worker` takes.
+fn argv() -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let name = a.first().and_then(|p| std::path::Path::new(p).file_name());
+    if name.is_some_and(|n| n == "cl-worker") {
+        a.insert(1, "worker".into());
     }
-    for m in &g.registry_mirror {
-        registry.add_mirror_arg(m)?;
-    }
-    for h in &g.insecure_registry {
-        registry.add_insecure(h);
-    }
-    let root = g
-        .store
-        .clone()
-        .or(file.store.clone())
-        .unwrap_or_else(cw::store::default_root);
-    let store =
-        Store::open(&root).with_context(|| format!("opening the store at {}", root.display()))?;
-    let size = |v: &Option<String>| {
-        v.as_deref()
-            .map(config::parse_size)
-            .transpose()
-            .map_err(anyhow::Error::msg)
-    };
-    let max_store_size = size(&file.max_store_size)?;
-    let max_image_size = size(&file.max_image_size)?;
-    Ok(Ctx {
-        store,
-        registry,
-        max_store_size,
-        max_image_size,
-    })
-}
-
-fn platform(p: &Option<String>) -> Result<Platform> {
-    match p {
-        Some(s) => Platform::parse(s).map_err(anyhow::Error::msg),
-        None => Ok(Platform::host()),
-    }
-}
-
-/// After a pull: keep the store under its configured size (high watermark, down to 80 %).
-fn auto_gc(ctx: &Ctx) {
-    if let Some(max) = ctx.max_store_size {
-        if ctx.store.size() > max {
-            match ctx.store.prune(Some(max / 10 * 8)) {
-                Ok((removed, freed)) => tracing::info!(
-                    "store above {}: freed {} ({} items)",
-                    human(max),
-                    human(freed),
-                    removed.len()
-                ),
-                Err(e) => tracing::warn!("automatic garbage collection: {e}"),
-            }
-        }
-    }
-}
-
-fn cmd_pull(ctx: Ctx, a: PullArgs) -> Result<()> {
-    let r = Reference::parse(&a.image)?;
-    let mut reg = ctx.registry.clone();
-    if let Some(c) = &a.creds {
-        let (u, p) = c.split_once(':').context("--creds must be user:password")?;
-        reg.creds = Some((u.to_string(), p.to_string()));
-    }
-    let opts = PullOptions {
-        platform: platform(&a.platform)?,
-        parallel: a.parallel,
-        progress: Progress::auto(a.quiet),
-        only_if_missing: false,
-        max_unpacked: ctx.max_image_size,
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let client = Client::new(reg);
-    let res = rt.block_on(pull::pull(&client, &ctx.store, &r, &opts))?;
-    if !a.quiet {
-        if res.up_to_date {
-            eprintln!("{}: image is up to date", r.familiar());
-        } else {
-            eprintln!(
-                "{}: pulled {} layer(s), {} already present",
-                r.familiar(),
-                res.fetched_layers,
-                res.reused_layers
-            );
-        }
-    }
-    println!("{}", res.image.manifest);
-    auto_gc(&ctx);
-    Ok(())
-}
-
-static MONITOR_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
-
-extern "C" fn forward_to_monitor(_: libc::c_int) {
-    let pid = MONITOR_PID.load(std::sync::atomic::Ordering::Relaxed);
-    if pid > 0 {
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-    }
-}
-
-fn duration(s: &str, what: &str) -> Result<u64> {
-    let t = s.trim();
-    if let Ok(n) = t.parse::<u64>() {
-        return Ok(n);
-    }
-    humantime::parse_duration(t)
-        .map(|d| d.as_secs())
-        .with_context(|| format!("{what} {s:?} is not a duration like 30s, 5m, 2h"))
-}
-
-fn cmd_run(ctx: Ctx, a: RunArgs) -> Result<()> {
-    let r = Reference::parse(&a.image)?;
-    cw::run::recover_lost(&ctx.store);
-    let image = match (a.pull.as_str(), ctx.store.lookup(&a.image)) {
-        ("never", Ok(i)) => i,
-        ("never", Err(e)) => return Err(e.into()),
-        ("missing", Ok(i)) if ctx.store.image_complete(&i.manifest).is_some() => i,
-        _ => {
-            let opts = PullOptions {
-                platform: platform(&a.platform)?,
-                progress: Progress::auto(false),
-                max_unpacked: ctx.max_image_size,
-                ..Default::default()
-            };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let client = Client::new(ctx.registry.clone());
-            let res = rt.block_on(pull::pull(&client, &ctx.store, &r, &opts))?;
-            drop(rt);
-            auto_gc(&ctx);
-            res.image
-        }
-    };
-    ctx.store.touch(&image.manifest);
-    let mounts = a
-        .volume
-        .iter()
-        .map(|v| cw::run::parse_volume(v))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(anyhow::Error::msg)?;
-    let memory = a
-        .memory
-        .as_deref()
-        .map(config::parse_size)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    let memory_swap = match a.memory_swap.as_deref() {
-        None => None,
-        Some("-1") => Some(-1),
-        Some(v) => {
-            let total = config::parse_size(v).map_err(anyhow::Error::msg)?;
-            match memory {
-                Some(m) if total >= m => Some(total as i64),
-                Some(_) => bail!("--memory-swap {v} must be at least --memory"),
-                None => bail!("--memory-swap needs --memory"),
-            }
-        }
-    };
-    if let Some(c) = a.cpus {
-        if !(c > 0.0 && c.is_finite()) {
-            bail!("--cpus {c} must be a positive number");
-        }
-    }
-    let opts = cw::run::RunOptions {
-        name: a.name.clone(),
-        args: a.command.clone(),
-        env: a.env.clone(),
-        mounts,
-        workdir: a.workdir.clone(),
-        user: a.user.clone(),
-        limits: cw_runtime::request::Limits {
-            memory,
-            memory_swap,
-            cpus: a.cpus,
-            cpuset: a.cpuset.clone(),
-            pids: (a.pids_limit > 0).then_some(a.pids_limit),
-            shm_size: config::parse_size(&a.shm_size).map_err(anyhow::Error::msg)?,
-        },
-        network: match a.network.as_str() {
-            "host" => cw_runtime::request::Network::Host,
-            "private" => cw_runtime::request::Network::Private,
-            _ => cw_runtime::request::Network::None,
-        },
-        time_limit: a
-            .time_limit
-            .as_deref()
-            .map(|t| duration(t, "--time-limit"))
-            .transpose()?,
-        kill_grace_secs: duration(&a.stop_timeout, "--stop-timeout")?,
-        stdout: a.stdout.clone(),
-        stderr: a.stderr.clone(),
-        cgroup_parent: a.cgroup_parent.clone(),
-        readonly_rootfs: a.read_only,
-        force_copy: a.no_overlay,
-        hostname: None,
-        gpus: vec![],
-        driver_version: String::new(),
-        devices: a.devices.clone(),
-        cdi_dirs: a.cdi_spec_dirs.clone(),
-    };
-    let mut opts = opts;
-    if let Some(spec) = &a.gpus {
-        let inv = cw_runtime::gpu::discover();
-        let all = [inv.gpus.clone(), inv.mig_devices.clone()].concat();
-        opts.gpus = cw_runtime::gpu::select(&all, &inv.gpus, spec).map_err(|e| {
-            anyhow::anyhow!(
-                "--gpus {spec}: {e}{}",
-                inv.note
-                    .as_deref()
-                    .map(|n| format!(" ({n})"))
-                    .unwrap_or_default()
-            )
-        })?;
-        opts.driver_version = inv.driver_version.unwrap_or_default();
-    }
-    let (rd, mut req) = cw::run::prepare(&ctx.store, &image, &opts)?;
-    let meta = serde_json::json!({"image": r.familiar(), "manifest": image.manifest, "created": cw::store::now()});
-    cw::store::replace_file(&rd.path.join("meta.json"), meta.to_string().as_bytes())?;
-    if a.detach {
-        if req.stdout.is_none() {
-            req.stdout = Some(rd.path.join("stdout"));
-        }
-        if req.stderr.is_none() {
-            req.stderr = Some(rd.path.join("stderr"));
-        }
-        rd.write_request(&req)?;
-    }
-    let exe = std::path::Path::new("/proc/self/exe");
-    // detached: the monitor must not hold our stdout/stderr open (a `$(cw run -d …)` would hang)
-    let stdio = || {
-        if a.detach {
-            std::process::Stdio::null()
-        } else {
-            std::process::Stdio::inherit()
-        }
-    };
-    let mut child = cw_runtime::monitor::spawn(exe, &rd.path, stdio(), stdio())
-        .with_context(|| "starting the run's monitor process")?;
-    if a.detach {
-        println!("{}", req.id);
-        return Ok(());
-    }
-    MONITOR_PID.store(child.id() as i32, std::sync::atomic::Ordering::Relaxed);
-    let act = nix::sys::signal::SigAction::new(
-        nix::sys::signal::SigHandler::Handler(forward_to_monitor),
-        nix::sys::signal::SaFlags::SA_RESTART,
-        nix::sys::signal::SigSet::empty(),
-    );
-    for s in [
-        nix::sys::signal::Signal::SIGINT,
-        nix::sys::signal::Signal::SIGTERM,
-        nix::sys::signal::Signal::SIGHUP,
-    ] {
-        unsafe { nix::sys::signal::sigaction(s, &act) }.ok();
-    }
-    let _ = child.wait();
-    let ex = rd.wait(std::time::Duration::from_millis(20))?;
-    if let Some(msg) = cw::run::describe_exit(&ex, memory) {
-        eprintln!("cw: {msg}");
-    }
-    if !a.keep {
-        let _ = cw::run::remove(&ctx.store, &rd);
-    }
-    std::process::exit(ex.exit_code);
-}
-
-fn cmd_images(ctx: Ctx, quiet: bool) -> Result<()> {
-    let images = ctx.store.images();
-    if quiet {
-        for i in images {
-            println!("{}", i.manifest.short());
-        }
-        return Ok(());
-    }
-    println!(
-        "{:<50} {:<14} {:<12} {:>10}",
-        "REPOSITORY:TAG", "IMAGE ID", "PLATFORM", "SIZE"
-    );
-    for i in images {
-        let names = if i.names.is_empty() {
-            vec!["<none>".to_string()]
-        } else {
-            i.names.clone()
-        };
-        for n in names {
-            let shown = Reference::parse(&n).map(|r| r.familiar()).unwrap_or(n);
-            println!(
-                "{:<50} {:<14} {:<12} {:>10}",
-                shown,
-                i.manifest.short(),
-                i.platform,
-                human(i.size)
-            );
-        }
-    }
-    Ok(())
+    a
 }
 
 fn main() {
@@ -569,7 +175,7 @@ fn main() {
         eprintln!("cw: sealing the binary against CVE-2019-5736 failed: {e}");
         std::process::exit(125);
     }
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(argv());
     if let Cmd::Monitor { dir } = &cli.cmd {
         // single-threaded from here on: no runtime, no helper threads
         let log = std::fs::OpenOptions::new()
@@ -583,6 +189,13 @@ fn main() {
                 .with_ansi(false)
                 .init();
         }
+        // a detached monitor's stderr is /dev/null: a panic must reach the run's log, where
+        // `cw` reports it when the run is found without its monitor
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            tracing::error!(target: "cw::monitor", "the monitor panicked: {info}");
+            default_hook(info);
+        }));
         std::process::exit(cw_runtime::monitor::main(dir));
     }
     // the worker logs its progress (info, or debug with --verbose) unless --log/CW_LOG says
@@ -592,6 +205,8 @@ fn main() {
         let base = match &cli.cmd {
             Cmd::Worker(w) if w.verbose => "info,cw=debug",
             Cmd::Worker(_) => "info",
+            // what libcontainer's forked process logs is in the error cw exec prints
+            Cmd::Exec { .. } => "warn,libcontainer=off",
             _ => "warn",
         };
         format!("{base},libcgroups=error")
@@ -740,7 +355,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!(
                     "{:<20} {:<14} {:<40} {}",
                     id,
-                    cw::run::status_word(&rd),
+                    rd.status(),
                     meta["image"].as_str().unwrap_or("?"),
                     cmd
                 );
@@ -759,7 +374,7 @@ fn run(cli: Cli) -> Result<()> {
             let ctx = context(&cli.global)?;
             each(ids, "some runs were not removed", |id| {
                 let rd = cw::run::find(&ctx.store, &id)?;
-                if force && rd.exit().is_none() && !rd.abandoned() {
+                if force && rd.status().can_be_stopped() {
                     rd.kill()?;
                     rd.wait(std::time::Duration::from_millis(50))?;
                 }
@@ -771,18 +386,48 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Stats { id } => {
             let ctx = context(&cli.global)?;
             let rd = cw::run::find(&ctx.store, &id)?;
-            let v = match rd.exit() {
-                Some(e) => {
-                    serde_json::json!({"status": cw::run::status_word(&rd), "usage": e.usage, "exit": e})
+            let st = rd.status();
+            let v = match &st {
+                cw_runtime::rundir::Status::Ended(e) => {
+                    serde_json::json!({"status": st.to_string(), "usage": e.usage, "exit": e})
                 }
-                None => {
+                _ => {
                     let req = rd.request()?;
                     let u = cw_runtime::cgroup::read(&req.cgroup_path());
-                    serde_json::json!({"status": cw::run::status_word(&rd), "usage": u})
+                    serde_json::json!({"status": st.to_string(), "usage": u})
                 }
             };
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
+        }
+        Cmd::Exec {
+            interactive,
+            tty,
+            env,
+            workdir,
+            user,
+            id,
+            command,
+        } => {
+            let ctx = context(&cli.global)?;
+            let rd = cw::run::find(&ctx.store, &id)?;
+            let a = cw::exec::ExecArgs {
+                interactive,
+                tty,
+                env,
+                workdir,
+                user,
+                command,
+            };
+            let code = cw::exec::exec(&rd, &id, &a)?;
+            std::process::exit(code);
+        }
+        Cmd::Attach { detach_keys, id } => {
+            let ctx = context(&cli.global)?;
+            let rd = cw::run::find(&ctx.store, &id)?;
+            let keys = cw::attach::parse_detach_keys(&detach_keys).map_err(anyhow::Error::msg)?;
+            let code = cw::attach::attach(&rd, &id, keys)?;
+            std::process::exit(code);
         }
         Cmd::Logs { follow, tail, id } => {
             let ctx = context(&cli.global)?;
@@ -814,8 +459,4 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn parse_device_arg(s: &str) -> Result<cw_runtime::request::Device, String> {
-    cw::run::parse_device(s)
 }

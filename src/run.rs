@@ -4,8 +4,8 @@
 use crate::image::manifest::RunConfig;
 use crate::rootfs;
 use crate::store::{ImageRecord, Store};
-use cw_runtime::monitor::{self, ExitStatus, RunDir};
 use cw_runtime::request::{BindMount, Cleanup, Limits, Network, RunRequest};
+use cw_runtime::rundir::{self as monitor, ExitStatus, RunDir};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Default)]
@@ -33,6 +33,9 @@ pub struct RunOptions {
     pub devices: Vec<cw_runtime::request::Device>,
     /// CDI spec directories for GPU runs (empty: /etc/cdi and /var/run/cdi).
     pub cdi_dirs: Vec<PathBuf>,
+    /// Connect the container's stdin (`-i`) and give it a terminal (`-t`).
+    pub stdin: bool,
+    pub tty: Option<cw_runtime::console::Size>,
 }
 
 pub fn runs_dir(store: &Store) -> PathBuf {
@@ -106,21 +109,10 @@ pub fn environment(
 ) -> Result<Vec<String>, String> {
     let mut env: Vec<(String, String)> = Vec::new();
     let mut set = |kv: &str, whose: &str| -> Result<(), String> {
-        let (k, v) = match kv.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => match std::env::var(kv) {
-                Ok(v) => (kv.to_string(), v),
-                Err(_) => return Ok(()),
-            },
-        };
-        // an empty name or a NUL cannot be passed to execve (the container's init would fail)
-        if k.is_empty() || kv.contains('\0') {
-            return Err(format!(
-                "{whose} {kv:?}: a variable needs a name and no NUL byte"
-            ));
+        if let Some((k, v)) = env_entry(kv, whose)? {
+            env.retain(|(ek, _)| *ek != k);
+            env.push((k, v));
         }
-        env.retain(|(ek, _)| *ek != k);
-        env.push((k, v));
         Ok(())
     };
     set(
@@ -136,6 +128,25 @@ pub fn environment(
         set(e, "environment variable")?;
     }
     Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
+}
+
+/// One `-e` entry: NAME=VALUE, or NAME alone copied from our environment (None when it is not
+/// set here).
+pub fn env_entry(kv: &str, whose: &str) -> Result<Option<(String, String)>, String> {
+    let (k, v) = match kv.split_once('=') {
+        Some((k, v)) => (k.to_string(), v.to_string()),
+        None => match std::env::var(kv) {
+            Ok(v) => (kv.to_string(), v),
+            Err(_) => return Ok(None),
+        },
+    };
+    // an empty name or a NUL cannot be passed to execve (the container's init would fail)
+    if k.is_empty() || kv.contains('\0') {
+        return Err(format!(
+            "{whose} {kv:?}: a variable needs a name and no NUL byte"
+        ));
+    }
+    Ok(Some((k, v)))
 }
 
 pub fn new_id() -> String {
@@ -207,6 +218,10 @@ pub fn prepare(
         let mut host_files = etc_files(&dir, &hostname, o.network)?;
         let mut env =
             environment(&image.run, &o.env, &home, &hostname).map_err(anyhow::Error::msg)?;
+        if o.tty.is_some() && !env.iter().any(|e| e.starts_with("TERM=")) {
+            // docker's default for a terminal; the image's Env or -e win
+            env.push("TERM=xterm".into());
+        }
         let mut devices = o.devices.clone();
         let mut ldconfig_dirs = vec![];
         if !o.gpus.is_empty() {
@@ -301,6 +316,8 @@ pub fn prepare(
             host_files,
             ldconfig_dirs,
             cleanup,
+            stdin: o.stdin && o.tty.is_none(),
+            tty: o.tty,
         })
     })();
     match res {
@@ -375,7 +392,7 @@ fn stat_in_image(rootfs: &Path, path: &str) -> std::io::Result<Option<libc::stat
 /// As docker does at create: the command must exist in the image (for a bare name, in a
 /// directory of the run's PATH) and be executable. Paths under a bind mount cannot be told
 /// before the start and are let through.
-fn check_executable(
+pub fn check_executable(
     rootfs: &Path,
     cmd: &str,
     env: &[String],
@@ -538,23 +555,6 @@ pub fn find(store: &Store, id: &str) -> anyhow::Result<RunDir> {
     Ok(RunDir::new(p))
 }
 
-pub fn status_word(rd: &RunDir) -> String {
-    match (rd.exit(), rd.monitor_pid()) {
-        (Some(e), _) => match e.reason {
-            monitor::Reason::Exited => format!("exited ({})", e.exit_code),
-            monitor::Reason::Killed => "killed".into(),
-            monitor::Reason::TimeLimit => "time limit".into(),
-            monitor::Reason::Failed => "failed".into(),
-            monitor::Reason::Lost => "lost".into(),
-        },
-        (None, Some(_)) => "running".into(),
-        (None, None) if rd.abandoned() => "abandoned".into(),
-        // the monitor has not written its pid yet (or was never started)
-        (None, None) if !rd.monitor_started() => "created".into(),
-        (None, None) => "lost".into(),
-    }
-}
-
 /// Release and remove a run that never got its request written: its rootfs mount, its in-use
 /// record, its directory.
 fn release_abandoned(store: &Store, id: &str, rd: &RunDir) {
@@ -578,7 +578,7 @@ pub fn remove(store: &Store, rd: &RunDir) -> anyhow::Result<()> {
         release_abandoned(store, &id, rd);
         return Ok(());
     }
-    if rd.exit().is_none() && rd.monitor_pid().is_some() {
+    if rd.status().is_running() {
         anyhow::bail!(
             "run {} is still running (cw kill it first)",
             rd.path.display()
@@ -689,6 +689,25 @@ pub fn logs(rd: &RunDir, follow: bool, tail: Option<usize>) -> anyhow::Result<()
     }
 }
 
+/// The last error the run's monitor logged (or its last line), for a run found without its
+/// monitor: read from the log's last 64 KiB, at most 400 characters.
+pub fn last_log_error(rd: &RunDir) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(rd.path.join("monitor.log")).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(64 << 10))).ok()?;
+    let mut b = vec![];
+    f.read_to_end(&mut b).ok()?;
+    let s = String::from_utf8_lossy(&b);
+    let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let line = lines
+        .iter()
+        .rev()
+        .find(|l| l.contains(" ERROR "))
+        .or(lines.last())?;
+    Some(line.chars().take(400).collect())
+}
+
 pub fn describe_exit(e: &ExitStatus, memory: Option<u64>) -> Option<String> {
     if let Some(err) = &e.error {
         return Some(err.clone());
@@ -743,16 +762,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let rd = RunDir::new(d.path());
         // no request and nobody preparing it: a cw died while it prepared the run
-        assert_eq!(status_word(&rd), "abandoned");
+        assert_eq!(rd.status().to_string(), "abandoned");
         rd.write_creator().unwrap();
-        assert_eq!(status_word(&rd), "created");
+        assert_eq!(rd.status().to_string(), "created");
         // a pid whose start time does not match: that monitor is gone
         std::fs::write(
             d.path().join("monitor.pid"),
             format!("{} 1", std::process::id()),
         )
         .unwrap();
-        assert_eq!(status_word(&rd), "lost");
+        assert_eq!(rd.status().to_string(), "lost");
     }
 
     #[test]

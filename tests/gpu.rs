@@ -30,7 +30,7 @@ fn gpus_command_reports_nvml_state() {
 #[test]
 fn no_gpu_injection_unless_asked() {
     if !is_root() {
-        eprintln!("skipped: needs root");
+        skip("needs root");
         return;
     }
     let cw = Cw::new();
@@ -94,7 +94,7 @@ fn standin_nvml(dir: &std::path::Path) -> Option<std::path::PathBuf> {
     {
         Ok(s) if s.success() => Some(lib),
         r => {
-            eprintln!("skipped: cannot build the stand-in NVML ({r:?})");
+            skip(&format!("cannot build the stand-in NVML ({r:?})"));
             None
         }
     }
@@ -128,7 +128,7 @@ fn stand_in_nvml_drives_cw_gpus_and_the_nodes_a_run_gets() {
         "{table}"
     );
     if !is_root() {
-        eprintln!("skipped the run part: needs root");
+        skip("the run part needs root");
         return;
     }
     if std::fs::read_to_string("/proc/devices")
@@ -172,7 +172,7 @@ fn stand_in_nvml_drives_cw_gpus_and_the_nodes_a_run_gets() {
 #[test]
 fn cdi_spec_edits_and_ldconfig_in_the_rootfs() {
     if !is_root() {
-        eprintln!("skipped: needs root");
+        skip("needs root");
         return;
     }
     let d = tempfile::tempdir().unwrap();

@@ -17,7 +17,7 @@ const NOBODY: u32 = 65534;
 
 fn root() -> bool {
     if !is_root() {
-        eprintln!("SKIP: these tests run containers and act as another user: they need root");
+        skip("these tests run containers and act as another user: they need root");
         return false;
     }
     true
@@ -540,4 +540,50 @@ fn a_registry_that_drips_or_claims_what_it_lacks_fails_the_pull_in_time() {
         "bound without proof:\n{images}"
     );
     assert_eq!(p.count("GET", "/manifests/"), 1, "{:?}", p.requests());
+}
+
+/// Finding 8's last part: an error inside libcontainer's init arrived as "failed to prepare
+/// rootfs", without the path or the operation.
+#[test]
+fn failures_inside_the_containers_init_name_the_path_and_the_operation() {
+    if !root() {
+        return;
+    }
+    let cw = Cw::new();
+    cw.ok(&["pull", "-q", TINY]);
+    let src = cw.dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let s = src.to_str().unwrap();
+    for (dest, want) in [
+        ("/proc/foo", "No such file or directory"),
+        ("/sys/kernel/cw-x", "Read-only file system"),
+    ] {
+        let o = cw.run(&["run", "-v", &format!("{s}:{dest}"), "--image", TINY, "true"]);
+        assert_eq!(o.status.code(), Some(125), "{}", out(&o));
+        let e = String::from_utf8_lossy(&o.stderr);
+        for part in [
+            "preparing its root filesystem",
+            "failed to mount",
+            &format!("{s} on {dest}"),
+            want,
+        ] {
+            assert!(e.contains(part), "no {part:?} in: {e}");
+        }
+        assert!(!e.contains("error in executing process"), "{e}");
+    }
+    // a device node the spec asks for, where the mount above made a directory
+    let o = cw.run(&[
+        "run",
+        "-v",
+        &format!("{s}:/dev/null/x"),
+        "--image",
+        TINY,
+        "true",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("mknod") && e.contains("path=/dev/null") && e.contains("EEXIST"),
+        "{e}"
+    );
+    assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
 }

@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use std::process::Command;
 
 fn reference_rootfs(name: &str) -> std::path::PathBuf {
     fixtures_root().join("ref").join(name).join("rootfs")
@@ -76,6 +77,35 @@ fn warm_repull_is_one_head_and_no_get() {
     let reqs = p.requests();
     assert_eq!(p.count("HEAD", "/manifests/latest"), 1, "{reqs:#?}");
     assert_eq!(p.count("GET", ""), 0, "a warm re-pull made GETs: {reqs:#?}");
+
+    // and no fsync: nothing it does needs durability (the LRU time is the record's mtime), so
+    // it never waits on a disk busy with writeback (issue 18's P2)
+    let used_before = cw.image_json(&name)["last_used"].as_u64().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let trace = cw.dir.path().join("pull.strace");
+    let c = cw.cmd(&["pull", "-q", &name]);
+    let o = Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-e",
+            "trace=fsync,fdatasync,syncfs,sync,sync_file_range,msync",
+        ])
+        .arg("-o")
+        .arg(&trace)
+        .arg(c.get_program())
+        .args(c.get_args())
+        .envs(c.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .output()
+        .expect("strace (package strace)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let syncs = std::fs::read_to_string(&trace).unwrap();
+    assert!(syncs.trim().is_empty(), "a warm re-pull synced:\n{syncs}");
+    let used_after = cw.image_json(&name)["last_used"].as_u64().unwrap();
+    assert!(
+        used_after > used_before,
+        "last_used {used_before} -> {used_after}"
+    );
 }
 
 #[test]
@@ -437,7 +467,7 @@ fn load_docker_archive_and_oci_layout() {
 #[test]
 fn disk_full_during_unpack_is_named_and_the_store_stays_consistent() {
     if !is_root() {
-        eprintln!("SKIP: mounting a small tmpfs needs root");
+        skip("mounting a small tmpfs needs root");
         return;
     }
     let cw = Cw::new();

@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
             if let Message::Run { bundle, resources } = m {
                 let _ = bundle.exclude_patterns();
                 let _ = bundle.store();
-                let r = cw::worker::runs::Run::new(bundle, resources, "/nonexistent".into());
+                let r = cw::worker::record::Run::new(bundle, resources, "/nonexistent".into());
                 serde_json::to_vec(&r.checkin_entry("w")).unwrap();
                 let _ = r.dep_child_paths();
             }

@@ -193,6 +193,125 @@ pub fn parents_lock(cgroup_parent: &str) -> Option<std::fs::File> {
     Some(f)
 }
 
+/// Whether a run under `cgroup_parent` can have the controller `name`: on v2, listed in
+/// `cgroup.controllers` of the parent or, where the parent is still to be made, of its nearest
+/// existing ancestor (libcontainer enables what is listed there on the way down); on v1, its
+/// hierarchy is mounted.
+pub fn controller_available(cgroup_parent: &str, name: &str) -> bool {
+    match version() {
+        Version::V1 => Path::new("/sys/fs/cgroup").join(name).is_dir(),
+        Version::V2 => {
+            let mut dir = v2_dir(cgroup_parent);
+            loop {
+                if let Ok(c) = std::fs::read_to_string(dir.join("cgroup.controllers")) {
+                    return c.split_whitespace().any(|x| x == name);
+                }
+                if !dir.pop() {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// The CPUs a cpuset list ("0-3,8,10-11") names, in order, one part at a time: a range is not
+/// expanded ahead, so a caller meets a bad or out-of-reach CPU where it stands in the list.
+pub fn cpu_list(list: &str) -> impl Iterator<Item = Result<usize, String>> + '_ {
+    list.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .flat_map(|part| -> Box<dyn Iterator<Item = Result<usize, String>>> {
+            let range = match part.split_once('-') {
+                Some((a, b)) => a.parse::<usize>().ok().zip(b.parse::<usize>().ok()),
+                None => part.parse::<usize>().ok().map(|n| (n, n)),
+            };
+            match range {
+                Some((a, b)) => Box::new((a..=b).map(Ok)),
+                None => Box::new(std::iter::once(Err(format!(
+                    "{part:?} is not a CPU number or range"
+                )))),
+            }
+        })
+}
+
+/// A cpuset list as this process's CPU affinity, which its children inherit.
+pub fn pin_affinity(list: &str) -> Result<(), String> {
+    let mut set = nix::sched::CpuSet::new();
+    for c in cpu_list(list) {
+        let c = c?;
+        set.set(c)
+            .map_err(|e| format!("CPU {c} is beyond what this kernel can name: {e}"))?;
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(|e| e.to_string())
+}
+
+/// Make sure the run's own cgroup is gone from every hierarchy. libcontainer's delete kills what
+/// it lists and retries the rmdir for about 100 ms, then gives up at the first hierarchy that
+/// still has a task (a process that takes longer to die: a large address space to free, a frozen
+/// cgroup, a child reparented at the namespace's end), leaving that cgroup and every one it had
+/// not reached yet. Here each remaining directory is thawed, what it holds is killed again, and
+/// the rmdir is retried until `within` has passed; a cgroup still there after names itself.
+pub fn remove_run(cgroup_path: &str, within: std::time::Duration) {
+    let rel = cgroup_path.trim_start_matches('/');
+    if rel.is_empty() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + within;
+    let mut left: Vec<PathBuf> = mount_points().into_iter().map(|m| m.join(rel)).collect();
+    let mut delay = std::time::Duration::from_millis(10);
+    loop {
+        let mut last = None;
+        left.retain(|dir| match std::fs::remove_dir(dir) {
+            Ok(()) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
+            Err(e) => {
+                last = Some(e);
+                true
+            }
+        });
+        let Some(err) = last else { return };
+        if std::time::Instant::now() >= deadline {
+            for dir in &left {
+                tracing::warn!("removing the run's cgroup {}: {err}", dir.display());
+            }
+            return;
+        }
+        // a frozen task takes its SIGKILL only once thawed (the freezer is its own hierarchy)
+        thaw(cgroup_path);
+        for dir in &left {
+            for pid in procs(dir) {
+                if pid > 1 {
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(std::time::Duration::from_millis(200));
+    }
+}
+
+/// A hierarchy's directory for `cgroup_path` that already holds processes: the cgroup of a
+/// live run of the same name, started from another store (run names are unique per store, the
+/// cgroup path `<parent>/<name>` is per node). Joining it would put two runs under one limit and
+/// one account, and either's teardown would kill the other.
+pub fn held_by_others(cgroup_path: &str) -> Option<PathBuf> {
+    let rel = cgroup_path.trim_start_matches('/');
+    if rel.is_empty() {
+        return None;
+    }
+    mount_points()
+        .into_iter()
+        .map(|m| m.join(rel))
+        .find(|d| !procs(d).is_empty())
+}
+
+/// The processes a cgroup directory lists (none when it cannot be read).
+fn procs(dir: &Path) -> Vec<i32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|p| p.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
 /// Remove what [`missing_parents`] listed, once the run's own cgroup is gone. rmdir only takes an
 /// empty cgroup (no tasks, no children), so a parent that another run is still using stays.
 pub fn remove_parents(dirs: &[PathBuf]) {
@@ -206,6 +325,32 @@ pub fn remove_parents(dirs: &[PathBuf]) {
                 ) => {}
             Err(e) => tracing::warn!("removing the cgroup {}: {e}", d.display()),
         }
+    }
+}
+
+/// Thaw the run's cgroup. libcontainer freezes it to signal every process of a run and thaws it
+/// after, but an error in between (a pid list it could not read, a signal it could not send)
+/// returns early and leaves it frozen: the run then never ends, and a later run of the same name
+/// starts frozen. Called after every such kill.
+pub fn thaw(cgroup_path: &str) {
+    let rel = cgroup_path.trim_start_matches('/');
+    let (file, value) = match version() {
+        Version::V1 => (
+            Path::new("/sys/fs/cgroup/freezer")
+                .join(rel)
+                .join("freezer.state"),
+            "THAWED",
+        ),
+        Version::V2 => (v2_dir(cgroup_path).join("cgroup.freeze"), "0"),
+    };
+    match std::fs::read_to_string(&file) {
+        Ok(s) if s.trim() == "THAWED" || s.trim() == "0" => {}
+        Ok(_) => {
+            if let Err(e) = std::fs::write(&file, value) {
+                tracing::warn!("thawing {}: {e}", file.display());
+            }
+        }
+        Err(_) => {}
     }
 }
 
@@ -225,6 +370,77 @@ pub fn read_v2(dir: &Path) -> Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run's cgroup holding a frozen process (SIGKILL cannot take effect until it is thawed:
+    /// what libcontainer's delete leaves behind) is emptied and removed in every hierarchy.
+    #[test]
+    fn a_cgroup_whose_task_is_frozen_is_emptied_and_removed() {
+        if unsafe { libc::geteuid() } != 0 || version() != Version::V1 {
+            eprintln!("SKIP: needs root and the cgroup v1 freezer (cgroup_v2.rs covers v2)");
+            return;
+        }
+        let path = format!("/cw/remove-run-test-{}", std::process::id());
+        // an orphan (reaped by init, as a run's processes are once its monitor is gone: a zombie
+        // child of this test would hold its cgroup until waited for)
+        let o = std::process::Command::new("sh")
+            .args(["-c", "sleep 1000 </dev/null >/dev/null 2>&1 & echo $!"])
+            .output()
+            .unwrap();
+        let pid = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        let pid_n: i32 = pid.parse().unwrap();
+        let kill = || unsafe { libc::kill(pid_n, libc::SIGKILL) };
+        let dirs: Vec<PathBuf> = mount_points()
+            .into_iter()
+            .map(|m| m.join(path.trim_start_matches('/')))
+            .collect();
+        for d in &dirs {
+            for dir in [d.parent().unwrap(), d.as_path()] {
+                let _ = std::fs::create_dir(dir);
+                // a new v1 cpuset starts with no CPUs and no memory nodes: the parent's
+                for f in ["cpuset.cpus", "cpuset.mems"] {
+                    let empty =
+                        std::fs::read_to_string(dir.join(f)).is_ok_and(|v| v.trim().is_empty());
+                    if empty {
+                        let v = std::fs::read(dir.parent().unwrap().join(f)).unwrap();
+                        std::fs::write(dir.join(f), v).unwrap();
+                    }
+                }
+            }
+            if let Err(e) = std::fs::write(d.join("cgroup.procs"), &pid) {
+                kill();
+                panic!("moving the test process into {}: {e}", d.display());
+            }
+        }
+        let fz = Path::new("/sys/fs/cgroup/freezer").join(path.trim_start_matches('/'));
+        std::fs::write(fz.join("freezer.state"), "FROZEN").unwrap();
+        // what libcontainer's delete does: a SIGKILL, then an rmdir that finds the task
+        kill();
+        assert!(
+            std::fs::remove_dir(&fz).is_err(),
+            "a frozen task should hold its cgroup"
+        );
+        remove_run(&path, std::time::Duration::from_secs(10));
+        let left: Vec<_> = dirs.iter().filter(|d| d.exists()).collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+        // dead: gone, or a zombie waiting for its reaper
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").map(|(_, r)| &r[..1]);
+        assert!(
+            matches!(state, None | Some("Z") | Some("X")),
+            "the frozen task is still alive: {stat}"
+        );
+    }
+
+    #[test]
+    fn cpu_lists_part_by_part() {
+        let all = |l: &str| cpu_list(l).collect::<Result<Vec<_>, _>>();
+        assert_eq!(all("0-3,8, 10-11"), Ok(vec![0, 1, 2, 3, 8, 10, 11]));
+        assert_eq!(all(""), Ok(vec![]));
+        assert_eq!(all("3-1"), Ok(vec![]));
+        assert_eq!(all("1,x"), Err("\"x\" is not a CPU number or range".into()));
+        // a huge range is walked, not built: the first CPU comes at once
+        assert_eq!(cpu_list("5-4000000000").next(), Some(Ok(5)));
+    }
 
     #[test]
     fn v1_runtime_is_split_in_the_samples_ratio() {

@@ -5,9 +5,14 @@
 
 pub mod cdi;
 pub mod cgroup;
+pub mod console;
+pub mod exec;
 pub mod fsx;
 pub mod gpu;
+pub mod initlog;
 pub mod ldcache;
 pub mod monitor;
+pub mod net;
 pub mod request;
+pub mod rundir;
 pub mod spec;

@@ -7,20 +7,15 @@
 //! its directory, reads `state.json`/`exit.json`, signals the monitor, or recovers a run whose
 //! monitor is gone.
 //!
-//! Run directory:
-//! ```text
-//! request.json   what to run (written by the caller before the monitor starts)
-//! monitor.pid    the monitor's pid and start time (so a recycled pid is not mistaken for it)
-//! bundle/        the OCI bundle (config.json)
-//! lc/            libcontainer's state
-//! state.json     {"status":"running","pid":…,"started_at":…}
-//! exit.json      the final status and accounting (the run is over when this exists)
-//! cleaned        resources (cgroup, mounts, dirs) are released
-//! monitor.log    libcontainer's and the monitor's log
-//! ```
+//! The run directory it works in is [`crate::rundir`]'s.
 
 use crate::cgroup::{self, Usage};
+pub use crate::net::pasta_path;
+use crate::net::{loopback_up, start_pasta, stop_pasta};
 use crate::request::{Network, RunRequest};
+use crate::rundir::{
+    proc_start_time, replace_file, unix_now, ExitStatus, Reason, RunDir, State, PARENTS_FILE,
+};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
@@ -30,298 +25,11 @@ use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// The parent cgroups the monitor's creating the run made (JSON list of paths), written before it
-/// creates them, when there are any.
-const PARENTS_FILE: &str = "cgroup-parents.json";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    /// The command exited by itself (or by a signal it caused).
-    Exited,
-    /// Killed on request (`cw kill`, the worker, a signal to the monitor).
-    Killed,
-    /// Killed for running past its time limit.
-    TimeLimit,
-    /// The container could not be created or started.
-    Failed,
-    /// The monitor died; the run was found and cleaned up by another process.
-    Lost,
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ExitStatus {
-    /// Shell convention: the exit code, or 128+signal.
-    pub exit_code: i32,
-    pub signal: Option<i32>,
-    pub reason: Reason,
-    /// The kernel OOM-killed at least one process of the run (from the cgroup's counter).
-    pub oom_killed: bool,
-    pub usage: Usage,
-    pub started_at: f64,
-    pub finished_at: f64,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct State {
-    pub status: String,
-    pub pid: Option<i32>,
-    pub started_at: f64,
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// Write `data` to `path` atomically and durably: a temp file in the same directory (a name no
-/// other writer, thread or process, can be using), fsync, rename; the temp file is removed on
-/// failure. For what must survive a power cut: the image store's blobs and records, the
-/// worker's run table.
-pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    write_via_rename(path, data, true)
-}
-
-/// Write `data` to `path` atomically but without fsync: any other process sees the old content
-/// or the new, never a mix. For state that means nothing after a reboot, whose runs a power cut
-/// ends anyway: a run's request, pid, state and exit records, in-use records. Their fsyncs
-/// (six per run) were about a quarter of `cw run true`'s start-to-exit time here (47.6 -> 34.4
-/// ms), and cost far more on network filesystems.
-pub fn replace_file(path: &Path, data: &[u8]) -> io::Result<()> {
-    write_via_rename(path, data, false)
-}
-
-fn write_via_rename(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.{}-{}-{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0)
-    ));
-    let res = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        if durable {
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res
-}
-
-/// A run directory and what can be read from it.
-#[derive(Debug, Clone)]
-pub struct RunDir {
-    pub path: PathBuf,
-}
-
-fn proc_start_time(pid: i32) -> Option<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &s[s.rfind(')')? + 2..];
-    after.split(' ').nth(19)?.parse().ok()
-}
-
-impl RunDir {
-    pub fn new(path: impl Into<PathBuf>) -> RunDir {
-        RunDir { path: path.into() }
-    }
-
-    pub fn request(&self) -> io::Result<RunRequest> {
-        let b = fs::read(self.path.join("request.json"))?;
-        serde_json::from_slice(&b).map_err(io::Error::other)
-    }
-
-    pub fn write_request(&self, r: &RunRequest) -> io::Result<()> {
-        fs::create_dir_all(&self.path)?;
-        replace_file(
-            &self.path.join("request.json"),
-            &serde_json::to_vec_pretty(r).unwrap(),
-        )
-    }
-
-    pub fn state(&self) -> Option<State> {
-        serde_json::from_slice(&fs::read(self.path.join("state.json")).ok()?).ok()
-    }
-
-    pub fn exit(&self) -> Option<ExitStatus> {
-        serde_json::from_slice(&fs::read(self.path.join("exit.json")).ok()?).ok()
-    }
-
-    pub fn cleaned(&self) -> bool {
-        self.path.join("cleaned").exists()
-    }
-
-    /// Record the process preparing this run (before anything is mounted for it), so that a run
-    /// whose preparer died half-way can be told from one being prepared, and released.
-    pub fn write_creator(&self) -> io::Result<()> {
-        let pid = std::process::id() as i32;
-        let start = proc_start_time(pid).unwrap_or(0);
-        replace_file(
-            &self.path.join("creator"),
-            format!("{pid} {start}\n").as_bytes(),
-        )
-    }
-
-    /// A run being prepared by a live process (no request written yet).
-    pub fn being_prepared(&self) -> bool {
-        let Ok(s) = fs::read_to_string(self.path.join("creator")) else {
-            return false;
-        };
-        let Some((pid, start)) = s.trim().split_once(' ') else {
-            return false;
-        };
-        match (pid.parse::<i32>(), start.parse::<u64>()) {
-            (Ok(pid), Ok(start)) => proc_start_time(pid) == Some(start),
-            _ => false,
-        }
-    }
-
-    /// A run whose preparation died before it wrote its request (a killed `cw run`): what it may
-    /// hold is its rootfs mount and its dir.
-    pub fn abandoned(&self) -> bool {
-        !self.path.join("request.json").exists()
-            && !self.monitor_started()
-            && !self.being_prepared()
-    }
-
-    /// Whether the monitor has written its pid: a run without one is still being started (or
-    /// never was), not one whose monitor died.
-    pub fn monitor_started(&self) -> bool {
-        self.path.join("monitor.pid").exists()
-    }
-
-    /// The monitor's pid if it is still that process (pid and start time match).
-    pub fn monitor_pid(&self) -> Option<i32> {
-        let s = fs::read_to_string(self.path.join("monitor.pid")).ok()?;
-        let (pid, start) = s.trim().split_once(' ')?;
-        let pid: i32 = pid.parse().ok()?;
-        let start: u64 = start.parse().ok()?;
-        (proc_start_time(pid) == Some(start)).then_some(pid)
-    }
-
-    /// Ask the monitor to stop the run (SIGTERM to the container, SIGKILL after the grace).
-    /// Without a live monitor, the run is recovered here. Returns false if it had already ended.
-    pub fn kill(&self) -> io::Result<bool> {
-        if self.exit().is_some() && self.cleaned() {
-            return Ok(false);
-        }
-        match self.monitor_pid() {
-            Some(pid) => {
-                signal::kill(Pid::from_raw(pid), Signal::SIGTERM).map_err(io::Error::from)?;
-                Ok(true)
-            }
-            None => {
-                self.recover()?;
-                Ok(true)
-            }
-        }
-    }
-
-    /// Finish a run whose monitor is gone: kill what is left, record it as lost, release resources.
-    pub fn recover(&self) -> io::Result<()> {
-        let req = self.request()?;
-        let lc = self.path.join("lc").join(&req.id);
-        let mut usage = Usage::default();
-        if lc.exists() {
-            if let Ok(mut c) = Container::load(lc.clone()) {
-                let _ = c.kill(Signal::SIGKILL, true);
-                if let Ok(cfg) = c.spec() {
-                    usage = cgroup::read(&cgroup_path_string(&cfg.cgroup_path));
-                }
-                let _ = c.delete(true);
-            }
-        }
-        let recorded: Vec<PathBuf> = fs::read(self.path.join(PARENTS_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        let parents = cgroup::recorded_parents(&req.cgroup_parent, &recorded);
-        if !parents.is_empty() {
-            let _lock = cgroup::parents_lock(&req.cgroup_parent);
-            cgroup::remove_parents(&parents);
-        }
-        if self.exit().is_none() {
-            let st = self.state();
-            let ex = ExitStatus {
-                exit_code: 137,
-                signal: Some(9),
-                reason: Reason::Lost,
-                oom_killed: usage.oom_kills > 0,
-                usage,
-                started_at: st.map(|s| s.started_at).unwrap_or(0.0),
-                finished_at: unix_now(),
-                error: Some("the run's monitor process died; the run was stopped".into()),
-            };
-            replace_file(
-                &self.path.join("exit.json"),
-                &serde_json::to_vec_pretty(&ex).unwrap(),
-            )?;
-        }
-        cleanup(&req, &self.path);
-        Ok(())
-    }
-
-    /// Block until the run has ended (exit.json and cleanup), polling.
-    pub fn wait(&self, poll: Duration) -> io::Result<ExitStatus> {
-        loop {
-            if let Some(e) = self.exit() {
-                if self.cleaned() || self.monitor_pid().is_none() {
-                    return Ok(e);
-                }
-            } else if self.monitor_pid().is_none() && self.monitor_started() {
-                // died without writing the status
-                std::thread::sleep(Duration::from_millis(50));
-                if self.exit().is_none() && self.monitor_pid().is_none() {
-                    self.recover()?;
-                    continue;
-                }
-            }
-            std::thread::sleep(poll);
-        }
-    }
-}
-
-fn cgroup_path_string(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
-
-/// Start `exe __monitor <dir>` in its own session. Its stdout/stderr are the container's when the
-/// request names no files.
-pub fn spawn(exe: &Path, dir: &Path, stdout: Stdio, stderr: Stdio) -> io::Result<Child> {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(exe);
-    cmd.arg("__monitor")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr);
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid().map_err(io::Error::from)?;
-            Ok(())
-        });
-    }
-    cmd.spawn()
-}
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
 
 // ---- inside the monitor
 
@@ -398,26 +106,6 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Bring `lo` up in the current network namespace.
-fn loopback_up() -> io::Result<()> {
-    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if s < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let s = unsafe { OwnedFd::from_raw_fd(s) };
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (i, b) in b"lo\0".iter().enumerate() {
-        ifr.ifr_name[i] = *b as libc::c_char;
-    }
-    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 fn is_dev_null(fd: RawFd) -> bool {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     unsafe {
@@ -448,91 +136,70 @@ fn output(path: &Option<PathBuf>, ours: RawFd, drains: &mut Vec<OwnedFd>) -> io:
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Where the `pasta` binary is (PATH, then /usr/bin and /usr/local/bin).
-pub fn pasta_path() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
-        .map(|d| d.join("pasta"))
-        .find(|p| p.is_file())
+type Stdio3 = (OwnedFd, OwnedFd, OwnedFd);
+
+/// The container's stdin, stdout and stderr without a terminal.
+fn stdio(req: &RunRequest, drains: &mut Vec<OwnedFd>) -> Result<Stdio3, String> {
+    let (o, e) = match (
+        output(&req.stdout, 1, drains),
+        output(&req.stderr, 2, drains),
+    ) {
+        (Ok(o), Ok(e)) => (o, e),
+        (Err(e), _) | (_, Err(e)) => return Err(format!("opening the output files: {e}")),
+    };
+    // `-i`: ours, inherited from cw run (a pipe, a file, a terminal); else /dev/null
+    let ours = (req.stdin && unsafe { libc::fcntl(0, libc::F_GETFD) } >= 0 && !is_dev_null(0))
+        .then(|| unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) })
+        .filter(|fd| *fd >= 0);
+    let i = match ours {
+        Some(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+        None => File::open("/dev/null")
+            .map_err(|e| format!("opening /dev/null: {e}"))?
+            .into(),
+    };
+    Ok((i, o, e))
 }
 
-/// Connect this (new) network namespace to the outside with pasta, started from the host's
-/// namespace: no port forwarding either way, the gateway address not mapped to the host (so the
-/// host's loopback services stay out of reach). pasta forks into the background once the
-/// interface is configured; its pid is kept for cleanup.
-fn start_pasta(dir: &Path, host_ns: &File) -> Result<(), String> {
-    use std::os::unix::process::CommandExt;
-    let pasta = pasta_path().ok_or(
-        "network \"private\" needs pasta (Debian/Ubuntu package passt); install it or use --network none|host",
-    )?;
-    // pasta joins a namespace bound to a file (as `ip netns` makes them); /proc/PID/ns/net is
-    // refused by the packaged version. It quits by itself when the file is unmounted.
-    let nsf = dir.join("netns");
-    File::create(&nsf).map_err(|e| format!("{}: {e}", nsf.display()))?;
-    nix::mount::mount(
-        Some("/proc/self/ns/net"),
-        &nsf,
-        None::<&str>,
-        nix::mount::MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(|e| format!("binding the run's network namespace: {e}"))?;
-    let ns = nsf.to_string_lossy().into_owned();
-    let pidfile = dir.join("pasta.pid");
-    let host_fd = host_ns.as_raw_fd();
-    let mut cmd = Command::new(&pasta);
-    cmd.args(["--runas", "0", "--config-net", "--no-map-gw", "--quiet"])
-        .args(["-t", "none", "-u", "none", "-T", "none", "-U", "none"])
-        .args(["--netns", &ns, "--netns-only", "-P"])
-        .arg(&pidfile)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(host_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("starting {}: {e}", pasta.display()))?;
-    if !out.status.success() {
-        let err: String = String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .filter(|l| !l.contains("syslog"))
-            .collect::<Vec<_>>()
-            .join("; ");
-        return Err(format!(
-            "pasta could not connect the run's network ({}): {err}",
-            out.status
-        ));
-    }
-    Ok(())
-}
-
-fn stop_pasta(dir: &Path) {
-    if let Ok(s) = fs::read_to_string(dir.join("pasta.pid")) {
-        if let Ok(pid) = s.trim().parse::<i32>() {
-            // only if it still is our pasta (the pid may have been reused after a reboot): its
-            // command line names this run's pid file (its comm is e.g. "passt.avx2")
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let ours = dir.join("pasta.pid");
-            let ours = ours.as_os_str().as_encoded_bytes();
-            if cmdline.split(|b| *b == 0).any(|a| a == ours) {
-                let _ = signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
-            }
+/// Take the pty master libcontainer sent, size it, and open the attach socket. The first client
+/// is the monitor's stdin when `cw run -it` passed one end of a socket pair there.
+fn open_console(
+    dir: &Path,
+    req: &RunRequest,
+    listener: &OwnedFd,
+    size: crate::console::Size,
+) -> Result<crate::console::Console, String> {
+    use crate::console;
+    let master = console::receive_master(listener, 10_000).map_err(|e| e.to_string())?;
+    let _ = console::set_size(master.as_raw_fd(), size);
+    let attach =
+        console::listen(dir, console::ATTACH_SOCKET, libc::SOCK_SEQPACKET).map_err(|e| {
+            format!(
+                "creating {}: {e}",
+                dir.join(console::ATTACH_SOCKET).display()
+            )
+        })?;
+    let log = match &req.stdout {
+        Some(p) => Some(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| format!("opening {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut c = console::Console::new(master, Some(attach), log);
+    if console::is_seqpacket(0) {
+        let fd = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
+        if fd >= 0 {
+            c.add_client(unsafe { OwnedFd::from_raw_fd(fd) });
         }
-        let _ = fs::remove_file(dir.join("pasta.pid"));
+        // the monitor keeps no other copy: when cw run goes, its client goes
+        if let Ok(null) = File::open("/dev/null") {
+            unsafe { libc::dup2(null.as_raw_fd(), 0) };
+        }
     }
-    let nsf = dir.join("netns");
-    if nsf.exists() {
-        let _ = nix::mount::umount2(&nsf, nix::mount::MntFlags::MNT_DETACH);
-        let _ = fs::remove_file(&nsf);
-    }
+    Ok(c)
 }
 
 /// libcontainer's default executor, and the container's init dies with its monitor: a run
@@ -579,7 +246,10 @@ impl Executor for DiesWithMonitor {
     }
 }
 
-fn cleanup(req: &RunRequest, dir: &Path) {
+/// How long teardown waits for the processes of a killed run to leave its cgroup.
+pub(crate) const RUN_CGROUP_GONE_WITHIN: Duration = Duration::from_secs(10);
+
+pub(crate) fn cleanup(req: &RunRequest, dir: &Path) {
     stop_pasta(dir);
     for m in &req.cleanup.unmount {
         if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
@@ -635,6 +305,11 @@ fn fail(dir: &Path, req: &RunRequest, started: f64, msg: String) -> i32 {
 }
 
 /// The monitor process's main. Returns its exit code (0 when the status was recorded).
+///
+/// Phases: [`enter`] (pid record, signals, OOM score), [`isolate_network`], [`prepare`] (GPU ld
+/// cache, the OCI bundle, stdio), [`launch`] (libcontainer create and start, the terminal),
+/// [`supervise`] (wait, time limit, kills, the terminal's relay), [`finish`] (exit.json, then
+/// teardown). A phase that fails is the run's error, recorded by [`fail`].
 pub fn main(dir: &Path) -> i32 {
     let rd = RunDir::new(dir);
     let req = match rd.request() {
@@ -648,12 +323,36 @@ pub fn main(dir: &Path) -> i32 {
         }
     };
     let started = unix_now();
+    let run = || -> Result<(), String> {
+        let entered = enter(dir)?;
+        isolate_network(dir, &req)?;
+        let prepared = prepare(dir, &req, entered.inherited_oom_adj)?;
+        let mut launched = launch(dir, &req, prepared, started)?;
+        let (status, reason) = supervise(&req, &entered.signals, &mut launched);
+        finish(dir, &req, started, status, reason, launched);
+        Ok(())
+    };
+    match run() {
+        Ok(()) => 0,
+        Err(msg) => fail(dir, &req, started, msg),
+    }
+}
+
+struct Entered {
+    /// The read end of the signal self-pipe.
+    signals: OwnedFd,
+    /// The OOM score cw was started with, for the container.
+    inherited_oom_adj: i32,
+}
+
+/// Record the monitor's pid, reset inherited signal dispositions, take signals through a
+/// self-pipe, and keep the kernel's OOM killer off the monitor.
+fn enter(dir: &Path) -> Result<Entered, String> {
     let me = std::process::id() as i32;
     let _ = replace_file(
         &dir.join("monitor.pid"),
         format!("{me} {}", proc_start_time(me).unwrap_or(0)).as_bytes(),
     );
-
     reset_ignored_signals();
     // When memory runs out above the run's own limit (a Slurm job's, the host's), the kernel must
     // pick the run's processes, not the monitor: without it a job's OOM took the monitor and the
@@ -667,11 +366,8 @@ pub fn main(dir: &Path) -> i32 {
         tracing::info!("the monitor keeps oom_score_adj {inherited_oom_adj}: {e}");
     }
     // signals arrive through a self-pipe; handlers (not a blocked mask) so children start clean
-    let (sig_r, sig_w) = match pipe() {
-        Ok(p) => p,
-        Err(e) => return fail(dir, &req, started, format!("creating a pipe: {e}")),
-    };
-    SIGNAL_PIPE.store(sig_w.as_raw_fd(), Ordering::Relaxed);
+    let (sig_r, sig_w) = pipe().map_err(|e| format!("creating a pipe: {e}"))?;
+    SIGNAL_PIPE.store(sig_w.into_raw_fd(), Ordering::Relaxed);
     let act = SigAction::new(
         SigHandler::Handler(on_signal),
         SaFlags::SA_RESTART,
@@ -695,39 +391,42 @@ pub fn main(dir: &Path) -> i32 {
         SigSet::empty(),
     );
     unsafe { signal::sigaction(Signal::SIGPIPE, &noop) }.ok();
+    Ok(Entered {
+        signals: sig_r,
+        inherited_oom_adj,
+    })
+}
 
-    if matches!(req.network, Network::None | Network::Private) {
-        // The container inherits this private namespace (the spec asks for none of its own):
-        // only loopback, and it is up; for Private, pasta adds the way out.
-        let host_ns = match File::open("/proc/self/ns/net") {
-            Ok(f) => f,
-            Err(e) => {
-                return fail(
-                    dir,
-                    &req,
-                    started,
-                    format!("opening the host network namespace: {e}"),
-                )
-            }
-        };
-        if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-            return fail(
-                dir,
-                &req,
-                started,
-                format!("creating a network namespace: {e}"),
-            );
-        }
-        if let Err(e) = loopback_up() {
-            return fail(dir, &req, started, format!("bringing up loopback: {e}"));
-        }
-        if req.network == Network::Private {
-            if let Err(e) = start_pasta(dir, &host_ns) {
-                return fail(dir, &req, started, e);
-            }
-        }
+/// `none` and `private`: the container inherits this private namespace (the spec asks for none
+/// of its own): only loopback, and it is up; for `private`, pasta adds the way out.
+fn isolate_network(dir: &Path, req: &RunRequest) -> Result<(), String> {
+    if !matches!(req.network, Network::None | Network::Private) {
+        return Ok(());
     }
+    let host_ns = File::open("/proc/self/ns/net")
+        .map_err(|e| format!("opening the host network namespace: {e}"))?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("creating a network namespace: {e}"))?;
+    loopback_up().map_err(|e| format!("bringing up loopback: {e}"))?;
+    if req.network == Network::Private {
+        start_pasta(dir, &host_ns)?;
+    }
+    Ok(())
+}
 
+struct Prepared {
+    bundle: PathBuf,
+    /// Without a terminal: the container's stdin, stdout and stderr.
+    stdio: Option<Stdio3>,
+    /// Pipes standing in for /dev/null outputs, drained by [`supervise`].
+    drains: Vec<OwnedFd>,
+    /// With a terminal: the console socket libcontainer sends the pty master to.
+    console_listener: Option<OwnedFd>,
+}
+
+/// What the container needs before it is created: the GPU libraries in the image's ld cache,
+/// the OCI bundle, its stdio or its console socket.
+fn prepare(dir: &Path, req: &RunRequest, inherited_oom_adj: i32) -> Result<Prepared, String> {
     if !req.ldconfig_dirs.is_empty() {
         // driver libraries into the image's ld cache, before the container exists
         if let Err(e) = crate::ldcache::update(
@@ -741,35 +440,74 @@ pub fn main(dir: &Path) -> i32 {
             );
         }
     }
-
-    let mut spec = match crate::spec::build(&req) {
-        Ok(s) => s,
-        Err(e) => return fail(dir, &req, started, e),
-    };
+    let mut spec = crate::spec::build(req)?;
     if let Some(p) = spec.process_mut() {
         p.set_oom_score_adj(Some(inherited_oom_adj));
     }
-    let bundle = dir.join("bundle");
-    if let Err(e) = fs::create_dir_all(&bundle).and_then(|_| {
-        spec.save(bundle.join("config.json"))
-            .map_err(io::Error::other)
-    }) {
-        return fail(dir, &req, started, format!("writing the OCI bundle: {e}"));
-    }
-    let mut drains = Vec::new();
-    let (stdout, stderr) = match (
-        output(&req.stdout, 1, &mut drains),
-        output(&req.stderr, 2, &mut drains),
-    ) {
-        (Ok(o), Ok(e)) => (o, e),
-        (Err(e), _) | (_, Err(e)) => {
-            return fail(dir, &req, started, format!("opening the output files: {e}"))
+    if let Some(cpus) = &req.limits.cpuset {
+        if !cgroup::controller_available(&req.cgroup_parent, "cpuset") {
+            // a v2 subtree without the cpuset controller (not delegated, or a kernel without
+            // it): libcontainer would fail on cpuset.cpus. The CPUs are then this process's
+            // affinity, which the container's processes inherit; they are not held to it.
+            if let Some(c) = spec
+                .linux_mut()
+                .as_mut()
+                .and_then(|l| l.resources_mut().as_mut())
+                .and_then(|r| r.cpu_mut().as_mut())
+            {
+                c.set_cpus(None);
+            }
+            cgroup::pin_affinity(cpus)
+                .map_err(|e| format!("setting the CPU affinity {cpus:?}: {e}"))?;
+            tracing::warn!(
+                "no cpuset controller under {}: the run's CPUs {cpus} are its processes' affinity, not enforced",
+                req.cgroup_parent
+            );
         }
+    }
+    let bundle = dir.join("bundle");
+    fs::create_dir_all(&bundle)
+        .and_then(|_| {
+            spec.save(bundle.join("config.json"))
+                .map_err(io::Error::other)
+        })
+        .map_err(|e| format!("writing the OCI bundle: {e}"))?;
+    let mut drains = Vec::new();
+    // with a terminal, the container's stdio is its pty (libcontainer makes it) and libcontainer
+    // takes no other; the console socket gets the pty's master
+    let (stdio, console_listener) = match req.tty {
+        Some(_) => {
+            let l = crate::console::listen(dir, crate::console::CONSOLE_SOCKET, libc::SOCK_STREAM)
+                .map_err(|e| {
+                    format!(
+                        "creating {}: {e}",
+                        dir.join(crate::console::CONSOLE_SOCKET).display()
+                    )
+                })?;
+            (None, Some(l))
+        }
+        None => (Some(stdio(req, &mut drains)?), None),
     };
-    let stdin = match File::open("/dev/null") {
-        Ok(f) => f,
-        Err(e) => return fail(dir, &req, started, format!("opening /dev/null: {e}")),
-    };
+    Ok(Prepared {
+        bundle,
+        stdio,
+        drains,
+        console_listener,
+    })
+}
+
+struct Launched {
+    container: Container,
+    pid: Pid,
+    console: Option<crate::console::Console>,
+    drains: Vec<OwnedFd>,
+    /// Parent cgroups that creating the run's cgroup made, removed with it.
+    made_parents: Vec<PathBuf>,
+}
+
+/// Create and start the container through libcontainer; a failure undoes what was made and
+/// names what libcontainer's init logged about it.
+fn launch(dir: &Path, req: &RunRequest, p: Prepared, started: f64) -> Result<Launched, String> {
     let lc_root = dir.join("lc");
     let _ = fs::create_dir_all(&lc_root);
     // the parent cgroups that creating this run's cgroup will make, to be removed with it
@@ -787,15 +525,52 @@ pub fn main(dir: &Path) -> i32 {
             &serde_json::to_vec(&made_parents).unwrap(),
         );
     }
+    // where this attempt's lines start in the log the container's init inherits
+    let log_path = dir.join("monitor.log");
+    let log_start = fs::metadata(&log_path).map_or(0, |m| m.len());
+    let explain = |what: &str, e: &dyn std::error::Error| {
+        let chain = error_chain(e);
+        match crate::initlog::detail_since(&log_path, log_start, &req.rootfs) {
+            Some(d) if chain.contains("failed to prepare rootfs") => {
+                format!("{what}: preparing its root filesystem: {d}")
+            }
+            Some(d) => format!("{what}: {chain} ({d})"),
+            None => format!("{what}: {chain}"),
+        }
+    };
+    let Prepared {
+        bundle,
+        stdio,
+        drains,
+        console_listener,
+    } = p;
+    if let Some(d) = cgroup::held_by_others(&req.cgroup_path()) {
+        return Err(format!(
+            "the run's cgroup {} already holds processes: a run named {:?} from another store \
+             is using it; give this run another name",
+            d.display(),
+            req.id
+        ));
+    }
+    // a cgroup of this name left frozen by an earlier run's interrupted kill would hold this
+    // run's init before it is ready, and the create would wait for ever
+    cgroup::thaw(&req.cgroup_path());
     let built = ContainerBuilder::new(req.id.clone(), SyscallType::default())
         .with_root_path(&lc_root)
         .and_then(|b| {
-            b.with_executor(DiesWithMonitor {
-                monitor: monitor_pidfd.as_ref().map_or(-1, |f| f.as_raw_fd()),
-            })
-            .with_stdin(stdin)
-            .with_stdout(stdout)
-            .with_stderr(stderr)
+            let b = b
+                .with_executor(DiesWithMonitor {
+                    monitor: monitor_pidfd.as_ref().map_or(-1, |f| f.as_raw_fd()),
+                })
+                .with_console_socket(
+                    console_listener
+                        .as_ref()
+                        .map(|_| dir.join(crate::console::CONSOLE_SOCKET)),
+                );
+            match stdio {
+                Some((i, o, e)) => b.with_stdin(i).with_stdout(o).with_stderr(e),
+                None => b,
+            }
             .validate_id()
         })
         .and_then(|b| {
@@ -807,27 +582,38 @@ pub fn main(dir: &Path) -> i32 {
     let mut container = match built {
         Ok(c) => c,
         Err(e) => {
-            let msg = format!("creating the container: {}", error_chain(&e));
+            let msg = explain("creating the container", &e);
             if let Ok(mut c) = Container::load(lc_root.join(&req.id)) {
                 let _ = c.delete(true);
             }
+            cgroup::remove_run(&req.cgroup_path(), RUN_CGROUP_GONE_WITHIN);
             cgroup::remove_parents(&made_parents);
-            return fail(dir, &req, started, msg);
+            return Err(msg);
         }
     };
-    let cgroup_path = req.cgroup_path();
-    if let Err(e) = container.start() {
-        let msg = format!("starting the container: {}", error_chain(&e));
+    let undo = |container: &mut Container, msg: String| {
         let _ = container.delete(true);
+        cgroup::remove_run(&req.cgroup_path(), RUN_CGROUP_GONE_WITHIN);
         cgroup::remove_parents(&made_parents);
-        return fail(dir, &req, started, msg);
+        Err(msg)
+    };
+    let console = match (&console_listener, req.tty) {
+        (Some(l), Some(size)) => match open_console(dir, req, l, size) {
+            Ok(c) => Some(c),
+            Err(e) => return undo(&mut container, format!("the run's terminal: {e}")),
+        },
+        _ => None,
+    };
+    drop(console_listener);
+    let _ = fs::remove_file(dir.join(crate::console::CONSOLE_SOCKET));
+    if let Err(e) = container.start() {
+        let msg = explain("starting the container", &e);
+        return undo(&mut container, msg);
     }
     // the init inherited the lock's descriptor and closes it at exec
     drop(parents_lock);
     let Some(pid) = container.pid() else {
-        let _ = container.delete(true);
-        cgroup::remove_parents(&made_parents);
-        return fail(dir, &req, started, "the container has no pid".into());
+        return undo(&mut container, "the container has no pid".into());
     };
     let st = State {
         status: "running".into(),
@@ -835,7 +621,19 @@ pub fn main(dir: &Path) -> i32 {
         started_at: started,
     };
     let _ = replace_file(&dir.join("state.json"), &serde_json::to_vec(&st).unwrap());
+    Ok(Launched {
+        container,
+        pid,
+        console,
+        drains,
+        made_parents,
+    })
+}
 
+/// Wait for the container's init while enforcing the time limit and kill requests (SIGTERM,
+/// SIGKILL after the grace, at once when asked again) and relaying its terminal. Its exit code
+/// (128+signal) and signal, and why it ended.
+fn supervise(req: &RunRequest, sig_r: &OwnedFd, l: &mut Launched) -> ((i32, Option<i32>), Reason) {
     let t0 = Instant::now();
     let grace = Duration::from_secs(req.kill_grace_secs);
     let mut reason = Reason::Exited;
@@ -853,20 +651,28 @@ pub fn main(dir: &Path) -> i32 {
         let timeout = wake
             .map(|w| w.saturating_duration_since(now).as_millis().min(60_000) as i32)
             .unwrap_or(60_000);
-        let mut pfds: Vec<libc::pollfd> = std::iter::once(&sig_r)
-            .chain(drains.iter())
+        let mut pfds: Vec<libc::pollfd> = std::iter::once(sig_r)
+            .chain(l.drains.iter())
             .map(|f| libc::pollfd {
                 fd: f.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             })
             .collect();
+        let mut con_fds = l.console.as_ref().map(|c| c.poll_fds()).unwrap_or_default();
+        pfds.extend(con_fds.iter().map(|f| f.0));
         unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
         let mut buf = [0u8; 4096];
-        for (i, p) in pfds.iter().enumerate().skip(1) {
+        for (i, p) in pfds.iter().enumerate().skip(1).take(l.drains.len()) {
             if p.revents & (libc::POLLIN | libc::POLLHUP) != 0 {
-                let _ = (&File::from(drains[i - 1].try_clone().unwrap())).read(&mut buf);
+                let _ = (&File::from(l.drains[i - 1].try_clone().unwrap())).read(&mut buf);
             }
+        }
+        if let Some(c) = &mut l.console {
+            for (f, p) in con_fds.iter_mut().zip(&pfds[1 + l.drains.len()..]) {
+                f.0 = *p;
+            }
+            c.handle(&con_fds);
         }
         let mut term_requested = false;
         loop {
@@ -898,7 +704,10 @@ pub fn main(dir: &Path) -> i32 {
                     Reason::TimeLimit
                 };
                 tracing::info!("stopping the run ({reason:?}): SIGTERM, SIGKILL in {grace:?}");
-                let _ = container.kill(Signal::SIGTERM, true);
+                if let Err(e) = l.container.kill(Signal::SIGTERM, true) {
+                    tracing::warn!("SIGTERM to the run: {e}");
+                }
+                cgroup::thaw(&req.cgroup_path());
                 kill_at = Some(now + grace);
             }
         } else if term_requested && !sigkilled {
@@ -906,14 +715,17 @@ pub fn main(dir: &Path) -> i32 {
         }
         if let Some(k) = kill_at {
             if now >= k && !sigkilled {
-                let _ = container.kill(Signal::SIGKILL, true);
+                if let Err(e) = l.container.kill(Signal::SIGKILL, true) {
+                    tracing::warn!("SIGKILL to the run: {e}");
+                }
+                cgroup::thaw(&req.cgroup_path());
                 sigkilled = true;
             }
         }
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(p, code)) if p == pid => break 'outer (code, None),
-                Ok(WaitStatus::Signaled(p, s, _)) if p == pid => {
+                Ok(WaitStatus::Exited(p, code)) if p == l.pid => break 'outer (code, None),
+                Ok(WaitStatus::Signaled(p, s, _)) if p == l.pid => {
                     break 'outer (128 + s as i32, Some(s as i32))
                 }
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
@@ -921,7 +733,25 @@ pub fn main(dir: &Path) -> i32 {
             }
         }
     };
-    let usage = cgroup::read(&cgroup_path);
+    (status, reason)
+}
+
+/// Record the end (exit.json, with the final accounting) before anything is torn down, then
+/// delete the container, its parent cgroups and the run's mounts.
+fn finish(
+    dir: &Path,
+    req: &RunRequest,
+    started: f64,
+    status: (i32, Option<i32>),
+    reason: Reason,
+    mut l: Launched,
+) {
+    if let Some(c) = l.console.take() {
+        // what the container wrote last reaches the attached terminals before the run is over
+        c.finish(2000);
+    }
+    let _ = fs::remove_file(dir.join(crate::console::ATTACH_SOCKET));
+    let usage = cgroup::read(&req.cgroup_path());
     let ex = ExitStatus {
         exit_code: status.0,
         signal: status.1,
@@ -938,13 +768,13 @@ pub fn main(dir: &Path) -> i32 {
     ) {
         tracing::error!("writing exit.json: {e}");
     }
-    if let Err(e) = container.delete(true) {
+    if let Err(e) = l.container.delete(true) {
         tracing::warn!("deleting the container: {e}");
     }
+    cgroup::remove_run(&req.cgroup_path(), RUN_CGROUP_GONE_WITHIN);
     {
         let _lock = cgroup::parents_lock(&req.cgroup_parent);
-        cgroup::remove_parents(&made_parents);
+        cgroup::remove_parents(&l.made_parents);
     }
-    cleanup(&req, dir);
-    0
+    cleanup(req, dir);
 }

@@ -168,6 +168,13 @@ pub struct RunRequest {
     #[serde(default)]
     pub ldconfig_dirs: Vec<String>,
     pub cleanup: Cleanup,
+    /// Connect the container's stdin to the monitor's (inherited from `cw run -i`); without a
+    /// terminal only.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Give the container a terminal of this size (`cw run -t`), relayed by the monitor.
+    #[serde(default)]
+    pub tty: Option<crate::console::Size>,
 }
 
 impl RunRequest {

@@ -227,7 +227,7 @@ pub fn build(req: &RunRequest) -> Result<Spec, String> {
     let spec = json!({
         "ociVersion": "1.0.2",
         "process": {
-            "terminal": false,
+            "terminal": req.tty.is_some(),
             "user": {"uid": req.uid, "gid": req.gid, "additionalGids": req.additional_gids},
             "args": req.args,
             "env": req.env,
@@ -291,6 +291,8 @@ mod tests {
             host_files: vec![],
             ldconfig_dirs: vec![],
             cleanup: Cleanup::default(),
+            stdin: false,
+            tty: None,
         }
     }
 

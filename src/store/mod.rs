@@ -118,7 +118,23 @@ pub fn default_root() -> PathBuf {
     }
 }
 
-pub use cw_runtime::monitor::{replace_file, write_atomic};
+pub use cw_runtime::rundir::{replace_file, write_atomic};
+
+/// An image record, with `last_used` the later of what it says and its file's mtime (what
+/// [`Store::touch`] sets).
+fn read_image_record(path: &Path) -> Option<ImageRecord> {
+    let f = fs::File::open(path).ok()?;
+    let mtime = f
+        .metadata()
+        .ok()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut rec: ImageRecord = serde_json::from_reader(std::io::BufReader::new(f)).ok()?;
+    rec.last_used = rec.last_used.max(mtime);
+    Some(rec)
+}
 
 impl Store {
     /// Open (creating the layout if needed) the store at `root`.
@@ -306,7 +322,7 @@ impl Store {
     }
 
     pub fn image(&self, manifest: &Digest) -> Option<ImageRecord> {
-        serde_json::from_slice(&fs::read(self.image_path(manifest)).ok()?).ok()
+        read_image_record(&self.image_path(manifest))
     }
 
     /// The image is usable: record present and every layer unpacked.
@@ -322,10 +338,8 @@ impl Store {
         let mut out = Vec::new();
         if let Ok(rd) = fs::read_dir(self.root.join("images")) {
             for e in rd.flatten() {
-                if let Ok(b) = fs::read(e.path()) {
-                    if let Ok(r) = serde_json::from_slice::<ImageRecord>(&b) {
-                        out.push(r);
-                    }
+                if let Some(r) = read_image_record(&e.path()) {
+                    out.push(r);
                 }
             }
         }
@@ -336,7 +350,13 @@ impl Store {
     pub fn put_image(&self, rec: &ImageRecord) -> Result<()> {
         let p = self.image_path(&rec.manifest);
         write_atomic(&p, &serde_json::to_vec_pretty(rec).unwrap())
-            .map_err(io_err(&p, "writing image record"))
+            .map_err(io_err(&p, "writing image record"))?;
+        // the file's mtime is its last use (see touch), not when a name was added or removed
+        if let Ok(f) = fs::File::open(&p) {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(rec.last_used);
+            let _ = f.set_modified(t);
+        }
+        Ok(())
     }
 
     pub fn refs(&self) -> Result<BTreeMap<String, Digest>> {
@@ -361,11 +381,14 @@ impl Store {
             .map_err(io_err(&p, "writing refs"))
     }
 
-    /// Point `name` at an image and record the name on it. Caller holds the index lock.
+    /// Point `name` at an image and record the name on it (no write where both already say
+    /// so: a pull of a cached tag writes nothing). Caller holds the index lock.
     pub fn tag(&self, name: &str, manifest: &Digest) -> Result<()> {
         let mut refs = self.refs()?;
         let old = refs.insert(name.to_string(), manifest.clone());
-        self.write_refs(&refs)?;
+        if old.as_ref() != Some(manifest) {
+            self.write_refs(&refs)?;
+        }
         if let Some(old) = old.filter(|o| o != manifest) {
             if let Some(mut img) = self.image(&old) {
                 img.names.retain(|n| n != name);
@@ -381,11 +404,12 @@ impl Store {
         Ok(())
     }
 
-    /// Mark an image used now (for LRU).
+    /// Mark an image used now (for LRU): the record file's mtime, which [`Store::image`] reads
+    /// as `last_used` when it is later. No write and no fsync: an LRU time needs no durability,
+    /// and a cached pull or a run start must not wait on the disk.
     pub fn touch(&self, manifest: &Digest) {
-        if let Some(mut img) = self.image(manifest) {
-            img.last_used = now();
-            let _ = self.put_image(&img);
+        if let Ok(f) = fs::File::open(self.image_path(manifest)) {
+            let _ = f.set_modified(std::time::SystemTime::now());
         }
     }
 

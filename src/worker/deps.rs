@@ -6,7 +6,7 @@
 //! start again.
 
 use super::client::Server;
-use super::runs::now;
+use super::record::now;
 use crate::store::unpack::{self, Whiteouts};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -130,10 +130,8 @@ impl Cache {
 
     pub fn save(&self) {
         let list: Vec<Entry> = self.entries.lock().unwrap().values().cloned().collect();
-        let _ = cw_runtime::monitor::write_atomic(
-            &self.state_file,
-            &serde_json::to_vec(&list).unwrap(),
-        );
+        let _ =
+            cw_runtime::rundir::write_atomic(&self.state_file, &serde_json::to_vec(&list).unwrap());
     }
 
     /// Every key in the cache, for the checkin's `dependencies`.

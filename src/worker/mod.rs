@@ -6,15 +6,27 @@
 //! container belongs to its own `cw` monitor process, so runs go on while the worker restarts;
 //! the run table is saved in `<work-dir>/worker-state-<id>.json` after every change.
 
+mod args;
 pub mod client;
+mod contract;
 pub mod deps;
 pub mod files;
+mod images;
+mod machine;
 pub mod proto;
+pub mod record;
 pub mod runs;
+mod serve;
+mod upload;
+
+use args::{credentials, default_ws, free_disk, physical_memory, size_arg};
+pub use args::{parse_cpuset, parse_gpuset, WorkerArgs};
+use serve::{handle_message, ws_listener};
 
 use client::Server;
-use proto::{Checkin, Message, Stage};
-use runs::{ImageState, Run};
+use images::ImageState;
+use proto::{Checkin, Stage};
+use record::Run;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,110 +35,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// cl-worker's flags (same names, same defaults), plus cw's own.
-#[derive(clap::Args, Debug, Clone)]
-pub struct WorkerArgs {
-    /// CodaLab server root; the worker adds /rest
-    #[arg(long, default_value = "https://worksheets.codalab.org")]
-    pub server: String,
-    /// Websocket server root [default: --server with ws(s):// and /ws]
-    #[arg(long)]
-    pub ws_server: Option<String>,
-    /// Scratch directory: runs, dependency cache, state
-    #[arg(long, default_value = "codalab-worker-scratch")]
-    pub work_dir: PathBuf,
-    /// Scheduling tag (letters, digits, '-'); bundles pick it with --request-queue
-    #[arg(long, visible_alias = "request-queue")]
-    pub tag: Option<String>,
-    /// Share the worker with this group
-    #[arg(long)]
-    pub group: Option<String>,
-    /// Only run bundles whose queue matches --tag
-    #[arg(long)]
-    pub tag_exclusive: bool,
-    /// CPUs to use: ALL or a list such as 0,1,4-7 (honoured, unlike cl-worker)
-    #[arg(long, default_value = "ALL")]
-    pub cpuset: String,
-    /// GPUs to use: ALL, NONE, or indexes / UUIDs
-    #[arg(long, default_value = "ALL")]
-    pub gpuset: String,
-    /// CDI spec directory for GPU runs' edits; repeatable (default: /etc/cdi, /var/run/cdi)
-    #[arg(long = "cdi-spec-dir")]
-    pub cdi_spec_dirs: Vec<PathBuf>,
-    /// Cap on the dependency cache (archived bytes)
-    #[arg(long, default_value = "10g")]
-    pub max_work_dir_size: String,
-    /// Cap on the image store; least recently used images go first
-    #[arg(long)]
-    pub max_image_cache_size: Option<String>,
-    /// Refuse images bigger than this
-    #[arg(long)]
-    pub max_image_size: Option<String>,
-    /// Memory to advertise [default: physical memory]
-    #[arg(long)]
-    pub max_memory: Option<String>,
-    /// File with the username on line 1 and the password on line 2 (mode 600)
-    #[arg(long)]
-    pub password_file: Option<PathBuf>,
-    /// Debug logging
-    #[arg(long)]
-    pub verbose: bool,
-    /// Exit when no run has existed for --idle-seconds
-    #[arg(long)]
-    pub exit_when_idle: bool,
-    #[arg(long, default_value_t = 0)]
-    pub idle_seconds: u64,
-    /// Accepted for compatibility; cw keeps a checkin open at all times
-    #[arg(long, default_value_t = 5)]
-    pub checkin_frequency_seconds: u64,
-    /// Worker id [default: HOSTNAME(PID), as cl-worker; give a fixed one to resume runs after a restart]
-    #[arg(long)]
-    pub id: Option<String>,
-    /// The server's bundle store is mounted here at the same paths: no downloads, no upload
-    #[arg(long)]
-    pub shared_file_system: bool,
-    /// Exit after accepting this many runs (once they finish)
-    #[arg(long, default_value_t = 999_999_999)]
-    pub exit_after_num_runs: u64,
-    /// On SIGTERM/SIGINT/SIGHUP, stop the runs and hand them back to the server (staged)
-    #[arg(long)]
-    pub pass_down_termination: bool,
-    /// Remove the work directory on exit
-    #[arg(long)]
-    pub delete_work_dir_on_exit: bool,
-    /// Exit (after 5 minutes) on an unexpected error instead of carrying on
-    #[arg(long)]
-    pub exit_on_exception: bool,
-    /// Attempts per dependency download
-    #[arg(long, default_value_t = 3)]
-    pub download_dependencies_max_retries: u32,
-    /// /dev/shm size of runs, GiB
-    #[arg(long, default_value_t = 1)]
-    pub shared_memory_size_gb: u64,
-    /// Advertise the worker as preemptible
-    #[arg(long)]
-    pub preemptible: bool,
-    /// Accepted for compatibility (cw makes no Docker networks)
-    #[arg(long, default_value = "codalab_worker_network")]
-    pub network_prefix: String,
-    /// cl-worker's runtime choice: `docker` (cw stands in for it); `kubernetes` is refused
-    #[arg(long, default_value = "docker", value_parser = ["docker", "kubernetes"])]
-    pub bundle_runtime: String,
-    #[arg(long, hide = true)]
-    pub kubernetes_cluster_host: Option<String>,
-    #[arg(long, hide = true)]
-    pub kubernetes_auth_token: Option<String>,
-    #[arg(long, hide = true)]
-    pub kubernetes_cert_path: Option<String>,
-    #[arg(long, hide = true)]
-    pub kubernetes_cert: Option<String>,
-    /// At most N runs at once (older cl-worker flag); 0 = as many as resources allow
-    #[arg(long, default_value_t = 0)]
-    pub slots: usize,
-    /// cgroup under which runs' cgroups are made (e.g. the Slurm job's own cgroup)
-    #[arg(long, default_value = "/cw")]
-    pub cgroup_parent: String,
-}
-
 /// What every task of the worker shares.
 pub struct Ctx {
     pub id: String,
@@ -165,150 +73,6 @@ pub struct Ctx {
     state_file: PathBuf,
 }
 
-fn size_arg(s: &str, what: &str) -> anyhow::Result<u64> {
-    crate::config::parse_size(s).map_err(|e| anyhow::anyhow!("{what}: {e}"))
-}
-
-/// `--cpuset`: ALL (this process's affinity) or a list/ranges, which must be a subset of it.
-pub fn parse_cpuset(spec: &str) -> anyhow::Result<Vec<usize>> {
-    let allowed: Vec<usize> = {
-        let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
-        (0..nix::sched::CpuSet::count())
-            .filter(|&i| set.is_set(i).unwrap_or(false))
-            .collect()
-    };
-    if spec.trim().eq_ignore_ascii_case("all") {
-        return Ok(allowed);
-    }
-    let mut out = vec![];
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || anyhow::anyhow!("--cpuset {spec:?}: {part:?} is not a CPU number or range");
-        let (a, b) = match part.split_once('-') {
-            Some((a, b)) => (
-                a.parse::<usize>().map_err(|_| bad())?,
-                b.parse::<usize>().map_err(|_| bad())?,
-            ),
-            None => {
-                let n = part.parse::<usize>().map_err(|_| bad())?;
-                (n, n)
-            }
-        };
-        for c in a..=b {
-            if !allowed.contains(&c) {
-                anyhow::bail!("--cpuset {spec:?}: CPU {c} is not available to this process (allowed: {allowed:?})");
-            }
-            if !out.contains(&c) {
-                out.push(c);
-            }
-        }
-    }
-    if out.is_empty() {
-        anyhow::bail!("--cpuset {spec:?} names no CPU");
-    }
-    Ok(out)
-}
-
-/// `--gpuset`: ALL, NONE/'' or a list of indexes and UUIDs of the GPUs NVML found.
-pub fn parse_gpuset(
-    spec: &str,
-    all: &[cw_runtime::gpu::Gpu],
-) -> anyhow::Result<Vec<cw_runtime::gpu::Gpu>> {
-    let s = spec.trim();
-    if s.eq_ignore_ascii_case("all") {
-        return Ok(all.to_vec());
-    }
-    if s.is_empty() || s.eq_ignore_ascii_case("none") {
-        return Ok(vec![]);
-    }
-    let mut out: Vec<cw_runtime::gpu::Gpu> = vec![];
-    for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let g = all
-            .iter()
-            .find(|g| g.uuid == p || p.parse::<u32>().map(|i| i == g.index).unwrap_or(false))
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "--gpuset {spec:?}: no GPU {p:?} on this node ({} found)",
-                    all.len()
-                )
-            })?;
-        if !out.iter().any(|o| o.uuid == g.uuid) {
-            out.push(g.clone());
-        }
-    }
-    Ok(out)
-}
-
-fn credentials(a: &WorkerArgs) -> anyhow::Result<(String, String)> {
-    if let Some(p) = &a.password_file {
-        use std::os::unix::fs::PermissionsExt;
-        let md = std::fs::metadata(p)
-            .map_err(|e| anyhow::anyhow!("--password-file {}: {e}", p.display()))?;
-        if md.permissions().mode() & 0o077 != 0 {
-            anyhow::bail!(
-                "--password-file {}: permissions {:o} give group or others access; chmod 600 it",
-                p.display(),
-                md.permissions().mode() & 0o777
-            );
-        }
-        let text = std::fs::read_to_string(p)?;
-        let mut lines = text.lines();
-        let u = lines.next().unwrap_or("").trim().to_string();
-        let pw = lines
-            .next()
-            .unwrap_or("")
-            .trim_end_matches(['\r', '\n'])
-            .to_string();
-        if u.is_empty() {
-            anyhow::bail!(
-                "--password-file {}: line 1 must be the username",
-                p.display()
-            );
-        }
-        return Ok((u, pw));
-    }
-    let ask = |what: &str| -> anyhow::Result<String> {
-        eprint!("{what}: ");
-        let mut s = String::new();
-        std::io::stdin().read_line(&mut s)?;
-        Ok(s.trim_end_matches(['\r', '\n']).to_string())
-    };
-    let u = match std::env::var("CODALAB_USERNAME") {
-        Ok(u) => u,
-        Err(_) => ask("Username")?,
-    };
-    let p = match std::env::var("CODALAB_PASSWORD") {
-        Ok(p) => p,
-        Err(_) => ask("Password")?,
-    };
-    Ok((u, p))
-}
-
-fn physical_memory() -> u64 {
-    nix::sys::sysinfo::sysinfo()
-        .map(|s| s.ram_total())
-        .unwrap_or(0)
-}
-
-// fsblkcnt_t is u64 here but not on every target
-#[allow(clippy::useless_conversion)]
-fn free_disk(p: &Path) -> u64 {
-    nix::sys::statvfs::statvfs(p)
-        .map(|s| u64::from(s.blocks_available()) * u64::from(s.fragment_size()))
-        .unwrap_or(0)
-}
-
-fn default_ws(server: &str) -> String {
-    let s = server.trim_end_matches('/');
-    let s = if let Some(r) = s.strip_prefix("https://") {
-        format!("wss://{r}")
-    } else if let Some(r) = s.strip_prefix("http://") {
-        format!("ws://{r}")
-    } else {
-        s.to_string()
-    };
-    format!("{s}/ws")
-}
-
 impl Ctx {
     fn save(&self) {
         let runs = self.runs.lock().unwrap();
@@ -318,7 +82,7 @@ impl Ctx {
         if *last == b {
             return;
         }
-        match cw_runtime::monitor::write_atomic(&self.state_file, &b) {
+        match cw_runtime::rundir::write_atomic(&self.state_file, &b) {
             Ok(()) => *last = b,
             Err(e) => tracing::warn!("saving {}: {e}", self.state_file.display()),
         }
@@ -333,7 +97,7 @@ impl Ctx {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let target = trash.join(format!("{name}.{}", runs::now().to_bits()));
+        let target = trash.join(format!("{name}.{}", record::now().to_bits()));
         let victim =
             match std::fs::create_dir_all(&trash).and_then(|_| std::fs::rename(path, &target)) {
                 Ok(()) => target,
@@ -463,365 +227,6 @@ impl Ctx {
             let _ = tokio::time::timeout(Duration::from_secs(10), server.contents_info(&uuid, ""))
                 .await;
         });
-    }
-}
-
-async fn handle_message(ctx: &Arc<Ctx>, m: Message) {
-    match m {
-        Message::Run { bundle, resources } => {
-            let uuid = bundle.uuid.clone();
-            if ctx.accepted.load(Ordering::Relaxed) >= ctx.args.exit_after_num_runs {
-                tracing::info!("bundle {uuid}: not accepted, --exit-after-num-runs reached");
-                return;
-            }
-            if !deps::valid_uuid(&uuid) {
-                tracing::warn!("run message with an invalid uuid {uuid:?} ignored");
-                return;
-            }
-            if let Some(r) = ctx.runs.lock().unwrap().get(&uuid) {
-                if r.stage != Stage::Preparing || r.t.busy {
-                    tracing::warn!(
-                        "bundle {uuid}: run message for a run already in {}; ignored",
-                        r.stage.key()
-                    );
-                    return;
-                }
-            }
-            match ctx.server.start_bundle(&ctx.id, &uuid, &ctx.hostname).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::info!("Bundle {uuid} no longer assigned to this worker");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!("start_bundle {uuid}: {e}");
-                    return;
-                }
-            }
-            let path = match (&bundle.location, ctx.shared_fs) {
-                (Some(loc), true) => PathBuf::from(loc),
-                _ => ctx.work_dir.join("runs").join(&uuid),
-            };
-            tracing::info!("bundle {uuid}: accepted ({})", resources.docker_image);
-            ctx.runs
-                .lock()
-                .unwrap()
-                .insert(uuid, Run::new(bundle, resources, path));
-            ctx.accepted.fetch_add(1, Ordering::Relaxed);
-            ctx.save();
-            ctx.wake_runs.notify_one();
-        }
-        Message::Kill { uuid, kill_message } => {
-            if let Some(r) = ctx.runs.lock().unwrap().get_mut(&uuid) {
-                r.is_killed = true;
-                r.kill_message = Some(kill_message.unwrap_or_else(|| "Kill requested".into()));
-            }
-            ctx.wake_runs.notify_one();
-        }
-        Message::MarkFinalized { uuid } => {
-            if let Some(r) = ctx.runs.lock().unwrap().get_mut(&uuid) {
-                r.finalized = true;
-            }
-            ctx.wake_runs.notify_one();
-        }
-        Message::Write {
-            uuid,
-            subpath,
-            string,
-        } => {
-            let found = ctx
-                .runs
-                .lock()
-                .unwrap()
-                .get(&uuid)
-                .map(|r| (r.bundle_path.clone(), r.dep_child_paths()));
-            let Some((path, deps)) = found else { return };
-            let norm = files::normalize(&subpath)
-                .map(|c| c.join("/"))
-                .unwrap_or_default();
-            if deps.contains(&norm) {
-                return;
-            }
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = files::write_file(&path, &uuid, &subpath, &string) {
-                    tracing::warn!("write to {uuid}/{subpath}: {}", e.message);
-                }
-            });
-        }
-        Message::Read {
-            socket_id,
-            uuid,
-            path,
-            read_args,
-        } => {
-            let ctx = ctx.clone();
-            tokio::spawn(async move { read(&ctx, socket_id, &uuid, &path, read_args).await });
-        }
-        Message::Netcat {
-            socket_id,
-            uuid,
-            port,
-            message,
-        } => {
-            let ctx = ctx.clone();
-            tokio::spawn(async move { netcat(&ctx, socket_id, &uuid, port, &message).await });
-        }
-    }
-}
-
-async fn read(ctx: &Arc<Ctx>, socket_id: i64, uuid: &str, path: &str, args: proto::ReadArgs) {
-    let found = ctx
-        .runs
-        .lock()
-        .unwrap()
-        .get(uuid)
-        .map(|r| (r.bundle_path.clone(), r.dep_child_paths()));
-    let res = match found {
-        None => Err(files::ReadError {
-            code: 500,
-            message: "Bundle no longer running".into(),
-        }),
-        Some((bundle, deps)) => read_inner(ctx, socket_id, uuid, path, args, bundle, deps).await,
-    };
-    if let Err(e) = res {
-        if let Err(err) = ctx
-            .server
-            .reply_error(&ctx.id, socket_id, e.code, &e.message)
-            .await
-        {
-            tracing::warn!("replying to read {socket_id}: {err}");
-        }
-    }
-}
-
-async fn read_inner(
-    ctx: &Arc<Ctx>,
-    socket_id: i64,
-    uuid: &str,
-    path: &str,
-    args: proto::ReadArgs,
-    bundle: PathBuf,
-    deps: HashSet<String>,
-) -> Result<(), files::ReadError> {
-    let internal = |e: String| files::ReadError {
-        code: 500,
-        message: e,
-    };
-    let (u, p) = (uuid.to_string(), path.to_string());
-    let resolve = move || files::resolve(&bundle, &u, &p);
-    let data: Vec<u8> = match args.kind.as_str() {
-        "get_target_info" => {
-            let norm = files::normalize(path)
-                .map(|c| c.join("/"))
-                .unwrap_or_default();
-            if !path.is_empty() && deps.contains(&norm) {
-                return Err(files::ReadError {
-                    code: 404,
-                    message: format!("{path} not found in bundle {uuid}"),
-                });
-            }
-            let depth = args.depth.unwrap_or(0);
-            let (uuid2, path2) = (uuid.to_string(), path.to_string());
-            let mut info = tokio::task::spawn_blocking(move || {
-                resolve().map(|t| files::target_info(&t, depth))
-            })
-            .await
-            .map_err(|e| internal(e.to_string()))??;
-            if path.is_empty() && depth > 0 {
-                if let Some(c) = info.get_mut("contents").and_then(|c| c.as_array_mut()) {
-                    c.retain(|e| !deps.contains(e["name"].as_str().unwrap_or("")));
-                }
-            }
-            info["resolved_target"] = serde_json::json!({"bundle_uuid": uuid2, "subpath": path2});
-            return ctx
-                .server
-                .reply(
-                    &ctx.id,
-                    socket_id,
-                    &serde_json::json!({ "target_info": info }),
-                )
-                .await
-                .map_err(|e| internal(e.to_string()));
-        }
-        "stream_directory" | "stream_file" => {
-            let (uuid2, path2) = (uuid.to_string(), path.to_string());
-            let is_dir = args.kind == "stream_directory";
-            let t = tokio::task::spawn_blocking(resolve)
-                .await
-                .map_err(|e| internal(e.to_string()))??;
-            let fd = t.open(&uuid2, &path2)?;
-            if is_dir != t.is_dir() {
-                return Err(files::ReadError {
-                    code: 400,
-                    message: format!(
-                        "{uuid2}/{path2} is not a {}",
-                        if is_dir { "directory" } else { "file" }
-                    ),
-                });
-            }
-            let skip: HashSet<String> = if path.is_empty() {
-                deps
-            } else {
-                HashSet::new()
-            };
-            let (body, producer) = runs::stream_body(Arc::new(AtomicU64::new(0)), move |w| {
-                use std::io::Write;
-                use std::os::fd::AsRawFd;
-                if is_dir {
-                    let ex = vec![
-                        ".git".to_string(),
-                        "._*".to_string(),
-                        "__MACOSX".to_string(),
-                    ];
-                    let mut w =
-                        files::tar_gz_dir(fd.as_raw_fd(), &skip, &files::Excludes::new(&ex), w)?;
-                    w.flush()
-                } else {
-                    let mut e = flate2::write::GzEncoder::new(w, flate2::Compression::fast());
-                    std::io::copy(&mut std::fs::File::from(fd), &mut e)?;
-                    e.finish()?.flush()
-                }
-            });
-            let r = ctx.server.reply_data(&ctx.id, socket_id, body).await;
-            let _ = producer.await;
-            return r.map_err(|e| internal(e.to_string()));
-        }
-        "read_file_section" | "summarize_file" => {
-            let (uuid2, path2) = (uuid.to_string(), path.to_string());
-            let a = args.clone();
-            tokio::task::spawn_blocking(move || -> Result<Vec<u8>, files::ReadError> {
-                let t = resolve()?;
-                let mut f = std::fs::File::from(t.open(&uuid2, &path2)?);
-                let ioe = |e: std::io::Error| files::ReadError {
-                    code: 500,
-                    message: e.to_string(),
-                };
-                let raw = if a.kind == "read_file_section" {
-                    files::read_section(&mut f, a.offset.unwrap_or(0), a.length.unwrap_or(0))
-                        .map_err(ioe)?
-                } else {
-                    files::summarize(
-                        &mut f,
-                        a.num_head_lines.unwrap_or(0),
-                        a.num_tail_lines.unwrap_or(0),
-                        a.max_line_length.unwrap_or(128).max(1),
-                        a.truncation_text.as_deref().unwrap_or(""),
-                    )
-                    .map_err(ioe)?
-                    .into_bytes()
-                };
-                Ok(files::gzip_bytes(&raw))
-            })
-            .await
-            .map_err(|e| internal(e.to_string()))??
-        }
-        other => {
-            return Err(files::ReadError {
-                code: 400,
-                message: format!("Unsupported read_type for read: {other}"),
-            })
-        }
-    };
-    ctx.server
-        .reply_data(&ctx.id, socket_id, reqwest::Body::from(data))
-        .await
-        .map_err(|e| internal(e.to_string()))
-}
-
-/// `netcat`: connect to the port inside the run's network namespace (so it works for runs with
-/// no network at all), send the message, return everything read until EOF.
-async fn netcat(ctx: &Arc<Ctx>, socket_id: i64, uuid: &str, port: u16, message: &str) {
-    let pid = {
-        let runs = ctx.runs.lock().unwrap();
-        runs.get(uuid)
-            .and_then(|r| r.run_dir(ctx))
-            .and_then(|rd| rd.state())
-            .and_then(|s| s.pid)
-    };
-    let Some(pid) = pid else {
-        let _ = ctx
-            .server
-            .reply_error(&ctx.id, socket_id, 500, "Bundle no longer running")
-            .await;
-        return;
-    };
-    let msg = message.as_bytes().to_vec();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(netcat_in_netns(pid, port, &msg));
-    });
-    let res = rx
-        .await
-        .unwrap_or_else(|_| Err("netcat thread died".into()));
-    let r = match res {
-        Ok(data) => {
-            ctx.server
-                .reply_data(&ctx.id, socket_id, reqwest::Body::from(data))
-                .await
-        }
-        Err(e) => ctx.server.reply_error(&ctx.id, socket_id, 500, &e).await,
-    };
-    if let Err(e) = r {
-        tracing::warn!("netcat reply {socket_id}: {e}");
-    }
-}
-
-/// Runs on a dedicated thread: `setns` changes only the calling thread's namespace.
-fn netcat_in_netns(pid: i32, port: u16, msg: &[u8]) -> Result<Vec<u8>, String> {
-    use std::io::{Read, Write};
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-        .map_err(|e| format!("the run's network: {e}"))?;
-    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-        .map_err(|e| format!("entering the run's network: {e}"))?;
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|e| format!("connecting to port {port} of the run: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
-    s.write_all(msg).map_err(|e| e.to_string())?;
-    let mut out = vec![];
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if out.is_empty() => return Err(format!("reading from port {port}: {e}")),
-            Err(_) => break,
-        }
-    }
-    Ok(out)
-}
-
-/// The websocket wake-up: any frame means "check in now". Reconnects forever.
-async fn ws_listener(ctx: Arc<Ctx>, url: String) {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message as W;
-    let full = format!("{}/worker/{}", url.trim_end_matches('/'), ctx.id);
-    let mut logged = false;
-    loop {
-        match tokio_tungstenite::connect_async(full.as_str()).await {
-            Ok((mut ws, _)) => {
-                tracing::debug!("websocket connected: {full}");
-                logged = false;
-                loop {
-                    if ws.send(W::Text("a".into())).await.is_err() {
-                        break;
-                    }
-                    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-                        Err(_) => continue,
-                        Ok(None) | Ok(Some(Err(_))) => break,
-                        Ok(Some(Ok(W::Close(_)))) => break,
-                        Ok(Some(Ok(_))) => ctx.wake_checkin.notify_one(),
-                    }
-                }
-            }
-            Err(e) => {
-                if !logged {
-                    tracing::warn!("websocket {full}: {e}; checkins go on without it");
-                    logged = true;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 
@@ -964,7 +369,7 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
                 }
             }
             let b = serde_json::to_vec(&runs).unwrap();
-            if let Err(e) = cw_runtime::monitor::write_atomic(&state_file, &b) {
+            if let Err(e) = cw_runtime::rundir::write_atomic(&state_file, &b) {
                 tracing::warn!("saving {}: {e}", state_file.display());
             }
         }
@@ -1196,30 +601,4 @@ async fn run_worker(ctx: Arc<Ctx>, ws_url: String) -> anyhow::Result<i32> {
         crate::store::discard(&ctx.work_dir);
     }
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ws_url() {
-        assert_eq!(
-            default_ws("https://worksheets.codalab.org"),
-            "wss://worksheets.codalab.org/ws"
-        );
-        assert_eq!(
-            default_ws("http://127.0.0.1:2900/"),
-            "ws://127.0.0.1:2900/ws"
-        );
-    }
-
-    #[test]
-    fn cpusets() {
-        let all = parse_cpuset("ALL").unwrap();
-        assert!(!all.is_empty());
-        assert_eq!(parse_cpuset(&all[0].to_string()).unwrap(), vec![all[0]]);
-        assert!(parse_cpuset("100000").is_err());
-        assert!(parse_cpuset("x").is_err());
-    }
 }

@@ -1,0 +1,116 @@
+//! A run's network: loopback in its own namespace, and pasta for `--network private`.
+
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+pub(crate) fn loopback_up() -> io::Result<()> {
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo\0".iter().enumerate() {
+        ifr.ifr_name[i] = *b as libc::c_char;
+    }
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Where the `pasta` binary is (PATH, then /usr/bin and /usr/local/bin).
+pub fn pasta_path() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
+        .map(|d| d.join("pasta"))
+        .find(|p| p.is_file())
+}
+
+/// Connect this (new) network namespace to the outside with pasta, started from the host's
+/// namespace: no port forwarding either way, the gateway address not mapped to the host (so the
+/// host's loopback services stay out of reach). pasta forks into the background once the
+/// interface is configured; its pid is kept for cleanup.
+pub(crate) fn start_pasta(dir: &Path, host_ns: &File) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let pasta = pasta_path().ok_or(
+        "network \"private\" needs pasta (Debian/Ubuntu package passt); install it or use --network none|host",
+    )?;
+    // pasta joins a namespace bound to a file (as `ip netns` makes them); /proc/PID/ns/net is
+    // refused by the packaged version. It quits by itself when the file is unmounted.
+    let nsf = dir.join("netns");
+    File::create(&nsf).map_err(|e| format!("{}: {e}", nsf.display()))?;
+    nix::mount::mount(
+        Some("/proc/self/ns/net"),
+        &nsf,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| format!("binding the run's network namespace: {e}"))?;
+    let ns = nsf.to_string_lossy().into_owned();
+    let pidfile = dir.join("pasta.pid");
+    let host_fd = host_ns.as_raw_fd();
+    let mut cmd = Command::new(&pasta);
+    cmd.args(["--runas", "0", "--config-net", "--no-map-gw", "--quiet"])
+        .args(["-t", "none", "-u", "none", "-T", "none", "-U", "none"])
+        .args(["--netns", &ns, "--netns-only", "-P"])
+        .arg(&pidfile)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(host_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("starting {}: {e}", pasta.display()))?;
+    if !out.status.success() {
+        let err: String = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| !l.contains("syslog"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(format!(
+            "pasta could not connect the run's network ({}): {err}",
+            out.status
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn stop_pasta(dir: &Path) {
+    if let Ok(s) = fs::read_to_string(dir.join("pasta.pid")) {
+        if let Ok(pid) = s.trim().parse::<i32>() {
+            // only if it still is our pasta (the pid may have been reused after a reboot): its
+            // command line names this run's pid file (its comm is e.g. "passt.avx2")
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let ours = dir.join("pasta.pid");
+            let ours = ours.as_os_str().as_encoded_bytes();
+            if cmdline.split(|b| *b == 0).any(|a| a == ours) {
+                let _ = signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        let _ = fs::remove_file(dir.join("pasta.pid"));
+    }
+    let nsf = dir.join("netns");
+    if nsf.exists() {
+        let _ = nix::mount::umount2(&nsf, nix::mount::MntFlags::MNT_DETACH);
+        let _ = fs::remove_file(&nsf);
+    }
+}

@@ -1,0 +1,363 @@
+//! `cw run`: options to a run request, the monitor started, and the foreground part
+//! (a terminal's relay, docker's sig-proxy, the exit code).
+
+use super::{auto_gc, platform, Ctx};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use cw::config;
+use cw::image::reference::Reference;
+use cw::progress::Progress;
+use cw::pull::{self, PullOptions};
+use cw::registry::Client;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub(crate) struct RunArgs {
+    /// Image to run (pulled if missing, see --pull); without --image, the first argument is the
+    /// image (docker's `run IMAGE CMD`)
+    #[arg(long)]
+    pub(crate) image: Option<String>,
+    /// Connect stdin to the container
+    #[arg(short, long)]
+    pub(crate) interactive: bool,
+    /// Give the container a terminal (with -i: an interactive shell)
+    #[arg(short, long)]
+    pub(crate) tty: bool,
+    /// Keys that detach from a run's terminal, leaving it running (`cw attach` comes back)
+    #[arg(long, default_value = "ctrl-p,ctrl-q")]
+    pub(crate) detach_keys: String,
+    /// Pass SIGINT, SIGTERM and SIGHUP sent to cw on to the container (a second SIGINT kills it)
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub(crate) sig_proxy: bool,
+    /// Environment variable NAME=VALUE (NAME alone copies it from here); repeatable
+    #[arg(short = 'e', long = "env")]
+    pub(crate) env: Vec<String>,
+    /// Bind mount SRC:DST[:ro|rw]; repeatable
+    #[arg(short = 'v', long = "volume")]
+    pub(crate) volume: Vec<String>,
+    /// Working directory inside the container [default: the image's, else /]
+    #[arg(short = 'w', long)]
+    pub(crate) workdir: Option<String>,
+    /// UID[:GID] or NAME[:GROUP] from the image's /etc/passwd [default: the image's user]
+    #[arg(short = 'u', long)]
+    pub(crate) user: Option<String>,
+    /// Memory limit, e.g. 512m, 2g
+    #[arg(short = 'm', long)]
+    pub(crate) memory: Option<String>,
+    /// Memory plus swap (docker's --memory-swap): default twice --memory; equal to it for no
+    /// swap; -1 for unlimited swap
+    #[arg(long, allow_negative_numbers = true)]
+    pub(crate) memory_swap: Option<String>,
+    /// CPU quota in CPUs, e.g. 1.5
+    #[arg(long)]
+    pub(crate) cpus: Option<f64>,
+    /// CPUs the run may use, e.g. 0-3,7
+    #[arg(long)]
+    pub(crate) cpuset: Option<String>,
+    /// Maximum number of processes and threads (0 or -1: no limit)
+    #[arg(long, default_value_t = cw_runtime::request::DEFAULT_PIDS_LIMIT, allow_negative_numbers = true)]
+    pub(crate) pids_limit: i64,
+    /// Size of /dev/shm
+    #[arg(long, default_value = "64m")]
+    pub(crate) shm_size: String,
+    /// none: a network namespace with only loopback; private: its own namespace with outbound
+    /// access through pasta (no host loopback, no inbound); host: the host's network
+    #[arg(long, default_value = "none", value_parser = ["none", "private", "host"])]
+    pub(crate) network: String,
+    /// Kill the run after this long, e.g. 30s, 30m, 2h
+    #[arg(long)]
+    pub(crate) time_limit: Option<String>,
+    /// Time between SIGTERM and SIGKILL when a run is stopped
+    #[arg(long, default_value = "10s")]
+    pub(crate) stop_timeout: String,
+    /// Run name (id) [default: random]
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// Write the container's stdout to this file
+    #[arg(long)]
+    pub(crate) stdout: Option<PathBuf>,
+    /// Write the container's stderr to this file
+    #[arg(long)]
+    pub(crate) stderr: Option<PathBuf>,
+    /// Start and print the run id; output goes to files in the run directory unless given
+    #[arg(short, long)]
+    pub(crate) detach: bool,
+    /// Keep the run directory after the run ends (cw rm removes it)
+    #[arg(long)]
+    pub(crate) keep: bool,
+    /// When to pull the image: missing, always, never
+    #[arg(long, default_value = "missing", value_parser = ["missing", "always", "never"])]
+    pub(crate) pull: String,
+    /// Platform os/arch[/variant] when pulling
+    #[arg(long)]
+    pub(crate) platform: Option<String>,
+    /// cgroup under which the run's cgroup is made
+    #[arg(long, default_value = "/cw")]
+    pub(crate) cgroup_parent: String,
+    /// Mount the root filesystem read-only
+    #[arg(long)]
+    pub(crate) read_only: bool,
+    /// Copy the layers instead of mounting overlayfs
+    #[arg(long)]
+    pub(crate) no_overlay: bool,
+    /// GPUs: a count (N free ones), all, none, or indexes/UUIDs (0,2 or GPU-3bb1…, MIG-…)
+    #[arg(long)]
+    pub(crate) gpus: Option<String>,
+    /// Pass a host device node through: HOST[:CONTAINER[:PERMS]] (PERMS ⊆ rwm); repeatable
+    #[arg(long = "device", value_parser = parse_device_arg)]
+    pub(crate) devices: Vec<cw_runtime::request::Device>,
+    /// CDI spec directory for --gpus; repeatable (default: /etc/cdi, /var/run/cdi)
+    #[arg(long = "cdi-spec-dir")]
+    pub(crate) cdi_spec_dirs: Vec<PathBuf>,
+    /// Command and arguments; one argument with spaces or shell syntax runs under /bin/sh -c
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub(crate) command: Vec<String>,
+}
+
+pub(crate) fn duration(s: &str, what: &str) -> Result<u64> {
+    let t = s.trim();
+    if let Ok(n) = t.parse::<u64>() {
+        return Ok(n);
+    }
+    humantime::parse_duration(t)
+        .map(|d| d.as_secs())
+        .with_context(|| format!("{what} {s:?} is not a duration like 30s, 5m, 2h"))
+}
+
+pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
+    if a.image.is_none() {
+        if a.command.is_empty() {
+            bail!("cw run needs an image: --image IMAGE, or IMAGE as the first argument");
+        }
+        a.image = Some(a.command.remove(0));
+    }
+    let image_name = a.image.clone().unwrap_or_default();
+    let detach_keys = cw::attach::parse_detach_keys(&a.detach_keys).map_err(anyhow::Error::msg)?;
+    if a.tty && a.interactive && !a.detach && !cw::attach::stdin_is_terminal() {
+        bail!("cw run -it: stdin is not a terminal (-i alone connects a pipe or a file)");
+    }
+    if a.detach && a.interactive && !a.tty {
+        bail!(
+            "cw run -d -i needs -t: a detached run's stdin is its terminal, reached by cw attach"
+        );
+    }
+    let a = a;
+    let r = Reference::parse(&image_name)?;
+    cw::run::recover_lost(&ctx.store);
+    let image = match (a.pull.as_str(), ctx.store.lookup(&image_name)) {
+        ("never", Ok(i)) => i,
+        ("never", Err(e)) => return Err(e.into()),
+        ("missing", Ok(i)) if ctx.store.image_complete(&i.manifest).is_some() => i,
+        _ => {
+            let opts = PullOptions {
+                platform: platform(&a.platform)?,
+                progress: Progress::auto(false),
+                max_unpacked: ctx.max_image_size,
+                ..Default::default()
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let client = Client::new(ctx.registry.clone());
+            let res = rt.block_on(pull::pull(&client, &ctx.store, &r, &opts))?;
+            drop(rt);
+            auto_gc(&ctx);
+            res.image
+        }
+    };
+    ctx.store.touch(&image.manifest);
+    let mounts = a
+        .volume
+        .iter()
+        .map(|v| cw::run::parse_volume(v))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let memory = a
+        .memory
+        .as_deref()
+        .map(config::parse_size)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let memory_swap = match a.memory_swap.as_deref() {
+        None => None,
+        Some("-1") => Some(-1),
+        Some(v) => {
+            let total = config::parse_size(v).map_err(anyhow::Error::msg)?;
+            match memory {
+                Some(m) if total >= m => Some(total as i64),
+                Some(_) => bail!("--memory-swap {v} must be at least --memory"),
+                None => bail!("--memory-swap needs --memory"),
+            }
+        }
+    };
+    if let Some(c) = a.cpus {
+        if !(c > 0.0 && c.is_finite()) {
+            bail!("--cpus {c} must be a positive number");
+        }
+    }
+    let opts = cw::run::RunOptions {
+        name: a.name.clone(),
+        args: a.command.clone(),
+        env: a.env.clone(),
+        mounts,
+        workdir: a.workdir.clone(),
+        user: a.user.clone(),
+        limits: cw_runtime::request::Limits {
+            memory,
+            memory_swap,
+            cpus: a.cpus,
+            cpuset: a.cpuset.clone(),
+            pids: (a.pids_limit > 0).then_some(a.pids_limit),
+            shm_size: config::parse_size(&a.shm_size).map_err(anyhow::Error::msg)?,
+        },
+        network: match a.network.as_str() {
+            "host" => cw_runtime::request::Network::Host,
+            "private" => cw_runtime::request::Network::Private,
+            _ => cw_runtime::request::Network::None,
+        },
+        time_limit: a
+            .time_limit
+            .as_deref()
+            .map(|t| duration(t, "--time-limit"))
+            .transpose()?,
+        kill_grace_secs: duration(&a.stop_timeout, "--stop-timeout")?,
+        stdout: a.stdout.clone(),
+        stderr: a.stderr.clone(),
+        cgroup_parent: a.cgroup_parent.clone(),
+        readonly_rootfs: a.read_only,
+        force_copy: a.no_overlay,
+        hostname: None,
+        gpus: vec![],
+        driver_version: String::new(),
+        devices: a.devices.clone(),
+        cdi_dirs: a.cdi_spec_dirs.clone(),
+        stdin: a.interactive,
+        tty: a.tty.then(cw::attach::our_size),
+    };
+    let mut opts = opts;
+    if let Some(spec) = &a.gpus {
+        let inv = cw_runtime::gpu::discover();
+        let all = [inv.gpus.clone(), inv.mig_devices.clone()].concat();
+        opts.gpus = cw_runtime::gpu::select(&all, &inv.gpus, spec).map_err(|e| {
+            anyhow::anyhow!(
+                "--gpus {spec}: {e}{}",
+                inv.note
+                    .as_deref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default()
+            )
+        })?;
+        opts.driver_version = inv.driver_version.unwrap_or_default();
+    }
+    let (rd, mut req) = cw::run::prepare(&ctx.store, &image, &opts)?;
+    let meta = serde_json::json!({"image": r.familiar(), "manifest": image.manifest, "created": cw::store::now()});
+    cw::store::replace_file(&rd.path.join("meta.json"), meta.to_string().as_bytes())?;
+    if a.detach {
+        if req.stdout.is_none() {
+            req.stdout = Some(rd.path.join("stdout"));
+        }
+        if req.stderr.is_none() {
+            req.stderr = Some(rd.path.join("stderr"));
+        }
+        rd.write_request(&req)?;
+    }
+    let exe = std::path::Path::new("/proc/self/exe");
+    // detached: the monitor must not hold our stdout/stderr open (a `$(cw run -d …)` would hang)
+    let stdio = || {
+        if a.detach {
+            std::process::Stdio::null()
+        } else {
+            std::process::Stdio::inherit()
+        }
+    };
+    // the monitor's stdin: our end of the terminal's first client (-t), our stdin (-i), or none
+    let mut client = None;
+    let stdin = if a.detach {
+        std::process::Stdio::null()
+    } else if a.tty {
+        let (ours, theirs) = cw_runtime::console::pair().context("creating a socket pair")?;
+        client = Some(ours);
+        std::process::Stdio::from(theirs)
+    } else if a.interactive {
+        std::process::Stdio::inherit()
+    } else {
+        std::process::Stdio::null()
+    };
+    let mut child = cw_runtime::rundir::spawn(exe, &rd.path, stdin, stdio(), stdio())
+        .with_context(|| "starting the run's monitor process")?;
+    if a.detach {
+        // as `docker run -d`: back once the container has started (so what follows can rely on
+        // it: `cw exec`, its cgroup's limits), or with the error that kept it from starting
+        let log_tail = || {
+            cw::run::last_log_error(&rd)
+                .map(|l| format!("; its log ends: {l}"))
+                .unwrap_or_default()
+        };
+        loop {
+            if rd.state().and_then(|s| s.pid).is_some() {
+                println!("{}", req.id);
+                return Ok(());
+            }
+            match rd.status() {
+                cw_runtime::rundir::Status::Ended(ex) => {
+                    // the run stays, as every detached run does, for cw ps, logs and rm
+                    if let Some(msg) = cw::run::describe_exit(&ex, memory) {
+                        eprintln!("cw: {msg}");
+                    }
+                    std::process::exit(ex.exit_code);
+                }
+                cw_runtime::rundir::Status::Lost => {
+                    // ours to reap; the check below then reads its records once more (one it
+                    // wrote last counts) and says how it ended
+                    if let Err(e) = child.wait() {
+                        anyhow::bail!(
+                            "run {}: its monitor died before the container started ({e}){}",
+                            req.id,
+                            log_tail()
+                        )
+                    }
+                }
+                _ => {}
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                if rd.exit().is_none() && rd.state().and_then(|s| s.pid).is_none() {
+                    anyhow::bail!(
+                        "run {}: its monitor exited ({st}) before the container started{}",
+                        req.id,
+                        log_tail()
+                    );
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+    if a.sig_proxy {
+        cw::attach::proxy_signals(child.id() as i32);
+        cw::attach::watch_for_start(rd.clone());
+    }
+    if let Some(sock) = client {
+        let raw = a.interactive.then(cw::attach::RawMode::enter).transpose();
+        let outcome = cw::attach::relay(&sock, a.interactive, detach_keys);
+        drop(raw);
+        if outcome? == cw::attach::Outcome::Detached {
+            eprintln!(
+                "cw: detached from {}; `cw attach {}` comes back",
+                req.id, req.id
+            );
+            return Ok(());
+        }
+    }
+    let _ = child.wait();
+    let ex = rd.wait(std::time::Duration::from_millis(20))?;
+    if let Some(msg) = cw::run::describe_exit(&ex, memory) {
+        eprintln!("cw: {msg}");
+    }
+    if !a.keep {
+        let _ = cw::run::remove(&ctx.store, &rd);
+    }
+    std::process::exit(ex.exit_code);
+}
+
+pub(crate) fn parse_device_arg(s: &str) -> Result<cw_runtime::request::Device, String> {
+    cw::run::parse_device(s)
+}

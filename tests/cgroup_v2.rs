@@ -1,0 +1,344 @@
+//! cw on a real cgroup v2 kernel: this host mounts cgroup v1 (its memory controller is bound
+//! there), so the test boots Debian's User-mode Linux (a 6.1 kernel as a process, the host's
+//! root through hostfs, a unified cgroup2 hierarchy with cpu, io, memory and pids) with
+//! tests/uml/init.sh as its init, which runs tests/uml/checks.sh: real runs of this build's cw
+//! against the v2 files, then `cw worker` inside the kernel against the host's CodaLab server and
+//! registry (a tap link; socat forwards 10.199.0.1's ports to the host's loopback) while this
+//! side submits bundles at their time, memory and disk limits. The facts it prints are asserted
+//! here. Skips, saying why, without root, without `linux.uml` (package user-mode-linux), without
+//! the fixture image layout, or where no tap link can be made.
+
+mod common;
+use common::codalab::server;
+use common::*;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+/// A tap link to the UML kernel (10.199.0.1 here, 10.199.0.2 there) with the host's CodaLab
+/// server (REST, websocket) and registry forwarded from 10.199.0.1 to this host's loopback.
+struct Link {
+    forwards: Vec<Child>,
+}
+
+const TAP: &str = "cwuml0";
+
+impl Link {
+    fn up() -> Result<Link, String> {
+        let _ = Command::new("ip").args(["link", "del", TAP]).output();
+        for args in [
+            vec!["tuntap", "add", "dev", TAP, "mode", "tap"],
+            vec!["addr", "add", "10.199.0.1/30", "dev", TAP],
+            vec!["link", "set", TAP, "up"],
+        ] {
+            let o = Command::new("ip")
+                .args(&args)
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !o.status.success() {
+                return Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&o.stderr)
+                ));
+            }
+        }
+        let mut link = Link { forwards: vec![] };
+        for port in [2900, 2901, 5000] {
+            let c = Command::new("socat")
+                .arg(format!("TCP-LISTEN:{port},bind=10.199.0.1,fork,reuseaddr"))
+                .arg(format!("TCP:127.0.0.1:{port}"))
+                .stdin(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("socat (package socat): {e}"))?;
+            link.forwards.push(c);
+        }
+        Ok(link)
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        for c in &mut self.forwards {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip").args(["link", "del", TAP]).output();
+    }
+}
+
+/// While the kernel runs: the bundles the UML worker executes, watched from here; `stop` tells
+/// checks.sh to stop its worker (also when this side panics).
+struct Shared {
+    dir: PathBuf,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("stop"), "");
+    }
+}
+
+/// Boot the kernel, run checks.sh in it, and (with `during`) act from the host while it runs;
+/// the `CWV2` facts it printed, and what `during` returned.
+fn boot<T>(during: impl FnOnce(&Path, &str) -> T) -> Option<(HashMap<String, String>, T)> {
+    if !is_root() {
+        skip("the cgroup v2 checks need root");
+        return None;
+    }
+    let uml = ["/usr/bin/linux.uml", "/usr/bin/linux"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let Some(uml) = uml else {
+        skip("no User-mode Linux kernel (apt-get install user-mode-linux)");
+        return None;
+    };
+    fixtures();
+    let layout = fixtures_root().join("work/oci-tiny");
+    if !layout.join("index.json").exists() {
+        skip(&format!("no fixture layout at {}", layout.display()));
+        return None;
+    }
+    let link = match Link::up() {
+        Ok(l) => l,
+        Err(e) => {
+            skip(&format!("no tap link to the UML kernel: {e}"));
+            return None;
+        }
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-stores")
+        .join(format!("uml-{}", rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tag = format!("uml-{}", rand_suffix());
+    let init = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/uml/init.sh");
+    let t0 = Instant::now();
+    let stdout = std::fs::File::create(dir.join("uml.out")).unwrap();
+    let mut kernel = Command::new("timeout")
+        .arg("900")
+        .arg(uml)
+        .args([
+            "mem=3G",
+            "root=/dev/root",
+            "rootfstype=hostfs",
+            "rootflags=/",
+            "rw",
+            &format!("init={}", init.display()),
+            "con=null",
+            "con0=fd:0,fd:1",
+            // gro=1: without it the kernel's TSO frames from the host are dropped ("Incoming
+            // GSO frames and GRO disabled") and a download stalls after a few KB
+            &format!("vec0:transport=tap,ifname={TAP},gro=1"),
+            &format!("CW_UML_BIN={}", cw_bin().display()),
+            &format!("CW_UML_LAYOUT={}", layout.display()),
+            &format!("CW_UML_SHARED={}", dir.display()),
+            &format!("CW_UML_TAG={tag}"),
+            "CODALAB_USERNAME=codalab",
+            "CODALAB_PASSWORD=codalab",
+        ])
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .spawn()
+        .expect("starting User-mode Linux");
+    let shared = Shared { dir: dir.clone() };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| during(&dir, &tag)));
+    drop(shared);
+    let status = kernel.wait().unwrap();
+    drop(link);
+    let text = std::fs::read_to_string(dir.join("uml.out")).unwrap_or_default();
+    eprintln!("UML kernel ran for {:.1?}", t0.elapsed());
+    let result = match result {
+        Ok(r) => r,
+        Err(p) => {
+            eprintln!("the kernel printed:\n{text}");
+            std::panic::resume_unwind(p)
+        }
+    };
+    let facts: HashMap<String, String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("CWV2 "))
+        .map(|l| {
+            let (k, v) = l.split_once(' ').unwrap_or((l, ""));
+            (k.to_string(), v.trim().to_string())
+        })
+        .collect();
+    assert!(
+        facts.contains_key("done"),
+        "the UML run did not finish (rc {status:?}); it printed:\n{text}"
+    );
+    for l in text.lines().filter(|l| l.starts_with("CWV2 ")) {
+        eprintln!("{l}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Some((facts, result))
+}
+
+fn json_usage(s: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"));
+    v["exit"]["usage"].clone()
+}
+
+/// busybox `time`: "real 0m 1.42s user 0m 1.42s sys 0m 0.00s" → user+sys seconds.
+fn time_cpu(s: &str) -> f64 {
+    let w: Vec<&str> = s.split_whitespace().collect();
+    let secs = |name: &str| {
+        let i = w.iter().position(|x| *x == name).unwrap();
+        let m: f64 = w[i + 1].trim_end_matches('m').parse().unwrap();
+        let s: f64 = w[i + 2].trim_end_matches('s').parse().unwrap();
+        m * 60.0 + s
+    };
+    secs("user") + secs("sys")
+}
+
+/// What the UML kernel's `cw worker` made of three bundles at its limits and one that ends
+/// well: (state, failure message) each, and the good one's stdout.
+struct WorkerRuns {
+    time: (String, String),
+    memory: (String, String),
+    disk: (String, String),
+    ok: (String, String),
+}
+
+/// From the host, while the kernel runs: `cl run`s on the UML worker's tag, each watched to its
+/// end (the worker is started inside once the runtime checks are done).
+fn bundles_for_the_uml_worker(dir: &Path, tag: &str) -> WorkerRuns {
+    let s = server();
+    let log = || std::fs::read_to_string(dir.join("worker.log")).unwrap_or_default();
+    let time = s.run(tag, &["--request-time", "3"], "echo t; sleep 600");
+    let memory = s.run(
+        tag,
+        &["--request-memory", "50m"],
+        "echo m; x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
+    );
+    let disk = s.run(
+        tag,
+        &["--request-disk", "2m"],
+        "echo d; head -c 5000000 /dev/zero > big; sleep 600",
+    );
+    let ok = s.run(
+        tag,
+        &[],
+        "echo ok; cat /proc/self/cgroup; grep Cpus_allowed_list /proc/self/status",
+    );
+    let end = |uuid: &str| {
+        let st = s.wait_state(uuid, &["ready", "failed", "killed"], 400);
+        let msg = s.meta(uuid, "failure_message");
+        eprintln!("UML worker: {uuid} {st} {msg:?}");
+        (st, msg)
+    };
+    let r = WorkerRuns {
+        time: end(&time),
+        memory: end(&memory),
+        disk: end(&disk),
+        ok: end(&ok),
+    };
+    assert_eq!(r.ok.0, "ready", "{}", log());
+    let out = s.cat(&format!("{ok}/stdout"));
+    WorkerRuns {
+        ok: (r.ok.0.clone(), out),
+        ..r
+    }
+}
+
+#[test]
+fn cw_on_a_cgroup_v2_kernel() {
+    let Some((f, w)) = boot(bundles_for_the_uml_worker) else {
+        return;
+    };
+    let get = |k: &str| {
+        f.get(k)
+            .unwrap_or_else(|| panic!("no {k:?} line from the UML checks: {f:#?}"))
+            .clone()
+    };
+    assert!(
+        get("controllers").contains("memory"),
+        "{}",
+        get("controllers")
+    );
+    assert!(get("image").starts_with("sha256:"));
+    // memory limit: the kernel's kill, seen in memory.events, named by cw
+    let oom = get("oom");
+    assert!(oom.starts_with("rc=137"), "{oom}");
+    assert!(oom.contains("exceeding its memory limit"), "{oom}");
+    // a child's OOM kill while the run's own process exits 0 is still reported
+    let child = get("oom_child");
+    assert!(child.starts_with("rc=0"), "{child}");
+    assert!(child.contains("exceeding its memory limit"), "{child}");
+    // memory.peak: 30 MB written to the run's /dev/shm
+    let peak = json_usage(&get("peak"))["memory_peak"].as_u64().unwrap();
+    assert!(peak >= 30 << 20, "memory peak {peak}");
+    // cpu.stat against the shell's own times, within 10 %
+    let own = time_cpu(&get("time"));
+    let u = json_usage(&get("stats"));
+    let cg =
+        (u["cpu_user_ns"].as_u64().unwrap() + u["cpu_system_ns"].as_u64().unwrap()) as f64 / 1e9;
+    assert!(own > 1.0, "the loop took {own}s of cpu");
+    assert!(
+        (cg - own).abs() / own <= 0.10,
+        "cgroup cpu {cg}s vs the process's own {own}s"
+    );
+    // the limits as the kernel holds them
+    assert_eq!(
+        get("files"),
+        "pids.max=10 cpu.max=50000/100000 memory.max=67108864"
+    );
+    // at most 10 tasks: the shell and 8 or 9 sleeps, never 30
+    let forks: u32 = get("forks")
+        .trim_start_matches("started ")
+        .parse()
+        .unwrap_or_else(|_| panic!("forks: {}", get("forks")));
+    assert!(
+        (5..=9).contains(&forks),
+        "{forks} children under pids.max 10"
+    );
+    // device rules through the eBPF program: rwm lets a write through, r alone refuses it
+    assert_eq!(get("device_passed"), "3");
+    assert_eq!(get("device_rwm"), "rc=0");
+    let r = get("device_r");
+    assert!(
+        r.contains("Operation not permitted") && r.ends_with("rc=1"),
+        "{r}"
+    );
+    // a nested --cgroup-parent: the run inside it, the parents it made removed after (the top
+    // level stays, as /cw and Slurm's own do)
+    assert_eq!(get("nested_during"), "procs=1");
+    assert_eq!(get("nested_after"), "/sys/fs/cgroup/cwtest");
+    // a worker in a leaf cgroup, its runs beside it under the same parent
+    let beside = get("beside");
+    assert!(beside.starts_with("rc=0"), "{beside}");
+    assert_eq!(
+        get("job_after"),
+        "/sys/fs/cgroup/job/worker",
+        "the run's cgroup was left"
+    );
+    // cw worker on v2 with cl-worker's limit messages (CodaLab 1.7.5 sometimes records such a
+    // run ready with the message; see Server::wait_failure)
+    let failed = |r: &(String, String)| r.0 == "failed" || r.0 == "ready" && !r.1.is_empty();
+    assert!(failed(&w.time), "{:?}", w.time);
+    assert!(
+        w.time
+            .1
+            .starts_with("Time limit exceeded. (Container uptime ")
+            && w.time.1.ends_with(" > time limit 3.0s)"),
+        "{:?}",
+        w.time
+    );
+    assert!(failed(&w.memory), "{:?}", w.memory);
+    assert_eq!(w.memory.1, "Memory limit 50m exceeded.");
+    assert!(failed(&w.disk), "{:?}", w.disk);
+    assert_eq!(w.disk.1, "Disk limit 2mb exceeded.");
+    // the good bundle ran under the v2 hierarchy (one "0::" line), on its --cpuset share: this
+    // kernel has no cpuset controller, so as the affinity the monitor gave it (the kernel's one
+    // CPU), and the worker left no cgroup
+    let lines: Vec<&str> = w.ok.1.lines().collect();
+    assert_eq!(lines.len(), 3, "{:?}", w.ok.1);
+    assert_eq!(lines[0], "ok");
+    assert!(lines[1].starts_with("0::/"), "{:?}", w.ok.1);
+    assert_eq!(
+        lines[2].split_whitespace().collect::<Vec<_>>(),
+        ["Cpus_allowed_list:", "0"]
+    );
+    assert_eq!(get("worker_exit"), "rc=0");
+    assert_eq!(get("worker_cgroups"), "0");
+}
