@@ -14,6 +14,7 @@
 //! - mounts must be bind mounts; they are always `nosuid,nodev`.
 
 use crate::request::{BindMount, Device};
+use crate::{Error, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -212,7 +213,7 @@ impl Specs {
 
     /// The CDI name of a GPU: its UUID where a spec uses UUIDs (nvidia-ctk's `uuid` strategy),
     /// else its index (the `index` strategy; whole GPUs only).
-    pub fn device_name_for(&self, uuid: &str, index: u32, mig: bool) -> Result<String, String> {
+    pub fn device_name_for(&self, uuid: &str, index: u32, mig: bool) -> Result<String> {
         if self.devices.contains_key(uuid) {
             return Ok(uuid.to_string());
         }
@@ -220,7 +221,7 @@ impl Specs {
         if !mig && self.devices.contains_key(&i) {
             return Ok(i);
         }
-        Err(format!(
+        Err(Error::Gpu(format!(
             "the CDI spec for {} ({}) has no device named {uuid}{}",
             self.kind,
             self.files
@@ -233,24 +234,24 @@ impl Specs {
             } else {
                 format!(" or {index}")
             }
-        ))
+        )))
     }
 
     /// The edits for `names`: each involved spec's common edits once, then each device's.
-    pub fn resolve(&self, names: &[String]) -> Result<Edits, String> {
+    pub fn resolve(&self, names: &[String]) -> Result<Edits> {
         let mut out = Edits::default();
         let mut common_done = vec![false; self.files.len()];
         for n in names {
             let (idx, edits) = self
                 .devices
                 .get(n)
-                .ok_or_else(|| format!("unresolvable CDI device {}={n}", self.kind))?;
+                .ok_or_else(|| Error::Gpu(format!("unresolvable CDI device {}={n}", self.kind)))?;
             let file = &self.files[*idx].0;
             if !common_done[*idx] {
                 common_done[*idx] = true;
-                apply(&self.files[*idx].1, file, &mut out)?;
+                apply(&self.files[*idx].1, file, &mut out).map_err(Error::Gpu)?;
             }
-            apply(edits, file, &mut out)?;
+            apply(edits, file, &mut out).map_err(Error::Gpu)?;
         }
         Ok(out)
     }
@@ -265,7 +266,7 @@ fn apply(e: &ContainerEdits, file: &Path, out: &mut Edits) -> Result<(), String>
         out.env.push(v.clone());
     }
     for n in &e.device_nodes {
-        let d = device(n).map_err(&ctx)?;
+        let d = device(n).map_err(|e| ctx(e.to_string()))?;
         if !out.devices.iter().any(|x| x.path == d.path) {
             out.devices.push(d);
         }
@@ -327,7 +328,7 @@ fn apply(e: &ContainerEdits, file: &Path, out: &mut Edits) -> Result<(), String>
     Ok(())
 }
 
-fn device(n: &DeviceNode) -> Result<Device, String> {
+fn device(n: &DeviceNode) -> Result<Device> {
     let host = n.host_path.as_deref().unwrap_or(&n.path);
     let typ = n.typ.as_deref().map(|t| if t == "u" { "c" } else { t });
     let access = n.permissions.as_deref().unwrap_or("rwm");
@@ -343,14 +344,14 @@ fn device(n: &DeviceNode) -> Result<Device, String> {
         _ => {
             // fill what is missing from the host node, as the reference library does
             let mut d = Device::from_host(host, &n.path, access)
-                .map_err(|e| format!("device node {}: {e}", n.path))?;
+                .map_err(|e| Error::Gpu(format!("device node {}: {e}", n.path)))?;
             if typ.is_some_and(|t| t != d.dev_type) {
-                return Err(format!(
+                return Err(Error::Gpu(format!(
                     "device node {}: type {} but {host} is a {} device",
                     n.path,
                     typ.unwrap(),
                     d.dev_type
-                ));
+                )));
             }
             d.major = n.major.unwrap_or(d.major);
             d.minor = n.minor.unwrap_or(d.minor);
@@ -358,7 +359,7 @@ fn device(n: &DeviceNode) -> Result<Device, String> {
             d
         }
     };
-    d.validate().map_err(|e| format!("CDI {e}"))?;
+    d.validate().map_err(|e| Error::Gpu(format!("CDI {e}")))?;
     Ok(d)
 }
 
@@ -399,9 +400,12 @@ mod tests {
         let uuid = "GPU-4cf8db2d-06c0-7d70-1a51-e59b25b2c16c";
         assert_eq!(s.device_name_for(uuid, 0, false).unwrap(), uuid);
         assert_eq!(s.device_name_for("GPU-other", 1, false).unwrap(), "1");
-        let e = s.device_name_for("GPU-other", 7, false).unwrap_err();
+        let e = s
+            .device_name_for("GPU-other", 7, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no device named GPU-other or 7"), "{e}");
-        let e = s.device_name_for("MIG-x", 1, true).unwrap_err();
+        let e = s.device_name_for("MIG-x", 1, true).unwrap_err().to_string();
         assert!(e.contains("no device named MIG-x"), "{e}");
 
         let ed = s.resolve(&["0".into(), "1".into()]).unwrap();
@@ -450,7 +454,7 @@ mod tests {
         );
         assert_eq!(ed.notes.len(), 1, "{:?}", ed.notes);
         assert!(ed.notes[0].contains("create-symlinks"), "{:?}", ed.notes);
-        let e = s.resolve(&["9".into()]).unwrap_err();
+        let e = s.resolve(&["9".into()]).unwrap_err().to_string();
         assert_eq!(e, "unresolvable CDI device nvidia.com/gpu=9");
     }
 
@@ -496,18 +500,24 @@ mod tests {
         assert_eq!((d.dev_type.as_str(), d.major, d.minor), ("c", 1, 3));
         assert!(device(&n("/dev/x", "/etc/hostname"))
             .unwrap_err()
+            .to_string()
             .contains("not a device"));
         assert!(device(&n("/dev/x", "/nonexistent"))
             .unwrap_err()
+            .to_string()
             .contains("/nonexistent"));
         assert!(device(&n("/etc/passwd", "/dev/null"))
             .unwrap_err()
+            .to_string()
             .contains("under /dev"));
         let mut p = n("/dev/x", "/dev/null");
         p.permissions = Some("rwx".into());
-        assert!(device(&p).unwrap_err().contains("subset of rwm"));
+        assert!(device(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("subset of rwm"));
         let s = load(&[fixtures().join("bad-mount")], NVIDIA_GPU_KIND);
-        let e = s.resolve(&["all".into()]).unwrap_err();
+        let e = s.resolve(&["all".into()]).unwrap_err().to_string();
         assert!(e.contains("only bind mounts"), "{e}");
     }
 }

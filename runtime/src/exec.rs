@@ -10,6 +10,7 @@
 //! The caller must be single-threaded (libcontainer forks).
 
 use crate::rundir::RunDir;
+use crate::{Error, Result};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
@@ -66,39 +67,45 @@ pub fn merge_env(base: &[String], over: &[String]) -> Vec<String> {
     out
 }
 
-fn dup(fd: i32) -> Result<OwnedFd, String> {
+fn dup(fd: i32) -> Result<OwnedFd> {
     let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
     if n < 0 {
-        return Err(format!(
+        return Err(Error::Host(format!(
             "duplicating fd {fd}: {}",
             std::io::Error::last_os_error()
-        ));
+        )));
     }
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }
 
 /// Start the process; its host pid. It is a child of the caller.
-pub fn exec(rd: &RunDir, o: &ExecOptions) -> Result<i32, String> {
-    let req = rd
-        .request()
-        .map_err(|e| format!("reading {}: {e}", rd.path.join("request.json").display()))?;
+pub fn exec(rd: &RunDir, o: &ExecOptions) -> Result<i32> {
+    let req = rd.request().map_err(|e| {
+        Error::Host(format!(
+            "reading {}: {e}",
+            rd.path.join("request.json").display()
+        ))
+    })?;
     if rd.exit().is_some() || rd.state().and_then(|s| s.pid).is_none() {
-        return Err(format!("run {} is not running", req.id));
+        return Err(Error::Request(format!("run {} is not running", req.id)));
     }
     // libcontainer forks from here: with another thread alive a lock it held would stay held
     // in the child
     if std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count()) > 1 {
-        return Err("internal error: cw exec must start the process from a single thread".into());
+        return Err(Error::Host(
+            "internal error: cw exec must start the process from a single thread".into(),
+        ));
     }
     if o.args.is_empty() {
-        return Err("cw exec needs a command".into());
+        return Err(Error::Request("cw exec needs a command".into()));
     }
     let config = rd.path.join("bundle/config.json");
-    let spec = Spec::load(&config).map_err(|e| format!("reading {}: {e}", config.display()))?;
+    let spec = Spec::load(&config)
+        .map_err(|e| Error::Host(format!("reading {}: {e}", config.display())))?;
     let mut p = spec
         .process()
         .clone()
-        .ok_or_else(|| format!("{} has no process", config.display()))?;
+        .ok_or_else(|| Error::Host(format!("{} has no process", config.display())))?;
     p.set_args(Some(o.args.clone()));
     p.set_env(Some(merge_env(
         p.env().as_deref().unwrap_or_default(),
@@ -125,15 +132,15 @@ pub fn exec(rd: &RunDir, o: &ExecOptions) -> Result<i32, String> {
             .write(true)
             .mode(0o600)
             .open(&pfile)
-            .map_err(|e| format!("writing {}: {e}", pfile.display()))?;
-        f.write_all(&serde_json::to_vec(&p).map_err(|e| e.to_string())?)
-            .map_err(|e| format!("writing {}: {e}", pfile.display()))?;
+            .map_err(|e| Error::Host(format!("writing {}: {e}", pfile.display())))?;
+        f.write_all(&serde_json::to_vec(&p).map_err(|e| Error::Host(e.to_string()))?)
+            .map_err(|e| Error::Host(format!("writing {}: {e}", pfile.display())))?;
     }
     let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
-    let built = (|| -> Result<i32, String> {
+    let built = (|| -> Result<i32> {
         let b = ContainerBuilder::new(req.id.clone(), SyscallType::default())
             .with_root_path(rd.path.join("lc"))
-            .map_err(|e| crate::monitor::error_chain(&e))?
+            .map_err(|e| Error::Container(crate::monitor::error_chain(&e)))?
             .with_executor(TenantExecutor { seccomp })
             .with_console_socket(o.console_socket.clone());
         let b = if o.console_socket.is_some() {
@@ -142,7 +149,9 @@ pub fn exec(rd: &RunDir, o: &ExecOptions) -> Result<i32, String> {
             let stdin = if o.stdin {
                 dup(0)?
             } else {
-                File::open("/dev/null").map_err(|e| e.to_string())?.into()
+                File::open("/dev/null")
+                    .map_err(|e| Error::Host(e.to_string()))?
+                    .into()
             };
             b.with_stdin(stdin)
                 .with_stdout(dup(1)?)
@@ -153,11 +162,11 @@ pub fn exec(rd: &RunDir, o: &ExecOptions) -> Result<i32, String> {
             .with_process(Some(&pfile))
             .with_detach(o.console_socket.is_some())
             .build()
-            .map_err(|e| crate::monitor::error_chain(&e))?;
+            .map_err(|e| Error::Container(crate::monitor::error_chain(&e)))?;
         Ok(pid.as_raw())
     })();
     let _ = std::fs::remove_file(&pfile);
-    built.map_err(|e| format!("exec in run {}: {e}", req.id))
+    built.map_err(|e| e.context(format_args!("exec in run {}", req.id)))
 }
 
 /// Wait for the exec'd child; shell convention (128+signal).

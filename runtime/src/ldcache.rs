@@ -19,6 +19,7 @@
 //! it is safe to call from a threaded process too.
 
 use crate::request::BindMount;
+use crate::{Error, Result};
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read};
@@ -31,24 +32,27 @@ use std::time::{Duration, Instant};
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The host's ldconfig, when it is statically linked (a dynamic one cannot run in the rootfs).
-pub fn host_ldconfig() -> Result<PathBuf, String> {
+pub fn host_ldconfig() -> Result<PathBuf> {
     let p = ["/sbin/ldconfig", "/usr/sbin/ldconfig"]
         .iter()
         .map(PathBuf::from)
         .find(|p| p.is_file())
-        .ok_or("no ldconfig in /sbin or /usr/sbin")?;
+        .ok_or_else(|| Error::Gpu("no ldconfig in /sbin or /usr/sbin".into()))?;
     let mut head = vec![0u8; 4096];
     let n = File::open(&p)
         .and_then(|mut f| f.read(&mut head))
-        .map_err(|e| format!("{}: {e}", p.display()))?;
+        .map_err(|e| Error::Gpu(format!("{}: {e}", p.display())))?;
     head.truncate(n);
     match elf_has_interp(&head) {
         Some(false) => Ok(p),
-        Some(true) => Err(format!(
+        Some(true) => Err(Error::Gpu(format!(
             "{} is dynamically linked; it cannot run inside a container's rootfs",
             p.display()
-        )),
-        None => Err(format!("{} is not a 64-bit ELF executable", p.display())),
+        ))),
+        None => Err(Error::Gpu(format!(
+            "{} is not a 64-bit ELF executable",
+            p.display()
+        ))),
     }
 }
 
@@ -71,14 +75,16 @@ fn elf_has_interp(b: &[u8]) -> Option<bool> {
     Some(false)
 }
 
-fn cstr(s: &[u8]) -> Result<CString, String> {
-    CString::new(s).map_err(|_| "a path holds a NUL byte".to_string())
+fn cstr(s: &[u8]) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::Gpu("a path holds a NUL byte".into()))
 }
 
 /// A container path that is absolute, normal and holds no `..`.
-fn container_path(p: &str) -> Result<(), String> {
+fn container_path(p: &str) -> Result<()> {
     if !p.starts_with('/') || p.split('/').any(|c| c == ".." || c == ".") || p.contains('\0') {
-        return Err(format!("{p:?} is not an absolute, normal container path"));
+        return Err(Error::Gpu(format!(
+            "{p:?} is not an absolute, normal container path"
+        )));
     }
     Ok(())
 }
@@ -115,12 +121,7 @@ unsafe impl Sync for Prepared {}
 /// Add `dirs` (container paths) to the ld cache of `rootfs` (a mounted, writable root), with
 /// those of `binds` that land in one of `dirs` visible to ldconfig. ldconfig's output goes to
 /// `log`. Err: why it failed (the run can still use LD_LIBRARY_PATH).
-pub fn update(
-    rootfs: &Path,
-    binds: &[BindMount],
-    dirs: &[String],
-    log: &Path,
-) -> Result<(), String> {
+pub fn update(rootfs: &Path, binds: &[BindMount], dirs: &[String], log: &Path) -> Result<()> {
     if dirs.is_empty() {
         return Ok(());
     }
@@ -168,7 +169,8 @@ pub fn update(
         rootfs_path: cstr(rootfs.as_os_str().as_bytes())?,
         rootfs: -1,
         host_root: -1,
-        ldconfig: File::open(&ldconfig).map_err(|e| format!("{}: {e}", ldconfig.display()))?,
+        ldconfig: File::open(&ldconfig)
+            .map_err(|e| Error::Gpu(format!("{}: {e}", ldconfig.display())))?,
         items,
         _argv: argv,
         argv_ptrs,
@@ -176,8 +178,8 @@ pub fn update(
         sfds: vec![-1; n],
         tfds: vec![-1; n],
     };
-    let out = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let out = File::create(log).map_err(|e| Error::Gpu(format!("{}: {e}", log.display())))?;
+    let err = out.try_clone().map_err(|e| Error::Gpu(e.to_string()))?;
     let mut cmd = std::process::Command::new(&ldconfig);
     cmd.env_clear()
         .stdin(std::process::Stdio::null())
@@ -188,10 +190,10 @@ pub fn update(
         cmd.pre_exec(move || child(&mut prep));
     }
     let mut ch = cmd.spawn().map_err(|e| {
-        format!(
+        Error::Gpu(format!(
             "preparing the confined ldconfig: {e} (see {})",
             log.display()
-        )
+        ))
     })?;
     let t0 = Instant::now();
     let status = loop {
@@ -200,10 +202,13 @@ pub fn update(
             Ok(None) if t0.elapsed() > TIMEOUT => {
                 let _ = ch.kill();
                 let _ = ch.wait();
-                return Err(format!("ldconfig ran over {} s; killed", TIMEOUT.as_secs()));
+                return Err(Error::Gpu(format!(
+                    "ldconfig ran over {} s; killed",
+                    TIMEOUT.as_secs()
+                )));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(Error::Gpu(e.to_string())),
         }
     };
     if status.success() {
@@ -211,10 +216,10 @@ pub fn update(
     } else {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(3).collect();
-        Err(format!(
+        Err(Error::Gpu(format!(
             "ldconfig exited with {status}: {}",
             tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
-        ))
+        )))
     }
 }
 

@@ -1,11 +1,12 @@
 //! cw's container runtime: the OCI spec of a run ([`spec`]), the single-threaded monitor that
 //! creates it through libcontainer and records its end ([`monitor`]), cgroup accounting
-//! ([`cgroup`]), GPUs ([`gpu`], [`cdi`], [`ldcache`]). This crate never depends on the `cw`
+//! ([`cgroup`]), GPUs ([`gpu`], [`cdi`], [`ldcache`]); one error type, [`Error`]. This crate never depends on the `cw`
 //! binary crate.
 
 pub mod cdi;
 pub mod cgroup;
 pub mod console;
+pub mod error;
 pub mod exec;
 pub mod fsx;
 pub mod gpu;
@@ -16,3 +17,5 @@ pub mod net;
 pub mod request;
 pub mod rundir;
 pub mod spec;
+
+pub use error::{Error, Result};

@@ -1,5 +1,6 @@
 //! A run's network: loopback in its own namespace, and pasta for `--network private`.
 
+use crate::{Error, Result};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use std::fs::{self, File};
@@ -41,15 +42,17 @@ pub fn pasta_path() -> Option<PathBuf> {
 /// namespace: no port forwarding either way, the gateway address not mapped to the host (so the
 /// host's loopback services stay out of reach). pasta forks into the background once the
 /// interface is configured; its pid is kept for cleanup.
-pub(crate) fn start_pasta(dir: &Path, host_ns: &File) -> Result<(), String> {
+pub(crate) fn start_pasta(dir: &Path, host_ns: &File) -> Result<()> {
     use std::os::unix::process::CommandExt;
-    let pasta = pasta_path().ok_or(
-        "network \"private\" needs pasta (Debian/Ubuntu package passt); install it or use --network none|host",
-    )?;
+    let pasta = pasta_path().ok_or_else(|| {
+        Error::Host(
+            "network \"private\" needs pasta (Debian/Ubuntu package passt); install it or use --network none|host".into(),
+        )
+    })?;
     // pasta joins a namespace bound to a file (as `ip netns` makes them); /proc/PID/ns/net is
     // refused by the packaged version. It quits by itself when the file is unmounted.
     let nsf = dir.join("netns");
-    File::create(&nsf).map_err(|e| format!("{}: {e}", nsf.display()))?;
+    File::create(&nsf).map_err(|e| Error::Host(format!("{}: {e}", nsf.display())))?;
     nix::mount::mount(
         Some("/proc/self/ns/net"),
         &nsf,
@@ -57,7 +60,7 @@ pub(crate) fn start_pasta(dir: &Path, host_ns: &File) -> Result<(), String> {
         nix::mount::MsFlags::MS_BIND,
         None::<&str>,
     )
-    .map_err(|e| format!("binding the run's network namespace: {e}"))?;
+    .map_err(|e| Error::Host(format!("binding the run's network namespace: {e}")))?;
     let ns = nsf.to_string_lossy().into_owned();
     let pidfile = dir.join("pasta.pid");
     let host_fd = host_ns.as_raw_fd();
@@ -79,17 +82,17 @@ pub(crate) fn start_pasta(dir: &Path, host_ns: &File) -> Result<(), String> {
     }
     let out = cmd
         .output()
-        .map_err(|e| format!("starting {}: {e}", pasta.display()))?;
+        .map_err(|e| Error::Host(format!("starting {}: {e}", pasta.display())))?;
     if !out.status.success() {
         let err: String = String::from_utf8_lossy(&out.stderr)
             .lines()
             .filter(|l| !l.contains("syslog"))
             .collect::<Vec<_>>()
             .join("; ");
-        return Err(format!(
+        return Err(Error::Host(format!(
             "pasta could not connect the run's network ({}): {err}",
             out.status
-        ));
+        )));
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! What a run is: the request `cw run` (or the worker) writes into the run directory and the
 //! monitor executes. Everything the runtime needs is here, as plain paths and numbers.
 
+use crate::{Error, Result};
 use std::path::PathBuf;
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -68,15 +69,15 @@ fn rwm() -> String {
 
 impl Device {
     /// The node at `host` (a character or block device) as `path` in the container.
-    pub fn from_host(host: &str, path: &str, access: &str) -> Result<Device, String> {
+    pub fn from_host(host: &str, path: &str, access: &str) -> Result<Device> {
         use std::os::unix::fs::{FileTypeExt, MetadataExt};
-        let m = std::fs::metadata(host).map_err(|e| format!("{host}: {e}"))?;
+        let m = std::fs::metadata(host).map_err(|e| Error::Request(format!("{host}: {e}")))?;
         let ty = if m.file_type().is_char_device() {
             "c"
         } else if m.file_type().is_block_device() {
             "b"
         } else {
-            return Err(format!("{host} is not a device node"));
+            return Err(Error::Request(format!("{host} is not a device node")));
         };
         let d = Device {
             path: path.to_string(),
@@ -92,24 +93,24 @@ impl Device {
 
     /// Err unless the type is `c`/`b`, the access a non-empty subset of `rwm` and the path
     /// under `/dev` without `..`.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<()> {
         if !matches!(self.dev_type.as_str(), "c" | "b") {
-            return Err(format!(
+            return Err(Error::Request(format!(
                 "device {}: type {:?} is neither c nor b",
                 self.path, self.dev_type
-            ));
+            )));
         }
         if self.access.is_empty() || !self.access.chars().all(|c| "rwm".contains(c)) {
-            return Err(format!(
+            return Err(Error::Request(format!(
                 "device {}: permissions {:?} are not a subset of rwm",
                 self.path, self.access
-            ));
+            )));
         }
         if !self.path.starts_with("/dev/") || self.path.split('/').any(|c| c == "..") {
-            return Err(format!(
+            return Err(Error::Request(format!(
                 "device {}: the container path must be under /dev",
                 self.path
-            ));
+            )));
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! (libcontainer 0.7 would mount it writable on cgroup v1).
 
 use crate::request::{Network, RunRequest};
+use crate::Result;
 use oci_spec::runtime::Spec;
 use serde_json::{json, Value};
 
@@ -149,7 +150,7 @@ fn seccomp() -> Value {
 }
 
 /// Build the spec. `cgroups_path` is absolute.
-pub fn build(req: &RunRequest) -> Result<Spec, String> {
+pub fn build(req: &RunRequest) -> Result<Spec> {
     let root = req.uid == 0;
     let caps: Vec<&str> = if root { ROOT_CAPS.to_vec() } else { vec![] };
     let mut mounts = vec![
@@ -248,7 +249,8 @@ pub fn build(req: &RunRequest) -> Result<Spec, String> {
             "seccomp": seccomp(),
         }
     });
-    serde_json::from_value(spec).map_err(|e| format!("internal error building the OCI spec: {e}"))
+    serde_json::from_value(spec)
+        .map_err(|e| crate::Error::Host(format!("internal error building the OCI spec: {e}")))
 }
 
 #[cfg(test)]

@@ -9,6 +9,10 @@
 //!
 //! The run directory it works in is [`crate::rundir`]'s.
 
+mod executor;
+mod signals;
+mod stdio;
+
 use crate::cgroup::{self, Usage};
 pub use crate::net::pasta_path;
 use crate::net::{loopback_up, start_pasta, stop_pasta};
@@ -16,235 +20,18 @@ use crate::request::{Network, RunRequest};
 use crate::rundir::{
     proc_start_time, replace_file, unix_now, ExitStatus, Reason, RunDir, State, PARENTS_FILE,
 };
+use crate::{Error, Result};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
-use libcontainer::workload::default::DefaultExecutor;
-use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
-use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
-
-// ---- inside the monitor
-
-static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_signal(sig: libc::c_int) {
-    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let b = sig as u8;
-        unsafe { libc::write(fd, &b as *const u8 as *const libc::c_void, 1) };
-    }
-}
-
-extern "C" fn on_sigpipe(_: libc::c_int) {}
-
-/// Set every signal that arrived ignored back to its default. An ignored signal stays ignored
-/// across fork and exec, so what cw was started with (nohup's SIGHUP; the SIG_IGN glibc's
-/// posix_spawn leaves on its internal signals 32 and 33 in every child a Rust program spawns)
-/// would otherwise reach the container. Raw rt_sigaction: glibc refuses to touch 32 and 33,
-/// which this single-threaded process never needs.
-fn reset_ignored_signals() {
-    #[repr(C)]
-    struct KernelSigaction {
-        handler: usize,
-        flags: libc::c_ulong,
-        restorer: usize,
-        mask: u64,
-    }
-    for sig in 1..=64 {
-        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-            continue;
-        }
-        let mut old = KernelSigaction {
-            handler: 0,
-            flags: 0,
-            restorer: 0,
-            mask: 0,
-        };
-        let got = unsafe {
-            libc::syscall(
-                libc::SYS_rt_sigaction,
-                sig,
-                std::ptr::null::<KernelSigaction>(),
-                &mut old as *mut KernelSigaction,
-                8usize,
-            )
-        };
-        if got == 0 && old.handler == libc::SIG_IGN {
-            let dfl = KernelSigaction {
-                handler: libc::SIG_DFL,
-                flags: 0,
-                restorer: 0,
-                mask: 0,
-            };
-            unsafe {
-                libc::syscall(
-                    libc::SYS_rt_sigaction,
-                    sig,
-                    &dfl as *const KernelSigaction,
-                    std::ptr::null_mut::<KernelSigaction>(),
-                    8usize,
-                )
-            };
-        }
-    }
-}
-
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// Bring `lo` up in the current network namespace.
-fn is_dev_null(fd: RawFd) -> bool {
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    unsafe {
-        libc::fstat(fd, &mut st) == 0
-            && (st.st_mode & libc::S_IFMT) == libc::S_IFCHR
-            && st.st_rdev == libc::makedev(1, 3)
-    }
-}
-
-/// An output fd for the container: the named file, or a copy of ours. /dev/null is never passed
-/// (libcontainer would reopen it read-only inside): a pipe we drain stands in for it.
-fn output(path: &Option<PathBuf>, ours: RawFd, drains: &mut Vec<OwnedFd>) -> io::Result<OwnedFd> {
-    if let Some(p) = path {
-        let f = OpenOptions::new().create(true).append(true).open(p)?;
-        return Ok(f.into());
-    }
-    if is_dev_null(ours) || unsafe { libc::fcntl(ours, libc::F_GETFD) } < 0 {
-        let (r, w) = pipe()?;
-        drains.push(r);
-        // the container's end must block like a normal file
-        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETFL, 0) };
-        return Ok(w);
-    }
-    let fd = unsafe { libc::fcntl(ours, libc::F_DUPFD_CLOEXEC, 3) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-type Stdio3 = (OwnedFd, OwnedFd, OwnedFd);
-
-/// The container's stdin, stdout and stderr without a terminal.
-fn stdio(req: &RunRequest, drains: &mut Vec<OwnedFd>) -> Result<Stdio3, String> {
-    let (o, e) = match (
-        output(&req.stdout, 1, drains),
-        output(&req.stderr, 2, drains),
-    ) {
-        (Ok(o), Ok(e)) => (o, e),
-        (Err(e), _) | (_, Err(e)) => return Err(format!("opening the output files: {e}")),
-    };
-    // `-i`: ours, inherited from cw run (a pipe, a file, a terminal); else /dev/null
-    let ours = (req.stdin && unsafe { libc::fcntl(0, libc::F_GETFD) } >= 0 && !is_dev_null(0))
-        .then(|| unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) })
-        .filter(|fd| *fd >= 0);
-    let i = match ours {
-        Some(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
-        None => File::open("/dev/null")
-            .map_err(|e| format!("opening /dev/null: {e}"))?
-            .into(),
-    };
-    Ok((i, o, e))
-}
-
-/// Take the pty master libcontainer sent, size it, and open the attach socket. The first client
-/// is the monitor's stdin when `cw run -it` passed one end of a socket pair there.
-fn open_console(
-    dir: &Path,
-    req: &RunRequest,
-    listener: &OwnedFd,
-    size: crate::console::Size,
-) -> Result<crate::console::Console, String> {
-    use crate::console;
-    let master = console::receive_master(listener, 10_000).map_err(|e| e.to_string())?;
-    let _ = console::set_size(master.as_raw_fd(), size);
-    let attach =
-        console::listen(dir, console::ATTACH_SOCKET, libc::SOCK_SEQPACKET).map_err(|e| {
-            format!(
-                "creating {}: {e}",
-                dir.join(console::ATTACH_SOCKET).display()
-            )
-        })?;
-    let log = match &req.stdout {
-        Some(p) => Some(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| format!("opening {}: {e}", p.display()))?,
-        ),
-        None => None,
-    };
-    let mut c = console::Console::new(master, Some(attach), log);
-    if console::is_seqpacket(0) {
-        let fd = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
-        if fd >= 0 {
-            c.add_client(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-        // the monitor keeps no other copy: when cw run goes, its client goes
-        if let Ok(null) = File::open("/dev/null") {
-            unsafe { libc::dup2(null.as_raw_fd(), 0) };
-        }
-    }
-    Ok(c)
-}
-
-/// libcontainer's default executor, and the container's init dies with its monitor: a run
-/// without one is lost anyway (see [`RunDir::recover`]), and an init the monitor left behind
-/// would run on outside every accounting, and outside a batch system's reach. Under Slurm, a job
-/// step's SIGKILL reaches cw and its monitor but not a container in cgroups nested below the
-/// step's, so without this the container outlived its job.
-#[derive(Clone)]
-struct DiesWithMonitor {
-    /// A pidfd of the monitor (inherited by the init, closed at its exec), or -1.
-    monitor: RawFd,
-}
-
-impl Executor for DiesWithMonitor {
-    fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
-        DefaultExecutor {}.exec(spec)
-    }
-
-    /// Runs in the init after its uid, gid and capability changes (each of which clears the
-    /// parent-death signal) and before it waits for the start; the exec keeps the signal unless
-    /// the program gains privileges (file capabilities).
-    fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
-        // the init's parent is the monitor (libcontainer clones it with CLONE_PARENT)
-        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } != 0 {
-            return Err(ExecutorValidationError::ArgValidationError(format!(
-                "setting the parent-death signal: {}",
-                io::Error::last_os_error()
-            )));
-        }
-        // the monitor may have died before that: its pidfd is readable then
-        if self.monitor >= 0 {
-            let mut p = libc::pollfd {
-                fd: self.monitor,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            if unsafe { libc::poll(&mut p, 1, 0) } > 0 && p.revents != 0 {
-                return Err(ExecutorValidationError::ArgValidationError(
-                    "the run's monitor process is gone".into(),
-                ));
-            }
-        }
-        DefaultExecutor {}.validate(spec)
-    }
-}
 
 /// How long teardown waits for the processes of a killed run to leave its cgroup.
 pub(crate) const RUN_CGROUP_GONE_WITHIN: Duration = Duration::from_secs(10);
@@ -284,7 +71,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn fail(dir: &Path, req: &RunRequest, started: f64, msg: String) -> i32 {
+fn fail(dir: &Path, req: &RunRequest, started: f64, err: Error) -> i32 {
+    let msg = err.to_string();
     tracing::error!("{msg}");
     let ex = ExitStatus {
         exit_code: 125,
@@ -323,7 +111,7 @@ pub fn main(dir: &Path) -> i32 {
         }
     };
     let started = unix_now();
-    let run = || -> Result<(), String> {
+    let run = || -> Result<()> {
         let entered = enter(dir)?;
         isolate_network(dir, &req)?;
         let prepared = prepare(dir, &req, entered.inherited_oom_adj)?;
@@ -347,13 +135,13 @@ struct Entered {
 
 /// Record the monitor's pid, reset inherited signal dispositions, take signals through a
 /// self-pipe, and keep the kernel's OOM killer off the monitor.
-fn enter(dir: &Path) -> Result<Entered, String> {
+fn enter(dir: &Path) -> Result<Entered> {
     let me = std::process::id() as i32;
     let _ = replace_file(
         &dir.join("monitor.pid"),
         format!("{me} {}", proc_start_time(me).unwrap_or(0)).as_bytes(),
     );
-    reset_ignored_signals();
+    signals::reset_ignored_signals();
     // When memory runs out above the run's own limit (a Slurm job's, the host's), the kernel must
     // pick the run's processes, not the monitor: without it a job's OOM took the monitor and the
     // run's record with it. The container gets back the score cw was started with.
@@ -365,32 +153,7 @@ fn enter(dir: &Path) -> Result<Entered, String> {
         // lowering needs CAP_SYS_RESOURCE, which some sandboxes take even from root
         tracing::info!("the monitor keeps oom_score_adj {inherited_oom_adj}: {e}");
     }
-    // signals arrive through a self-pipe; handlers (not a blocked mask) so children start clean
-    let (sig_r, sig_w) = pipe().map_err(|e| format!("creating a pipe: {e}"))?;
-    SIGNAL_PIPE.store(sig_w.into_raw_fd(), Ordering::Relaxed);
-    let act = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for s in [
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGCHLD,
-    ] {
-        unsafe { signal::sigaction(s, &act) }.ok();
-    }
-    // A broken stdout pipe must not kill the monitor, but SIGPIPE must not be *ignored* either:
-    // an ignored signal stays ignored across exec, and the container (forked from here) would
-    // start with it (`yes | head -1` printing "Broken pipe" instead of ending quietly). A
-    // handler that does nothing gives the monitor EPIPE and is reset to the default by exec.
-    let noop = SigAction::new(
-        SigHandler::Handler(on_sigpipe),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    unsafe { signal::sigaction(Signal::SIGPIPE, &noop) }.ok();
+    let sig_r = signals::install()?;
     Ok(Entered {
         signals: sig_r,
         inherited_oom_adj,
@@ -399,15 +162,15 @@ fn enter(dir: &Path) -> Result<Entered, String> {
 
 /// `none` and `private`: the container inherits this private namespace (the spec asks for none
 /// of its own): only loopback, and it is up; for `private`, pasta adds the way out.
-fn isolate_network(dir: &Path, req: &RunRequest) -> Result<(), String> {
+fn isolate_network(dir: &Path, req: &RunRequest) -> Result<()> {
     if !matches!(req.network, Network::None | Network::Private) {
         return Ok(());
     }
     let host_ns = File::open("/proc/self/ns/net")
-        .map_err(|e| format!("opening the host network namespace: {e}"))?;
+        .map_err(|e| Error::Host(format!("opening the host network namespace: {e}")))?;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .map_err(|e| format!("creating a network namespace: {e}"))?;
-    loopback_up().map_err(|e| format!("bringing up loopback: {e}"))?;
+        .map_err(|e| Error::Host(format!("creating a network namespace: {e}")))?;
+    loopback_up().map_err(|e| Error::Host(format!("bringing up loopback: {e}")))?;
     if req.network == Network::Private {
         start_pasta(dir, &host_ns)?;
     }
@@ -417,7 +180,7 @@ fn isolate_network(dir: &Path, req: &RunRequest) -> Result<(), String> {
 struct Prepared {
     bundle: PathBuf,
     /// Without a terminal: the container's stdin, stdout and stderr.
-    stdio: Option<Stdio3>,
+    stdio: Option<stdio::Stdio3>,
     /// Pipes standing in for /dev/null outputs, drained by [`supervise`].
     drains: Vec<OwnedFd>,
     /// With a terminal: the console socket libcontainer sends the pty master to.
@@ -426,7 +189,7 @@ struct Prepared {
 
 /// What the container needs before it is created: the GPU libraries in the image's ld cache,
 /// the OCI bundle, its stdio or its console socket.
-fn prepare(dir: &Path, req: &RunRequest, inherited_oom_adj: i32) -> Result<Prepared, String> {
+fn prepare(dir: &Path, req: &RunRequest, inherited_oom_adj: i32) -> Result<Prepared> {
     if !req.ldconfig_dirs.is_empty() {
         // driver libraries into the image's ld cache, before the container exists
         if let Err(e) = crate::ldcache::update(
@@ -458,7 +221,7 @@ fn prepare(dir: &Path, req: &RunRequest, inherited_oom_adj: i32) -> Result<Prepa
                 c.set_cpus(None);
             }
             cgroup::pin_affinity(cpus)
-                .map_err(|e| format!("setting the CPU affinity {cpus:?}: {e}"))?;
+                .map_err(|e| e.context(format_args!("setting the CPU affinity {cpus:?}")))?;
             tracing::warn!(
                 "no cpuset controller under {}: the run's CPUs {cpus} are its processes' affinity, not enforced",
                 req.cgroup_parent
@@ -471,7 +234,7 @@ fn prepare(dir: &Path, req: &RunRequest, inherited_oom_adj: i32) -> Result<Prepa
             spec.save(bundle.join("config.json"))
                 .map_err(io::Error::other)
         })
-        .map_err(|e| format!("writing the OCI bundle: {e}"))?;
+        .map_err(|e| Error::Host(format!("writing the OCI bundle: {e}")))?;
     let mut drains = Vec::new();
     // with a terminal, the container's stdio is its pty (libcontainer makes it) and libcontainer
     // takes no other; the console socket gets the pty's master
@@ -479,14 +242,17 @@ fn prepare(dir: &Path, req: &RunRequest, inherited_oom_adj: i32) -> Result<Prepa
         Some(_) => {
             let l = crate::console::listen(dir, crate::console::CONSOLE_SOCKET, libc::SOCK_STREAM)
                 .map_err(|e| {
-                    format!(
-                        "creating {}: {e}",
-                        dir.join(crate::console::CONSOLE_SOCKET).display()
+                    Error::host(
+                        format_args!(
+                            "creating {}",
+                            dir.join(crate::console::CONSOLE_SOCKET).display()
+                        ),
+                        e,
                     )
                 })?;
             (None, Some(l))
         }
-        None => (Some(stdio(req, &mut drains)?), None),
+        None => (Some(stdio::stdio(req, &mut drains)?), None),
     };
     Ok(Prepared {
         bundle,
@@ -507,7 +273,7 @@ struct Launched {
 
 /// Create and start the container through libcontainer; a failure undoes what was made and
 /// names what libcontainer's init logged about it.
-fn launch(dir: &Path, req: &RunRequest, p: Prepared, started: f64) -> Result<Launched, String> {
+fn launch(dir: &Path, req: &RunRequest, p: Prepared, started: f64) -> Result<Launched> {
     let lc_root = dir.join("lc");
     let _ = fs::create_dir_all(&lc_root);
     // the parent cgroups that creating this run's cgroup will make, to be removed with it
@@ -532,10 +298,10 @@ fn launch(dir: &Path, req: &RunRequest, p: Prepared, started: f64) -> Result<Lau
         let chain = error_chain(e);
         match crate::initlog::detail_since(&log_path, log_start, &req.rootfs) {
             Some(d) if chain.contains("failed to prepare rootfs") => {
-                format!("{what}: preparing its root filesystem: {d}")
+                Error::Container(format!("{what}: preparing its root filesystem: {d}"))
             }
-            Some(d) => format!("{what}: {chain} ({d})"),
-            None => format!("{what}: {chain}"),
+            Some(d) => Error::Container(format!("{what}: {chain} ({d})")),
+            None => Error::Container(format!("{what}: {chain}")),
         }
     };
     let Prepared {
@@ -545,12 +311,12 @@ fn launch(dir: &Path, req: &RunRequest, p: Prepared, started: f64) -> Result<Lau
         console_listener,
     } = p;
     if let Some(d) = cgroup::held_by_others(&req.cgroup_path()) {
-        return Err(format!(
+        return Err(Error::Request(format!(
             "the run's cgroup {} already holds processes: a run named {:?} from another store \
              is using it; give this run another name",
             d.display(),
             req.id
-        ));
+        )));
     }
     // a cgroup of this name left frozen by an earlier run's interrupted kill would hold this
     // run's init before it is ready, and the create would wait for ever
@@ -559,7 +325,7 @@ fn launch(dir: &Path, req: &RunRequest, p: Prepared, started: f64) -> Result<Lau
         .with_root_path(&lc_root)
         .and_then(|b| {
             let b = b
-                .with_executor(DiesWithMonitor {
+                .with_executor(executor::DiesWithMonitor {
                     monitor: monitor_pidfd.as_ref().map_or(-1, |f| f.as_raw_fd()),
                 })
                 .with_console_socket(
@@ -591,16 +357,16 @@ fn launch(dir: &Path, req: &RunRequest, p: Prepared, started: f64) -> Result<Lau
             return Err(msg);
         }
     };
-    let undo = |container: &mut Container, msg: String| {
+    let undo = |container: &mut Container, msg: Error| {
         let _ = container.delete(true);
         cgroup::remove_run(&req.cgroup_path(), RUN_CGROUP_GONE_WITHIN);
         cgroup::remove_parents(&made_parents);
         Err(msg)
     };
     let console = match (&console_listener, req.tty) {
-        (Some(l), Some(size)) => match open_console(dir, req, l, size) {
+        (Some(l), Some(size)) => match stdio::open_console(dir, req, l, size) {
             Ok(c) => Some(c),
-            Err(e) => return undo(&mut container, format!("the run's terminal: {e}")),
+            Err(e) => return undo(&mut container, e.context("the run's terminal")),
         },
         _ => None,
     };
@@ -613,7 +379,10 @@ fn launch(dir: &Path, req: &RunRequest, p: Prepared, started: f64) -> Result<Lau
     // the init inherited the lock's descriptor and closes it at exec
     drop(parents_lock);
     let Some(pid) = container.pid() else {
-        return undo(&mut container, "the container has no pid".into());
+        return undo(
+            &mut container,
+            Error::Container("the container has no pid".into()),
+        );
     };
     let st = State {
         status: "running".into(),

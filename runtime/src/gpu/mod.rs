@@ -17,10 +17,16 @@
 //! this plan ([`crate::cdi`]). Nothing here runs a host program chosen or configured by the image,
 //! and the image's environment never reaches a host process (the NVIDIAScape lesson).
 
+mod host;
+
+pub use host::{
+    device_nodes, driver_files, parse_ldconfig, parse_mig_minors, proc_major, Host,
+    CONTAINER_BIN_DIR, CONTAINER_LIB_DIR, DEFAULT_CAPS,
+};
+
 use crate::request::{BindMount, Device};
-use std::collections::{HashMap, HashSet};
+use crate::{Error, Result};
 use std::ffi::OsStr;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -161,7 +167,7 @@ pub fn discover_with(lib: &OsStr) -> Inventory {
 
 /// Pick GPUs from a spec: `all`, `none`, a count `N` (the first N of `free`), or a comma list of
 /// indexes and/or UUIDs (prefixes accepted; `MIG-…` UUIDs pick MIG devices from `all`).
-pub fn select(all: &[Gpu], free: &[Gpu], spec: &str) -> Result<Vec<Gpu>, String> {
+pub fn select(all: &[Gpu], free: &[Gpu], spec: &str) -> Result<Vec<Gpu>> {
     let s = spec.trim();
     let whole = || all.iter().filter(|g| g.mig.is_none());
     if s.eq_ignore_ascii_case("all") {
@@ -173,11 +179,11 @@ pub fn select(all: &[Gpu], free: &[Gpu], spec: &str) -> Result<Vec<Gpu>, String>
     if let Ok(n) = s.parse::<usize>() {
         let free: Vec<&Gpu> = free.iter().filter(|g| g.mig.is_none()).collect();
         if n > free.len() {
-            return Err(format!(
+            return Err(Error::Request(format!(
                 "{n} GPU(s) requested but {} free (of {})",
                 free.len(),
                 whole().count()
-            ));
+            )));
         }
         return Ok(free[..n].iter().map(|g| (*g).clone()).collect());
     }
@@ -188,11 +194,15 @@ pub fn select(all: &[Gpu], free: &[Gpu], spec: &str) -> Result<Vec<Gpu>, String>
         } else {
             let m: Vec<&Gpu> = all.iter().filter(|g| g.uuid.starts_with(part)).collect();
             if m.len() > 1 {
-                return Err(format!("GPU {part:?} matches more than one UUID"));
+                return Err(Error::Request(format!(
+                    "GPU {part:?} matches more than one UUID"
+                )));
             }
             m.first().copied()
         };
-        let g = g.ok_or_else(|| format!("no GPU {part:?} on this node (cw gpus lists them)"))?;
+        let g = g.ok_or_else(|| {
+            Error::Request(format!("no GPU {part:?} on this node (cw gpus lists them)"))
+        })?;
         if !out.contains(g) {
             out.push(g.clone());
         }
@@ -201,347 +211,10 @@ pub fn select(all: &[Gpu], free: &[Gpu], spec: &str) -> Result<Vec<Gpu>, String>
     for g in &out {
         if let Some(m) = &g.mig {
             if out.iter().any(|p| p.uuid == m.parent_uuid) {
-                return Err(format!(
+                return Err(Error::Request(format!(
                     "{} is a MIG device of {}, which is also selected",
                     g.uuid, m.parent_uuid
-                ));
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The host facts a plan is made from. [`Host::system`] reads the real ones; tests point the
-/// directories at fake trees.
-#[derive(Debug, Clone)]
-pub struct Host {
-    /// The host's /dev (a node's mode, and its numbers where /proc/devices lacks its driver).
-    pub dev: PathBuf,
-    /// The host's /proc (`devices`, `driver/nvidia-caps/mig-minors`).
-    pub proc_dir: PathBuf,
-    /// Firmware root (`/lib/firmware`): GSP firmware is `nvidia/<version>/*.bin`.
-    pub firmware: PathBuf,
-    /// The persistenced socket.
-    pub persistenced_socket: PathBuf,
-    /// `ldconfig -p` output of the host.
-    pub ldcache: String,
-    /// Where to look for the driver's tools.
-    pub bin_dirs: Vec<PathBuf>,
-}
-
-impl Host {
-    pub fn system() -> Host {
-        let ldcache = std::process::Command::new("/sbin/ldconfig")
-            .arg("-p")
-            .env_clear()
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        Host {
-            dev: "/dev".into(),
-            proc_dir: "/proc".into(),
-            firmware: "/lib/firmware".into(),
-            persistenced_socket: "/run/nvidia-persistenced/socket".into(),
-            ldcache,
-            bin_dirs: [
-                "/usr/bin",
-                "/usr/local/bin",
-                "/usr/local/nvidia/bin",
-                "/opt/nvidia/bin",
-            ]
-            .map(PathBuf::from)
-            .to_vec(),
-        }
-    }
-}
-
-/// The major of a character device driver from `/proc/devices` text.
-pub fn proc_major(devices: &str, driver: &str) -> Option<i64> {
-    let mut in_char = false;
-    for l in devices.lines() {
-        let l = l.trim();
-        if l.ends_with(':') {
-            in_char = l == "Character devices:";
-            continue;
-        }
-        if in_char {
-            let mut f = l.split_whitespace();
-            if let (Some(n), Some(name)) = (f.next(), f.next()) {
-                if name == driver {
-                    return n.parse().ok();
-                }
-            }
-        }
-    }
-    None
-}
-
-/// `/proc/driver/nvidia-caps/mig-minors`: `gpu0/gi1/access 12` → ("gpu0/gi1/access", 12).
-pub fn parse_mig_minors(text: &str) -> HashMap<String, i64> {
-    text.lines()
-        .filter_map(|l| {
-            let (k, v) = l.trim().split_once(' ')?;
-            Some((k.to_string(), v.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-/// Libraries of the driver's user-space part, by NVIDIA_DRIVER_CAPABILITIES group.
-const COMPUTE_LIBS: &[&str] = &[
-    "libcuda.so",
-    "libcudadebugger.so",
-    "libnvidia-ptxjitcompiler.so",
-    "libnvidia-nvvm.so",
-    "libnvidia-gpucomp.so",
-    "libnvidia-opencl.so",
-];
-const UTILITY_LIBS: &[&str] = &["libnvidia-ml.so", "libnvidia-cfg.so"];
-const VIDEO_LIBS: &[&str] = &[
-    "libvdpau_nvidia.so",
-    "libnvidia-encode.so",
-    "libnvidia-opticalflow.so",
-    "libnvcuvid.so",
-];
-const GRAPHICS_LIBS: &[&str] = &[
-    "libnvidia-eglcore.so",
-    "libnvidia-glcore.so",
-    "libnvidia-tls.so",
-    "libnvidia-glsi.so",
-    "libnvidia-fbc.so",
-    "libnvidia-rtcore.so",
-    "libnvoptix.so",
-    "libGLX_nvidia.so",
-    "libEGL_nvidia.so",
-    "libGLESv2_nvidia.so",
-    "libGLESv1_CM_nvidia.so",
-    "libnvidia-glvkspirv.so",
-];
-const UTILITY_BINS: &[&str] = &["nvidia-smi", "nvidia-debugdump", "nvidia-persistenced"];
-const COMPUTE_BINS: &[&str] = &["nvidia-cuda-mps-control", "nvidia-cuda-mps-server"];
-
-pub const CONTAINER_LIB_DIR: &str = "/usr/local/nvidia/lib64";
-pub const CONTAINER_BIN_DIR: &str = "/usr/local/nvidia/bin";
-/// The default NVIDIA_DRIVER_CAPABILITIES.
-pub const DEFAULT_CAPS: &str = "compute,utility";
-
-/// `(soname, path)` of 64-bit libraries from `ldconfig -p` output.
-pub fn parse_ldconfig(out: &str) -> Vec<(String, PathBuf)> {
-    out.lines()
-        .filter_map(|l| {
-            let (left, path) = l.trim().split_once(" => ")?;
-            let (name, flags) = left.split_once(" (")?;
-            (flags.contains("x86-64") || flags.contains("AArch64"))
-                .then(|| (name.trim().to_string(), PathBuf::from(path.trim())))
-        })
-        .collect()
-}
-
-/// Parsed NVIDIA_DRIVER_CAPABILITIES.
-struct Caps(HashSet<String>);
-
-impl Caps {
-    fn new(caps: &str) -> Caps {
-        Caps(
-            caps.split(',')
-                .map(|c| c.trim().to_ascii_lowercase())
-                .collect(),
-        )
-    }
-    fn has(&self, c: &str) -> bool {
-        self.0.contains("all") || self.0.contains(c)
-    }
-}
-
-/// Host files to bind into a GPU run: driver libraries whose real file carries the running
-/// driver's version (so a stale library from an older driver is never picked), tools, the
-/// persistenced socket and GSP firmware. `caps` is NVIDIA_DRIVER_CAPABILITIES.
-pub fn driver_files(host: &Host, driver_version: &str, caps: &str) -> Vec<BindMount> {
-    let caps = Caps::new(caps);
-    let mut wanted: Vec<&str> = Vec::new();
-    for (c, libs) in [
-        ("compute", COMPUTE_LIBS),
-        ("utility", UTILITY_LIBS),
-        ("video", VIDEO_LIBS),
-        ("graphics", GRAPHICS_LIBS),
-    ] {
-        if caps.has(c) {
-            wanted.extend(libs);
-        }
-    }
-    let mut out = Vec::new();
-    let mut seen = HashSet::new();
-    for (soname, path) in parse_ldconfig(&host.ldcache) {
-        // versioned sonames only (libcuda.so.1, not the libcuda.so development link)
-        if !wanted.iter().any(|w| soname.starts_with(&format!("{w}."))) || seen.contains(&soname) {
-            continue;
-        }
-        let Ok(real) = std::fs::canonicalize(&path) else {
-            continue;
-        };
-        let real_name = real
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if !real_name.ends_with(&format!(".so.{driver_version}")) {
-            tracing::debug!(
-                "skipping {} ({real_name} is not of driver {driver_version})",
-                path.display()
-            );
-            continue;
-        }
-        seen.insert(soname.clone());
-        out.push(BindMount {
-            source: real,
-            destination: format!("{CONTAINER_LIB_DIR}/{soname}"),
-            readonly: true,
-        });
-    }
-    let mut bins: Vec<&str> = vec![];
-    if caps.has("utility") {
-        bins.extend(UTILITY_BINS);
-    }
-    if caps.has("compute") {
-        bins.extend(COMPUTE_BINS);
-    }
-    for b in bins {
-        if let Some(p) = host
-            .bin_dirs
-            .iter()
-            .map(|d| d.join(b))
-            .find(|p| p.is_file())
-        {
-            out.push(BindMount {
-                source: p,
-                destination: format!("{CONTAINER_BIN_DIR}/{b}"),
-                readonly: true,
-            });
-        }
-    }
-    if std::fs::metadata(&host.persistenced_socket)
-        .map(|m| m.file_type().is_socket())
-        .unwrap_or(false)
-    {
-        out.push(BindMount {
-            source: host.persistenced_socket.clone(),
-            destination: "/run/nvidia-persistenced/socket".into(),
-            readonly: true,
-        });
-    }
-    // GSP firmware of the running driver (read by the driver stack through the container's view)
-    let fw = host.firmware.join("nvidia").join(driver_version);
-    if let Ok(rd) = std::fs::read_dir(&fw) {
-        let mut names: Vec<String> = rd
-            .flatten()
-            .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("gsp") && n.ends_with(".bin"))
-            .collect();
-        names.sort();
-        for n in names {
-            out.push(BindMount {
-                source: fw.join(&n),
-                destination: format!("/lib/firmware/nvidia/{driver_version}/{n}"),
-                readonly: true,
-            });
-        }
-    }
-    out
-}
-
-/// A node on the host: (major, minor, mode) when `path` is a character device.
-fn host_char(path: &Path) -> Option<(i64, i64, u32)> {
-    let m = std::fs::metadata(path).ok()?;
-    if !m.file_type().is_char_device() {
-        return None;
-    }
-    let rdev = m.rdev();
-    Some((
-        libc::major(rdev) as i64,
-        libc::minor(rdev) as i64,
-        m.mode() & 0o777,
-    ))
-}
-
-/// Device nodes for `gpus`: their `/dev/nvidiaN` and the shared control nodes, with numbers from
-/// the host's /proc/devices (the node on the host is consulted for its mode, and for its numbers
-/// only where /proc/devices does not list the driver).
-pub fn device_nodes(gpus: &[Gpu], caps: &str, host: &Host) -> Result<Vec<Device>, String> {
-    if gpus.is_empty() {
-        return Ok(vec![]);
-    }
-    let caps = Caps::new(caps);
-    let devices = std::fs::read_to_string(host.proc_dir.join("devices")).unwrap_or_default();
-    let nvidia = proc_major(&devices, "nvidia-frontend")
-        .or_else(|| proc_major(&devices, "nvidia"))
-        .unwrap_or(195);
-    let mut out: Vec<Device> = Vec::new();
-    let mut add = |name: &str, numbers: Option<(i64, i64)>| {
-        let host_node = host_char(&host.dev.join(name));
-        let (major, minor, mode) = match (numbers, host_node) {
-            (Some((a, b)), Some((_, _, mode))) => (a, b, mode),
-            (Some((a, b)), None) => (a, b, 0o666),
-            (None, Some(n)) => n,
-            (None, None) => return false,
-        };
-        let path = format!("/dev/{name}");
-        if !out.iter().any(|d| d.path == path) {
-            out.push(Device::char(path, major, minor, mode));
-        }
-        true
-    };
-    for g in gpus {
-        add(
-            &format!("nvidia{}", g.minor),
-            Some((nvidia, g.minor as i64)),
-        );
-    }
-    add("nvidiactl", Some((nvidia, 255)));
-    let uvm = proc_major(&devices, "nvidia-uvm");
-    if !add("nvidia-uvm", uvm.map(|m| (m, 0))) {
-        tracing::warn!(
-            "no nvidia-uvm in {}/devices nor a /dev/nvidia-uvm: CUDA will not work (is the nvidia-uvm module loaded?)",
-            host.proc_dir.display()
-        );
-    }
-    add("nvidia-uvm-tools", uvm.map(|m| (m, 1)));
-    if caps.has("display") || caps.has("graphics") {
-        add("nvidia-modeset", Some((nvidia, 254)));
-    }
-    let migs: Vec<&Gpu> = gpus.iter().filter(|g| g.mig.is_some()).collect();
-    if !migs.is_empty() {
-        let caps_major = proc_major(&devices, "nvidia-caps").ok_or_else(|| {
-            format!(
-                "MIG device {} requested but {}/devices lists no nvidia-caps driver",
-                migs[0].uuid,
-                host.proc_dir.display()
-            )
-        })?;
-        let minors_path = host.proc_dir.join("driver/nvidia-caps/mig-minors");
-        let minors = parse_mig_minors(&std::fs::read_to_string(&minors_path).map_err(|e| {
-            format!(
-                "MIG device {} requested: {}: {e}",
-                migs[0].uuid,
-                minors_path.display()
-            )
-        })?);
-        for g in migs {
-            let m = g.mig.as_ref().unwrap();
-            for key in [
-                format!("gpu{}/gi{}/access", g.minor, m.gpu_instance),
-                format!(
-                    "gpu{}/gi{}/ci{}/access",
-                    g.minor, m.gpu_instance, m.compute_instance
-                ),
-            ] {
-                let minor = *minors.get(&key).ok_or_else(|| {
-                    format!(
-                        "MIG device {}: {key} is not in {}",
-                        g.uuid,
-                        minors_path.display()
-                    )
-                })?;
-                let name = format!("nvidia-caps/nvidia-cap{minor}");
-                add(&name, Some((caps_major, minor)));
+                )));
             }
         }
     }
@@ -562,12 +235,7 @@ pub struct Injection {
 
 /// The plan for a run with `gpus` (non-empty) from the host facts: device nodes, driver files,
 /// environment, ld cache directories.
-pub fn plan(
-    gpus: &[Gpu],
-    driver_version: &str,
-    caps: &str,
-    host: &Host,
-) -> Result<Injection, String> {
+pub fn plan(gpus: &[Gpu], driver_version: &str, caps: &str, host: &Host) -> Result<Injection> {
     let devices = device_nodes(gpus, caps, host)?;
     let files = driver_files(host, driver_version, caps);
     let ldconfig_dirs = if files
@@ -603,7 +271,7 @@ pub fn injection(
     driver_version: &str,
     caps: &str,
     cdi_dirs: &[PathBuf],
-) -> Result<Injection, String> {
+) -> Result<Injection> {
     if gpus.is_empty() {
         return Ok(Injection {
             env: vec!["NVIDIA_VISIBLE_DEVICES=void".into()],
@@ -668,7 +336,10 @@ mod tests {
             1,
             "a count takes free GPUs"
         );
-        assert!(select(&g, &g[2..], "2").unwrap_err().contains("1 free"));
+        assert!(select(&g, &g[2..], "2")
+            .unwrap_err()
+            .to_string()
+            .contains("1 free"));
         assert_eq!(
             select(&g, &g, "2,0")
                 .unwrap()
@@ -680,9 +351,13 @@ mod tests {
         assert_eq!(select(&g, &g, "GPU-1aaa").unwrap()[0].index, 1);
         assert!(select(&g, &g, "GPU-")
             .unwrap_err()
+            .to_string()
             .contains("more than one"));
         assert!(select(&g, &g, "7").is_err());
-        assert!(select(&g, &g, "GPU-zzz").unwrap_err().contains("no GPU"));
+        assert!(select(&g, &g, "GPU-zzz")
+            .unwrap_err()
+            .to_string()
+            .contains("no GPU"));
     }
 
     #[test]
@@ -706,6 +381,7 @@ mod tests {
         assert_eq!(select(&all, &all, "1").unwrap()[0].mig, None);
         assert!(select(&all, &all, "MIG-1,GPU-1aaa")
             .unwrap_err()
+            .to_string()
             .contains("also selected"));
     }
 
@@ -929,7 +605,9 @@ mod tests {
             ]
         );
         // gi2 has no compute instance listed: a clear error, not a run without its instance
-        let e = device_nodes(&[mig(&g[1], 2)], DEFAULT_CAPS, &host).unwrap_err();
+        let e = device_nodes(&[mig(&g[1], 2)], DEFAULT_CAPS, &host)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("gpu2/gi2/ci0/access") && e.contains("mig-minors"),
             "{e}"
@@ -939,7 +617,9 @@ mod tests {
             "Character devices:\n195 nvidia\n",
         )
         .unwrap();
-        let e = device_nodes(&[m], DEFAULT_CAPS, &host).unwrap_err();
+        let e = device_nodes(&[m], DEFAULT_CAPS, &host)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nvidia-caps"), "{e}");
     }
 

@@ -8,15 +8,25 @@
 //! Whiteouts become overlayfs whiteouts (char 0/0) and opaque markers `trusted.overlay.opaque=y`
 //! ([`Whiteouts::Overlay`]), or are applied by deletion to a flattened tree ([`Whiteouts::Apply`]).
 
+mod budget;
+mod compression;
+mod meta;
+mod tree;
+
+pub use budget::Budget;
+pub use compression::{decompressor, sniff};
+pub use cw_runtime::fsx::{check, cstr, fstat, is_type, list_dir, lstatat, openat, remove_all_at};
+pub use meta::show_path;
+pub use tree::{clean_components, Tree};
+
+use meta::{entry_meta, set_opaque, set_xattrs, Meta};
 use std::collections::HashSet;
-use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tree::is_whiteout;
 
 const WH_PREFIX: &[u8] = b".wh.";
 const WH_OPAQUE: &[u8] = b".wh..wh..opq";
@@ -61,61 +71,6 @@ pub struct UnpackStats {
     pub skipped_xattrs: u64,
 }
 
-/// Bytes that a set of unpacks may write together (one image's layers, unpacked in parallel;
-/// one archive): a layer that claims a few bytes can expand without bound (a sparse entry, a
-/// bomb), and must fail with this error long before the store's filesystem is full.
-#[derive(Debug)]
-pub struct Budget {
-    left: AtomicU64,
-    /// What running out means, for the error ("image X unpacks to more than …").
-    pub exceeded: String,
-}
-
-impl Budget {
-    pub fn new(bytes: u64, exceeded: impl Into<String>) -> Arc<Budget> {
-        Arc::new(Budget {
-            left: AtomicU64::new(bytes),
-            exceeded: exceeded.into(),
-        })
-    }
-
-    /// A budget of at most `max` bytes (if any) and of the free space of the filesystem at
-    /// `dir` less a reserve (2 % of the filesystem, at most 1 GiB), naming `what` when spent.
-    // fsblkcnt_t is u64 here but not on every target
-    #[allow(clippy::useless_conversion)]
-    pub fn for_dir(dir: &Path, max: Option<u64>, what: &str) -> Arc<Budget> {
-        let free = nix::sys::statvfs::statvfs(dir).ok().map(|v| {
-            let frs = u64::from(v.fragment_size());
-            let total = u64::from(v.blocks()) * frs;
-            let reserve = (1u64 << 30).min(total / 50);
-            (u64::from(v.blocks_available()) * frs).saturating_sub(reserve)
-        });
-        match (max, free) {
-            (Some(m), Some(f)) if m <= f => {
-                Budget::new(m, format!("{what} unpacks to more than {m} bytes, the limit"))
-            }
-            (_, Some(f)) => Budget::new(
-                f,
-                format!(
-                    "{what} unpacks to more than the {f} bytes its filesystem can spare ({} has no more free, less a reserve of 2 %)",
-                    dir.display()
-                ),
-            ),
-            (Some(m), None) => {
-                Budget::new(m, format!("{what} unpacks to more than {m} bytes, the limit"))
-            }
-            (None, None) => Budget::new(u64::MAX, what.to_string()),
-        }
-    }
-
-    fn take(&self, n: u64) -> Result<(), UnpackError> {
-        self.left
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(n))
-            .map(|_| ())
-            .map_err(|_| UnpackError::Limit(self.exceeded.clone()))
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct Options {
     pub whiteouts: Whiteouts,
@@ -133,309 +88,6 @@ impl Default for Options {
             budget: None,
         }
     }
-}
-
-/// Compression detected from the first bytes of a layer.
-pub fn sniff<R: BufRead>(r: &mut R) -> io::Result<crate::image::manifest::Compression> {
-    use crate::image::manifest::Compression;
-    let b = r.fill_buf()?;
-    Ok(if b.starts_with(&[0x1f, 0x8b]) {
-        Compression::Gzip
-    } else if b.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Compression::Zstd
-    } else {
-        Compression::None
-    })
-}
-
-/// Decompress (by content, whatever the media type claims) and hand back a reader of the tar.
-pub fn decompressor<'a, R: Read + 'a>(r: R) -> io::Result<Box<dyn Read + 'a>> {
-    use crate::image::manifest::Compression;
-    let mut br = BufReader::with_capacity(256 << 10, r);
-    Ok(match sniff(&mut br)? {
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(br)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(br)?),
-        Compression::None => Box::new(br),
-    })
-}
-
-/// Lexically clean a tar path into components: `/`, `.` and empty parts dropped, `..` clamped at
-/// the root (as docker and containerd treat them).
-pub fn clean_components(p: &[u8]) -> Vec<&[u8]> {
-    let mut out: Vec<&[u8]> = Vec::new();
-    for c in p.split(|&b| b == b'/') {
-        match c {
-            b"" | b"." => {}
-            b".." => {
-                out.pop();
-            }
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-pub use cw_runtime::fsx::{check, cstr, fstat, is_type, list_dir, lstatat, openat, remove_all_at};
-
-fn is_whiteout(st: &libc::stat) -> bool {
-    is_type(st, libc::S_IFCHR) && st.st_rdev == 0
-}
-
-/// A directory tree being written, addressed only through fds.
-pub struct Tree {
-    root: OwnedFd,
-    /// Last resolved parent dir, reused while entries stay in one directory.
-    cache: Option<(Vec<u8>, OwnedFd)>,
-}
-
-impl Tree {
-    pub fn open(root: &Path) -> io::Result<Tree> {
-        let c = cstr(root.as_os_str().as_bytes())?;
-        let fd = check(unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        })?;
-        Ok(Tree {
-            root: unsafe { OwnedFd::from_raw_fd(fd) },
-            cache: None,
-        })
-    }
-
-    fn dup_root(&self) -> io::Result<OwnedFd> {
-        self.root.try_clone()
-    }
-
-    /// Resolve a directory inside the tree, following symlinks inside it with `..` clamped at
-    /// the root; with `create`, missing components are made (0755, root-owned).
-    pub fn resolve_dir(&mut self, comps: &[&[u8]], create: bool) -> io::Result<OwnedFd> {
-        let key = comps.join(&b'/');
-        if let Some((k, fd)) = &self.cache {
-            if *k == key {
-                return fd.try_clone();
-            }
-        }
-        let mut stack: Vec<OwnedFd> = vec![self.dup_root()?];
-        let mut queue: std::collections::VecDeque<Vec<u8>> =
-            comps.iter().map(|c| c.to_vec()).collect();
-        let mut links = 0;
-        while let Some(c) = queue.pop_front() {
-            match &c[..] {
-                b"" | b"." => continue,
-                b".." => {
-                    if stack.len() > 1 {
-                        stack.pop();
-                    }
-                    continue;
-                }
-                _ => {}
-            }
-            let cur = stack.last().unwrap().as_raw_fd();
-            let fd = match openat(cur, &c, libc::O_PATH | libc::O_NOFOLLOW, 0) {
-                Ok(fd) => fd,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {
-                    let cs = cstr(&c)?;
-                    match check(unsafe { libc::mkdirat(cur, cs.as_ptr(), 0o755) }) {
-                        Ok(_) => {}
-                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                        Err(e) => return Err(e),
-                    }
-                    openat(cur, &c, libc::O_PATH | libc::O_NOFOLLOW, 0)?
-                }
-                Err(e) => return Err(e),
-            };
-            let st = fstat(fd.as_raw_fd())?;
-            if is_type(&st, libc::S_IFDIR) {
-                if stack.len() > MAX_DEPTH {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("deeper than {MAX_DEPTH} directories (cw's limit for layers and archives)"),
-                    ));
-                }
-                stack.push(fd);
-            } else if is_type(&st, libc::S_IFLNK) {
-                links += 1;
-                if links > MAX_SYMLINKS {
-                    return Err(io::Error::from_raw_os_error(libc::ELOOP));
-                }
-                let target = nix::fcntl::readlinkat(Some(cur), OsStr::from_bytes(&c))
-                    .map_err(io::Error::from)?;
-                let t = target.as_bytes();
-                if t.first() == Some(&b'/') {
-                    stack.truncate(1);
-                }
-                for part in t.split(|&b| b == b'/').rev() {
-                    queue.push_front(part.to_vec());
-                }
-            } else if create && is_whiteout(&st) {
-                // a whiteout of ours in the way of a directory this layer needs
-                let cs = cstr(&c)?;
-                check(unsafe { libc::unlinkat(cur, cs.as_ptr(), 0) })?;
-                check(unsafe { libc::mkdirat(cur, cs.as_ptr(), 0o755) })?;
-                queue.push_front(c);
-            } else {
-                return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
-            }
-        }
-        let fd = stack.pop().unwrap();
-        self.cache = Some((key, fd.try_clone()?));
-        Ok(fd)
-    }
-
-    fn invalidate(&mut self) {
-        self.cache = None;
-    }
-}
-
-struct Meta {
-    mode: u32,
-    uid: u64,
-    gid: u64,
-    mtime: libc::timespec,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-fn xattr_allowed(name: &[u8]) -> bool {
-    if name.starts_with(b"trusted.overlay.") || name.starts_with(b"security.selinux") {
-        return false;
-    }
-    name.starts_with(b"user.")
-        || name.starts_with(b"security.")
-        || name.starts_with(b"trusted.")
-        || name == b"system.posix_acl_access"
-        || name == b"system.posix_acl_default"
-}
-
-fn parse_mtime(v: &[u8]) -> Option<libc::timespec> {
-    let s = std::str::from_utf8(v).ok()?;
-    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
-    let secs: i64 = secs.parse().ok()?;
-    let mut ns: i64 = 0;
-    if !frac.is_empty() {
-        let f: String = frac.chars().take(9).collect();
-        ns = f.parse::<i64>().ok()? * 10i64.pow(9 - f.len() as u32);
-        if secs < 0 && ns > 0 {
-            return Some(libc::timespec {
-                tv_sec: secs - 1,
-                tv_nsec: 1_000_000_000 - ns,
-            });
-        }
-    }
-    Some(libc::timespec {
-        tv_sec: secs,
-        tv_nsec: ns,
-    })
-}
-
-/// A layer's path for an error message: whole when short, else its ends and its length (a hostile
-/// layer's names can be tens of kilobytes).
-pub fn show_path(raw: &[u8]) -> String {
-    const MAX: usize = 160;
-    if raw.len() <= MAX {
-        return String::from_utf8_lossy(raw).into_owned();
-    }
-    format!(
-        "{}…{} ({} bytes)",
-        String::from_utf8_lossy(&raw[..100]),
-        String::from_utf8_lossy(&raw[raw.len() - 40..]),
-        raw.len()
-    )
-}
-
-/// A PAX uid/gid: a decimal below 2^32-1 ((uid_t)-1 is "unchanged" to chown; larger ones
-/// would be truncated into another owner).
-fn pax_id(v: &[u8], what: &str) -> io::Result<u64> {
-    match std::str::from_utf8(v)
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    {
-        Some(n) if n < u32::MAX as u64 => Ok(n),
-        _ => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "PAX {what} {:?} is not a number below 4294967295",
-                String::from_utf8_lossy(v)
-            ),
-        )),
-    }
-}
-
-fn entry_meta<R: Read>(e: &mut tar::Entry<'_, R>, stats: &mut UnpackStats) -> io::Result<Meta> {
-    let h = e.header();
-    let mut m = Meta {
-        mode: h.mode().unwrap_or(0o644) & 0o7777,
-        uid: h.uid().unwrap_or(0),
-        gid: h.gid().unwrap_or(0),
-        mtime: libc::timespec {
-            tv_sec: h.mtime().unwrap_or(0) as i64,
-            tv_nsec: 0,
-        },
-        xattrs: Vec::new(),
-    };
-    if let Some(pax) = e.pax_extensions()? {
-        for ext in pax {
-            let ext = ext?;
-            let k = ext.key_bytes();
-            let v = ext.value_bytes();
-            match k {
-                b"uid" => m.uid = pax_id(v, "uid")?,
-                b"gid" => m.gid = pax_id(v, "gid")?,
-                b"mtime" => m.mtime = parse_mtime(v).unwrap_or(m.mtime),
-                _ => {
-                    if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
-                        if xattr_allowed(name) {
-                            m.xattrs.push((name.to_vec(), v.to_vec()));
-                        } else {
-                            stats.skipped_xattrs += 1;
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Ok(m)
-}
-
-fn set_xattrs(fd: RawFd, xattrs: &[(Vec<u8>, Vec<u8>)], stats: &mut UnpackStats) -> io::Result<()> {
-    for (k, v) in xattrs {
-        let kc = cstr(k)?;
-        let r = unsafe {
-            libc::fsetxattr(
-                fd,
-                kc.as_ptr(),
-                v.as_ptr() as *const libc::c_void,
-                v.len(),
-                0,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            // filesystems without user xattrs, or unprivileged stores: keep going, count it
-            if matches!(e.raw_os_error(), Some(libc::ENOTSUP) | Some(libc::EPERM)) {
-                stats.skipped_xattrs += 1;
-                continue;
-            }
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
-fn set_opaque(parent: RawFd) -> io::Result<()> {
-    // O_PATH fds do not take xattrs: reopen the directory for reading
-    let d = openat(parent, b".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    let k = cstr(b"trusted.overlay.opaque")?;
-    check(unsafe {
-        libc::fsetxattr(
-            d.as_raw_fd(),
-            k.as_ptr(),
-            b"y".as_ptr() as *const libc::c_void,
-            1,
-            0,
-        )
-    })?;
-    Ok(())
 }
 
 struct Unpacker {
@@ -831,22 +483,9 @@ pub fn unpack<R: Read>(reader: R, dest: &Path, opts: Options) -> Result<UnpackSt
     Ok(u.stats)
 }
 
-impl Tree {
-    /// Open a regular file inside the tree for reading, resolving like [`Tree::resolve_dir`]
-    /// (symlinks stay inside the root; the final component is not followed).
-    pub fn open_file(&mut self, rel: &[u8]) -> io::Result<File> {
-        let comps = clean_components(rel);
-        let Some((name, parent)) = comps.split_last() else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty path"));
-        };
-        let p = self.resolve_dir(parent, false)?;
-        // a FIFO or a device planted at that path must not block the host's cw
-        cw_runtime::fsx::open_regular_at(p.as_raw_fd(), name)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::meta::{parse_mtime, xattr_allowed};
     use super::*;
 
     #[test]
