@@ -11,6 +11,8 @@ unset RUST_BACKTRACE
 export CW_NO_SKIP=1
 bash tests/fixtures/build.sh registry auth >/dev/null 2>&1 || bash tests/fixtures/build.sh
 bash tests/fixtures/codalab/server.sh start
+# cw starts monitors from the cw-monitor beside it: build it with this tree's cw
+cargo build --workspace
 # test binaries share the machine's cgroups and loopback registries: a few at a time
 cargo test --workspace --no-fail-fast -- --test-threads 4
 # CodaLab's own CLI suite against `cw worker` (a subset; `bash tests/codalab-suite.sh` runs every

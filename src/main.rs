@@ -170,33 +170,19 @@ fn argv() -> Vec<std::ffi::OsString> {
 }
 
 fn main() {
-    // CVE-2019-5736: run from a sealed memfd copy so a container can never overwrite this binary.
-    if let Err(e) = pentacle::ensure_sealed() {
-        eprintln!("cw: sealing the binary against CVE-2019-5736 failed: {e}");
-        std::process::exit(125);
-    }
     let cli = Cli::parse_from(argv());
-    if let Cmd::Monitor { dir } = &cli.cmd {
-        // single-threaded from here on: no runtime, no helper threads
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("monitor.log"));
-        if let Ok(f) = log {
-            tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-                .with_writer(std::sync::Mutex::new(f))
-                .with_ansi(false)
-                .init();
+    // CVE-2019-5736: a process that forks into a container runs from a sealed memfd copy of
+    // itself, so the container can never overwrite the binary on the host. The monitor does
+    // (normally from cw-monitor, whose copy is small; `cw __monitor` where that is not
+    // installed), and so does `cw exec`; every other command stays outside every container.
+    if matches!(cli.cmd, Cmd::Monitor { .. } | Cmd::Exec { .. }) {
+        if let Err(e) = pentacle::ensure_sealed() {
+            eprintln!("cw: sealing the binary against CVE-2019-5736 failed: {e}");
+            std::process::exit(125);
         }
-        // a detached monitor's stderr is /dev/null: a panic must reach the run's log, where
-        // `cw` reports it when the run is found without its monitor
-        let default_hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            tracing::error!(target: "cw::monitor", "the monitor panicked: {info}");
-            default_hook(info);
-        }));
-        std::process::exit(cw_runtime::monitor::main(dir));
+    }
+    if let Cmd::Monitor { dir } = &cli.cmd {
+        std::process::exit(cw_runtime::monitor::process_main(dir));
     }
     // the worker logs its progress (info, or debug with --verbose) unless --log/CW_LOG says
     // otherwise. By default libcgroups only speaks of errors: it warns of every v1 controller

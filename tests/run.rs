@@ -1016,6 +1016,48 @@ fn a_cgroup_left_frozen_does_not_hold_the_next_run() {
 /// are in place and `cw exec` can reach it (it once printed the id as soon as the monitor was
 /// spawned, and a reader of the run's cgroup raced libcontainer's writes). A run that cannot
 /// start makes `cw run -d` fail with its error and exit code, and stays for `cw ps`.
+/// CVE-2019-5736: the process that creates the container (the monitor, whose clone becomes the
+/// container's init) runs from a sealed copy of cw-monitor, the small binary beside cw: root on
+/// the host, or a container that reaches /proc/<pid>/exe, cannot write the binary through it.
+#[test]
+fn the_monitor_runs_from_a_sealed_copy_of_cw_monitor() {
+    let Some(cw) = runner() else { return };
+    let monitor_bin = common::cw_bin().with_file_name(cw_runtime::rundir::MONITOR_EXE);
+    assert!(
+        monitor_bin.is_file(),
+        "{} is not built (cargo build --workspace builds it)",
+        monitor_bin.display()
+    );
+    let id = cw
+        .ok(&["run", "-d", "--image", TINY, "sleep", "30"])
+        .trim()
+        .to_string();
+    let rd = cw_runtime::rundir::RunDir::new(cw.store().join("runs").join(&id));
+    let pid = rd.monitor_pid().expect("the run's monitor pid");
+    let argv0 = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let argv0 = String::from_utf8_lossy(argv0.split(|b| *b == 0).next().unwrap()).into_owned();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let write = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/exe"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"\x7fELF"));
+    cw.ok(&["rm", "-f", &id]);
+    assert_eq!(
+        argv0,
+        monitor_bin.to_string_lossy(),
+        "the monitor was not started from cw-monitor"
+    );
+    assert!(
+        exe.to_string_lossy().starts_with("/memfd:"),
+        "the monitor runs from {}, not a sealed memfd",
+        exe.display()
+    );
+    assert!(
+        write.is_err(),
+        "root wrote the running monitor's binary through /proc/{pid}/exe"
+    );
+}
+
 #[test]
 fn a_detached_run_returns_once_started_or_with_its_error() {
     let Some(cw) = runner() else { return };

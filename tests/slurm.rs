@@ -123,8 +123,8 @@ fn cw_under_a_real_slurm() {
 
 fn a_jobs_memory_limit_bounds_the_run_nested_in_it(slurm: &Slurm, cw: &Cw) {
     // the job's memory limit bounds the run nested under it: 1.5 GB of anonymous memory in a
-    // job of 1 GB is killed, in a job of 3 GB it is not (the debug cw's sealed copy of itself,
-    // ~350 MB, is charged to the job too)
+    // job of 1 GB is killed, in a job of 3 GB it is not (the debug cw-monitor's sealed copy of
+    // itself, ~180 MB, is charged to the job too)
     let eat = "'head -c 1500m /dev/zero | tail >/dev/null'";
     let small = step_script(cw, "small", eat);
     let o = slurm

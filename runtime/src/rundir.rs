@@ -367,6 +367,32 @@ fn cgroup_path_string(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// The name of the monitor's own executable, installed beside `cw`.
+pub const MONITOR_EXE: &str = "cw-monitor";
+
+/// The executable to start a run's monitor from: `cw-monitor` beside the running executable when
+/// it is there and no more writable than it (owned by the same user, not group- or
+/// world-writable, a regular file), else this executable (`cw __monitor`, which seals itself).
+pub fn monitor_exe() -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let self_exe = PathBuf::from("/proc/self/exe");
+    let Ok(me) = std::env::current_exe() else {
+        return self_exe;
+    };
+    let candidate = me.with_file_name(MONITOR_EXE);
+    match (fs::metadata(&me), fs::symlink_metadata(&candidate)) {
+        (Ok(m), Ok(c))
+            if c.file_type().is_file()
+                && c.uid() == m.uid()
+                && c.mode() & 0o022 == 0
+                && c.mode() & 0o100 != 0 =>
+        {
+            candidate
+        }
+        _ => self_exe,
+    }
+}
+
 /// Start `exe __monitor <dir>` in its own session. Its stdout/stderr are the container's when the
 /// request names no files; its stdin is the container's with `stdin`, or the first client of
 /// its terminal (one end of [`crate::console::pair`]) with `tty`.

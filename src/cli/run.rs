@@ -261,7 +261,7 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
         }
         rd.write_request(&req)?;
     }
-    let exe = std::path::Path::new("/proc/self/exe");
+    let exe = cw_runtime::rundir::monitor_exe();
     // detached: the monitor must not hold our stdout/stderr open (a `$(cw run -d …)` would hang)
     let stdio = || {
         if a.detach {
@@ -283,7 +283,7 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
     } else {
         std::process::Stdio::null()
     };
-    let mut child = cw_runtime::rundir::spawn(exe, &rd.path, stdin, stdio(), stdio())
+    let mut child = cw_runtime::rundir::spawn(&exe, &rd.path, stdin, stdio(), stdio())
         .with_context(|| "starting the run's monitor process")?;
     if a.detach {
         // as `docker run -d`: back once the container has started (so what follows can rely on

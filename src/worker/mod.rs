@@ -383,7 +383,7 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
             registry: crate::registry::Client::new(g.registry),
             deps,
             work_dir: work_dir.clone(),
-            exe: PathBuf::from("/proc/self/exe"),
+            exe: cw_runtime::rundir::monitor_exe(),
             shared_fs: a.shared_file_system,
             cpus,
             gpus,

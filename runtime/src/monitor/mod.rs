@@ -92,6 +92,31 @@ fn fail(dir: &Path, req: &RunRequest, started: f64, err: Error) -> i32 {
     1
 }
 
+/// The whole of a monitor process (`cw-monitor __monitor DIR`, or `cw __monitor DIR`), once it
+/// runs sealed: its log into the run's `monitor.log`, panics there too, then [`main`]. Returns
+/// the process's exit code. Single-threaded from here on: no runtime, no helper threads.
+pub fn process_main(dir: &Path) -> i32 {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("monitor.log"));
+    if let Ok(f) = log {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(std::sync::Mutex::new(f))
+            .with_ansi(false)
+            .init();
+    }
+    // a detached monitor's stderr is /dev/null: a panic must reach the run's log, where `cw`
+    // reports it when the run is found without its monitor
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!(target: "cw::monitor", "the monitor panicked: {info}");
+        default_hook(info);
+    }));
+    main(dir)
+}
+
 /// The monitor process's main. Returns its exit code (0 when the status was recorded).
 ///
 /// Phases: [`enter`] (pid record, signals, OOM score), [`isolate_network`], [`prepare`] (GPU ld
