@@ -191,6 +191,7 @@ fn record(
         names: store.image(&mdigest).map(|i| i.names).unwrap_or_default(),
         pulled_at: t,
         last_used: t,
+        used_ns: crate::store::now_ns(),
     };
     store.put_image(&rec)?;
     for n in names {

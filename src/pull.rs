@@ -601,6 +601,7 @@ pub async fn pull(
         size,
         pulled_at: old.as_ref().map(|o| o.pulled_at).unwrap_or(t),
         last_used: t,
+        used_ns: crate::store::now_ns(),
     };
     store.put_image(&rec)?;
     store.tag(&name, &rec.manifest)?;
