@@ -21,7 +21,7 @@ pkgs=(libseccomp-dev pkg-config libc6-dev gcc docker-registry skopeo umoci busyb
 bash scripts/apt-install.sh "${pkgs[@]}"
 
 say "building cw"
-cargo build --bin cw
+cargo build --workspace --bins
 say "registry on 127.0.0.1:5000 with codalab/ubuntu:1.9"
 bash tests/fixtures/build.sh demo
 say "CodaLab server on 127.0.0.1:2900"

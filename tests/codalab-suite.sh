@@ -42,7 +42,7 @@ bash tests/fixtures/codalab/server.sh start >/dev/null || { echo "codalab-suite:
 eval "$(bash tests/fixtures/codalab/server.sh env)"
 VENV=$(dirname "$(dirname "$CL")")
 MYCNF=$(dirname "$CODALAB_HOME")/my.cnf
-cargo build -q --bin cw || exit 2
+cargo build -q --workspace --bins || exit 2
 CW=$ROOT/target/debug/cw
 W=$(mktemp -d /var/tmp/cw-suite.XXXXXX)
 echo "codalab-suite: logs in $W"
