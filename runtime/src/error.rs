@@ -24,17 +24,9 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn request(msg: impl Into<String>) -> Error {
-        Error::Request(msg.into())
-    }
-
     /// A host operation's failure: what was done ("opening /dev/null") and why it failed.
     pub fn host(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
         Error::Host(format!("{what}: {e}"))
-    }
-
-    pub fn gpu(msg: impl Into<String>) -> Error {
-        Error::Gpu(msg.into())
     }
 
     /// The same error, its message prefixed with what was being done.
