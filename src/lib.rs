@@ -4,6 +4,7 @@
 //! `rootfs` → `cw_runtime` (spec → monitor → container) → `worker`.
 
 pub mod attach;
+pub mod bridge;
 pub mod config;
 pub mod exec;
 pub mod image;

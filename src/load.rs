@@ -5,10 +5,10 @@
 use crate::image::digest::Digest;
 use crate::image::manifest::{self, Parsed, Platform};
 use crate::image::reference::Reference;
-use crate::pull::{publish, unpack_to_tmp, HashingReader, PullError};
+use crate::pull::PullError;
+use crate::store::ingest::{HashingReader, IngestError, NewImage};
 use crate::store::unpack::{self, Options, Tree, Whiteouts};
-use crate::store::{now, ImageRecord, Store};
-use sha2::{Digest as _, Sha256};
+use crate::store::{ImageRecord, Store};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
@@ -18,6 +18,8 @@ pub enum LoadError {
     Bad { path: String, reason: String },
     #[error(transparent)]
     Pull(#[from] PullError),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 }
@@ -135,69 +137,40 @@ fn load_layer(
         .tree
         .open_file(rel.as_bytes())
         .map_err(|e| bad(&src.root.join(rel), format!("cannot open layer: {e}")))?;
-    let mut hr = HashingReader {
-        inner: f,
-        hasher: Sha256::new(),
-        n: 0,
-    };
-    let (tmp, actual, stats) = unpack_to_tmp(store, &mut hr, budget).map_err(|(tmp, e)| {
-        crate::store::discard(&tmp);
-        PullError::Unpack {
-            layer: diff_id.clone(),
-            source: e,
-        }
-    })?;
+    let mut hr = HashingReader::new(f);
+    let staged = store.stage_layer(&mut hr, budget, diff_id)?;
     io::copy(&mut hr, &mut io::sink()).map_err(|e| bad(&src.root.join(rel), e.to_string()))?;
-    let blob_digest = Digest::from_hasher(hr.hasher);
+    let blob_digest = hr.digest();
     if let Some(c) = compressed {
         if &blob_digest != c {
-            crate::store::discard(&tmp);
             return Err(bad(
                 &src.root.join(rel),
                 format!("digest mismatch: expected {c}, got {blob_digest}"),
             ));
         }
     }
-    publish(store, &tmp, diff_id, actual, &blob_digest, &stats)?;
+    staged.commit(store, diff_id, &blob_digest)?;
     Ok(true)
 }
 
+/// Commit an image whose layers are in: its manifest, config and `names`.
 fn record(
     store: &Store,
     manifest_bytes: &[u8],
     config: &Digest,
     config_bytes: &[u8],
+    cfg: &manifest::ImageConfig,
     names: &[String],
 ) -> Result<ImageRecord, LoadError> {
-    let cfg = manifest::parse_config(config_bytes).map_err(PullError::from)?;
-    let mdigest = Digest::of(manifest_bytes);
-    let _g = store.lock_index()?;
-    store.put_blob(config, config_bytes)?;
-    store.put_blob(&mdigest, manifest_bytes)?;
-    let t = now();
-    let rec = ImageRecord {
-        manifest: mdigest.clone(),
+    Ok(store.commit_image(&NewImage {
+        manifest_digest: Digest::of(manifest_bytes),
+        manifest_bytes,
         index: None,
-        config: config.clone(),
-        size: cfg
-            .diff_ids
-            .iter()
-            .filter_map(|d| store.layer(d))
-            .map(|l| l.size)
-            .sum(),
-        layers: cfg.diff_ids,
-        platform: format!("{}/{}", cfg.os, cfg.arch),
-        run: cfg.run,
-        names: store.image(&mdigest).map(|i| i.names).unwrap_or_default(),
-        pulled_at: t,
-        last_used: t,
-        used_ns: crate::store::now_ns(),
-    };
-    store.put_image(&rec)?;
-    for n in names {
-        store.tag(n, &mdigest)?;
-    }
-    Ok(store.image(&mdigest).unwrap_or(rec))
+        config_digest: config.clone(),
+        config_bytes,
+        config: cfg,
+        names,
+    })?)
 }
 
 fn normalise_names(raw: &[String], path: &Path) -> Result<Vec<String>, LoadError> {
@@ -242,16 +215,8 @@ pub fn load(
         for e in entries {
             let config_bytes = src.read(&e.config, manifest::MAX_CONFIG_BYTES)?;
             let config = Digest::of(&config_bytes);
-            let cfg = manifest::parse_config(&config_bytes).map_err(PullError::from)?;
-            if cfg.diff_ids.len() != e.layers.len() {
-                return Err(
-                    PullError::from(manifest::ManifestError::LayerCountMismatch {
-                        diff_ids: cfg.diff_ids.len(),
-                        layers: e.layers.len(),
-                    })
-                    .into(),
-                );
-            }
+            let cfg = manifest::parse_config_for(&config_bytes, e.layers.len())
+                .map_err(PullError::from)?;
             let mut layers = Vec::new();
             for (rel, diff) in e.layers.iter().zip(&cfg.diff_ids) {
                 // newer docker saves name layers blobs/sha256/<digest>: that is their digest too
@@ -274,6 +239,7 @@ pub fn load(
                 man.to_string().as_bytes(),
                 &config,
                 &config_bytes,
+                &cfg,
                 &names,
             )?);
         }
@@ -311,16 +277,8 @@ pub fn load(
             return Err(bad(input, "nested index"));
         };
         let config_bytes = src.read_blob(&m.config, manifest::MAX_CONFIG_BYTES)?;
-        let cfg = manifest::parse_config(&config_bytes).map_err(PullError::from)?;
-        if cfg.diff_ids.len() != m.layers.len() {
-            return Err(
-                PullError::from(manifest::ManifestError::LayerCountMismatch {
-                    diff_ids: cfg.diff_ids.len(),
-                    layers: m.layers.len(),
-                })
-                .into(),
-            );
-        }
+        let cfg =
+            manifest::parse_config_for(&config_bytes, m.layers.len()).map_err(PullError::from)?;
         for (l, diff) in m.layers.iter().zip(&cfg.diff_ids) {
             load_layer(
                 store,
@@ -336,7 +294,14 @@ pub fn load(
             Some(t) => normalise_names(&[t], input)?,
             None => vec![],
         };
-        out.push(record(store, &bytes, &m.config, &config_bytes, &names)?);
+        out.push(record(
+            store,
+            &bytes,
+            &m.config,
+            &config_bytes,
+            &cfg,
+            &names,
+        )?);
     }
     Ok(out)
 }

@@ -1,22 +1,20 @@
 //! `cw pull`: reference → registry → verified manifest/config → layers streamed, verified and
 //! unpacked in parallel → published into the store.
 
+use crate::bridge::ChannelReader;
 use crate::image::digest::Digest;
 use crate::image::manifest::{self, LayerDesc, Parsed, Platform};
 use crate::image::reference::Reference;
 use crate::progress::Progress;
-use crate::registry::{error_chain, Client, FetchedManifest, Hasher, RegistryError, Repo};
-use crate::store::unpack::{self, Options, UnpackError};
-use crate::store::{now, ImageRecord, LayerRecord, Store, StoreError};
+use crate::registry::{Client, Download, FetchedManifest, RegistryError, Repo};
+use crate::store::ingest::{IngestError, NewImage};
+use crate::store::unpack;
+use crate::store::{ImageRecord, Store, StoreError};
 use futures_util::StreamExt;
-use sha2::{Digest as _, Sha256};
-use std::io::{self, Read};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Layers downloaded at once.
 pub const DEFAULT_PARALLEL: usize = 3;
-const BLOB_RESUMES: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -25,14 +23,8 @@ pub enum PullError {
         reference: String,
         source: RegistryError,
     },
-    #[error("layer {layer}: {source}")]
-    Unpack { layer: Digest, source: UnpackError },
-    #[error("layer {layer}: uncompressed content has digest {actual}, but the image config says {expected}")]
-    DiffIdMismatch {
-        layer: Digest,
-        expected: Digest,
-        actual: Digest,
-    },
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -82,103 +74,6 @@ fn reg(r: &Reference) -> impl Fn(RegistryError) -> PullError + '_ {
     }
 }
 
-/// Bytes from an async downloader to a blocking consumer (unpacker, decompressor).
-pub struct ChannelReader {
-    pub rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
-    pub cur: bytes::Bytes,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(b) => self.cur = b,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur[..n]);
-        let _ = self.cur.split_to(n);
-        Ok(n)
-    }
-}
-
-/// sha256 of everything read through it (the diff id of an uncompressed layer).
-pub struct HashingReader<R> {
-    pub inner: R,
-    pub hasher: Sha256,
-    pub n: u64,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let k = self.inner.read(buf)?;
-        self.hasher.update(&buf[..k]);
-        self.n += k as u64;
-        Ok(k)
-    }
-}
-
-/// Decompress, hash and unpack `r` into a fresh temp dir; returns the dir, diff id and stats.
-pub fn unpack_to_tmp<R: Read>(
-    store: &Store,
-    r: R,
-    budget: &Arc<unpack::Budget>,
-) -> Result<(std::path::PathBuf, Digest, unpack::UnpackStats), (std::path::PathBuf, UnpackError)> {
-    let tmp = store.tmp_dir("layer").map_err(|e| {
-        (
-            std::path::PathBuf::new(),
-            UnpackError::Read(io::Error::other(e.to_string())),
-        )
-    })?;
-    let res = (|| {
-        let dec = unpack::decompressor(r).map_err(UnpackError::Read)?;
-        let mut hr = HashingReader {
-            inner: dec,
-            hasher: Sha256::new(),
-            n: 0,
-        };
-        let opts = Options {
-            budget: Some(budget.clone()),
-            ..Options::default()
-        };
-        let stats = unpack::unpack(&mut hr, &tmp, opts)?;
-        Ok((Digest::from_hasher(hr.hasher), stats))
-    })();
-    match res {
-        Ok((d, s)) => Ok((tmp, d, s)),
-        Err(e) => Err((tmp, e)),
-    }
-}
-
-/// Publish an unpacked temp dir as layer `diff_id` after checking its digest.
-pub fn publish(
-    store: &Store,
-    tmp: &std::path::Path,
-    expected: &Digest,
-    actual: Digest,
-    compressed: &Digest,
-    stats: &unpack::UnpackStats,
-) -> Result<LayerRecord, PullError> {
-    if &actual != expected {
-        crate::store::discard(tmp);
-        return Err(PullError::DiffIdMismatch {
-            layer: compressed.clone(),
-            expected: expected.clone(),
-            actual,
-        });
-    }
-    let rec = LayerRecord {
-        diff_id: expected.clone(),
-        size: stats.bytes,
-        entries: stats.entries,
-        compressed: vec![compressed.clone()],
-        unpacked_at: now(),
-    };
-    store.publish_layer(tmp, &rec)?;
-    Ok(rec)
-}
-
 async fn fetch_layer(
     repo: Repo,
     store: Store,
@@ -200,169 +95,36 @@ async fn fetch_layer(
     let id = desc.digest.short().to_string();
     progress.layer_start(&id, desc.size);
     let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(32);
-    let st = store.clone();
+    let (st, layer) = (store.clone(), desc.digest.clone());
     let unpacker = tokio::task::spawn_blocking(move || {
-        unpack_to_tmp(
-            &st,
-            ChannelReader {
-                rx,
-                cur: bytes::Bytes::new(),
-            },
-            &budget,
-        )
+        st.stage_layer(ChannelReader::new(rx), &budget, &layer)
     });
-
-    let what = format!("layer {}", desc.digest);
-    let mut hasher = Hasher::default();
-    let mut offset: u64 = 0;
-    let mut resumes = 0;
-    let mut download_err: Option<PullError> = None;
-    let mut receiver_gone = false;
-    'outer: loop {
-        let (resp, ranged) = match repo.open_blob(&desc.digest, offset, &desc.urls).await {
-            Ok(x) => x,
-            Err(e) => {
-                download_err = Some(PullError::Registry {
-                    reference: what.clone(),
-                    source: e,
-                });
-                break;
-            }
-        };
-        let mut skip = if offset > 0 && !ranged { offset } else { 0 };
-        let mut stream = resp.bytes_stream();
-        // a blob must deliver MIN_PROGRESS bytes in every window: a registry that drips a byte
-        // now and then never trips the read timeout, and would hold the pull for ever
-        let window = repo.progress_window();
-        let (mut since, mut got) = (tokio::time::Instant::now(), 0u64);
-        loop {
-            let chunk = match tokio::time::timeout_at(since + window, stream.next()).await {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(_) if got >= crate::registry::MIN_PROGRESS => {
-                    (since, got) = (tokio::time::Instant::now(), 0);
-                    continue;
-                }
-                Err(_) => {
-                    download_err = Some(PullError::Registry {
-                        reference: what.clone(),
-                        source: RegistryError::Http {
-                            url: desc.digest.to_string(),
-                            msg: format!(
-                                "the registry sent {got} bytes in {}s, less than the {} a download must make in that time (registry_timeout)",
-                                window.as_secs(),
-                                crate::registry::MIN_PROGRESS
-                            ),
-                        },
-                    });
-                    break 'outer;
-                }
-            };
-            if let Ok(b) = &chunk {
-                got += b.len() as u64;
-                if since.elapsed() >= window {
-                    (since, got) = (tokio::time::Instant::now(), 0);
-                }
-            }
-            match chunk {
-                Ok(mut b) => {
-                    if skip > 0 {
-                        let k = skip.min(b.len() as u64) as usize;
-                        let _ = b.split_to(k);
-                        skip -= k as u64;
-                        if b.is_empty() {
-                            continue;
-                        }
-                    }
-                    offset += b.len() as u64;
-                    if offset > desc.size {
-                        download_err = Some(PullError::Registry {
-                            reference: what.clone(),
-                            source: RegistryError::SizeMismatch {
-                                what: what.clone(),
-                                expected: desc.size,
-                                actual: offset,
-                            },
-                        });
-                        break 'outer;
-                    }
-                    hasher.update(&b);
-                    progress.layer_bytes(&id, b.len() as u64);
-                    if tx.send(b).await.is_err() {
-                        receiver_gone = true; // the unpacker failed: its error is the one to report
-                        break 'outer;
-                    }
-                }
-                Err(e) => {
-                    if resumes >= BLOB_RESUMES {
-                        download_err = Some(PullError::Registry {
-                            reference: what.clone(),
-                            source: RegistryError::Http {
-                                url: desc.digest.to_string(),
-                                msg: error_chain(&e),
-                            },
-                        });
-                        break 'outer;
-                    }
-                    resumes += 1;
-                    tracing::info!(
-                        "{what}: connection lost at byte {offset} ({}); resuming",
-                        error_chain(&e)
-                    );
-                    tokio::time::sleep(Duration::from_millis(200 * resumes as u64)).await;
-                    continue 'outer;
-                }
-            }
-        }
-        break;
-    }
+    let downloaded = repo
+        .download(&desc, &tx, |n| progress.layer_bytes(&id, n))
+        .await;
     drop(tx);
-    if download_err.is_none() && !receiver_gone {
-        if offset != desc.size {
-            download_err = Some(PullError::Registry {
-                reference: what.clone(),
-                source: RegistryError::SizeMismatch {
-                    what: what.clone(),
-                    expected: desc.size,
-                    actual: offset,
-                },
-            });
-        } else {
-            let actual = hasher.finish();
-            if actual != desc.digest {
-                download_err = Some(PullError::Registry {
-                    reference: what.clone(),
-                    source: RegistryError::DigestMismatch {
-                        what: what.clone(),
-                        expected: desc.digest.clone(),
-                        actual,
-                    },
-                });
-            }
-        }
-    }
-    let unpacked = unpacker
+    let staged = unpacker
         .await
         .map_err(|e| PullError::Other(format!("unpacker task: {e}")))?;
-    let res = match (download_err, unpacked) {
-        (Some(e), Ok((tmp, _, _))) | (Some(e), Err((tmp, _))) => {
-            crate::store::discard(&tmp);
-            Err(e)
-        }
-        (None, Err((tmp, e))) => {
-            crate::store::discard(&tmp);
-            Err(PullError::Unpack {
-                layer: desc.digest.clone(),
-                source: e,
-            })
-        }
-        (None, Ok((tmp, actual, stats))) => {
+    // a download that failed is the error to report, also when the unpacker then failed on the
+    // truncated stream; an unpacker that failed first made the download stop (ReceiverGone)
+    let res = match (downloaded, staged) {
+        (Err(e), _) => Err(PullError::Registry {
+            reference: format!("layer {}", desc.digest),
+            source: e,
+        }),
+        (Ok(_), Err(e)) => Err(e.into()),
+        (Ok(Download::ReceiverGone), Ok(_)) => Err(PullError::Other(format!(
+            "layer {}: the unpacker stopped reading before the end",
+            desc.digest
+        ))),
+        (Ok(Download::Verified), Ok(staged)) => {
             let st = store.clone();
-            let (d, dd) = (diff_id.clone(), desc.digest.clone());
-            tokio::task::spawn_blocking(move || publish(&st, &tmp, &d, actual, &dd, &stats))
+            tokio::task::spawn_blocking(move || staged.commit(&st, &diff_id, &desc.digest))
                 .await
                 .map_err(|e| PullError::Other(e.to_string()))?
                 .map(|_| true)
+                .map_err(PullError::from)
         }
     };
     progress.layer_done(&id, if res.is_ok() { "done" } else { "failed" });
@@ -527,14 +289,7 @@ pub async fn pull(
             actual: config_bytes.len() as u64,
         }));
     }
-    let config = manifest::parse_config(&config_bytes)?;
-    if config.diff_ids.len() != m.layers.len() {
-        return Err(manifest::ManifestError::LayerCountMismatch {
-            diff_ids: config.diff_ids.len(),
-            layers: m.layers.len(),
-        }
-        .into());
-    }
+    let config = manifest::parse_config_for(&config_bytes, m.layers.len())?;
 
     store.clean_tmp();
     let todo: Vec<(LayerDesc, Digest)> = m
@@ -576,37 +331,18 @@ pub async fn pull(
         return Err(e);
     }
 
-    let size: u64 = config
-        .diff_ids
-        .iter()
-        .filter_map(|d| store.layer(d))
-        .map(|l| l.size)
-        .sum();
-    let _g = store.lock_index()?;
-    store.put_blob(&m.config, &config_bytes)?;
-    store.put_blob(&man.digest, &man.bytes)?;
-    if let Some(i) = &index {
-        store.put_blob(&i.digest, &i.bytes)?;
-    }
-    let old = store.image(&man.digest);
-    let t = now();
-    let rec = ImageRecord {
-        manifest: man.digest.clone(),
-        index: index.map(|i| i.digest),
-        config: m.config.clone(),
-        layers: config.diff_ids.clone(),
-        platform: format!("{}/{}", config.os, config.arch),
-        run: config.run.clone(),
-        names: old.as_ref().map(|o| o.names.clone()).unwrap_or_default(),
-        size,
-        pulled_at: old.as_ref().map(|o| o.pulled_at).unwrap_or(t),
-        last_used: t,
-        used_ns: crate::store::now_ns(),
-    };
-    store.put_image(&rec)?;
-    store.tag(&name, &rec.manifest)?;
+    let names = [name];
+    let image = store.commit_image(&NewImage {
+        manifest_digest: man.digest.clone(),
+        manifest_bytes: &man.bytes,
+        index: index.as_ref().map(|i| (&i.digest, &i.bytes[..])),
+        config_digest: m.config.clone(),
+        config_bytes: &config_bytes,
+        config: &config,
+        names: &names,
+    })?;
     Ok(PullResult {
-        image: store.image(&rec.manifest).unwrap_or(rec),
+        image,
         fetched_layers: fetched,
         reused_layers: reused,
         up_to_date: false,

@@ -226,13 +226,12 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
         cgroup_parent: a.cgroup_parent.clone(),
         readonly_rootfs: a.read_only,
         force_copy: a.no_overlay,
-        hostname: None,
-        gpus: vec![],
-        driver_version: String::new(),
         devices: a.devices.clone(),
         cdi_dirs: a.cdi_spec_dirs.clone(),
         stdin: a.interactive,
         tty: a.tty.then(cw::attach::our_size),
+        // GPUs below, once the rest has been checked
+        ..Default::default()
     };
     let mut opts = opts;
     if let Some(spec) = &a.gpus {

@@ -333,6 +333,19 @@ pub struct ImageConfig {
     pub run: RunConfig,
 }
 
+/// [`parse_config`] of an image whose manifest (or archive) lists `layers` layers: the config
+/// must name one diff id for each.
+pub fn parse_config_for(bytes: &[u8], layers: usize) -> Result<ImageConfig, ManifestError> {
+    let c = parse_config(bytes)?;
+    if c.diff_ids.len() != layers {
+        return Err(ManifestError::LayerCountMismatch {
+            diff_ids: c.diff_ids.len(),
+            layers,
+        });
+    }
+    Ok(c)
+}
+
 pub fn parse_config(bytes: &[u8]) -> Result<ImageConfig, ManifestError> {
     if bytes.len() > MAX_CONFIG_BYTES {
         return Err(ManifestError::BadConfig(format!(

@@ -3,7 +3,10 @@
 //! caller against the digest it was asked for.
 
 pub mod auth;
+mod blob;
 pub mod config;
+
+pub use blob::{foreign_url, Download, Hasher};
 
 use crate::image::digest::Digest;
 use crate::image::manifest::{self, ManifestError};
@@ -12,11 +15,9 @@ use auth::{parse_challenge, Challenge, TokenResponse};
 use config::{ConfigError, Credential, Endpoint, RegistryConfig};
 use futures_util::StreamExt;
 use reqwest::header::{
-    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RANGE, RETRY_AFTER,
-    WWW_AUTHENTICATE,
+    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use reqwest::{Method, Response, StatusCode};
-use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -458,54 +459,6 @@ impl Repo {
         }
         Ok(bytes)
     }
-
-    /// Open a blob stream at `offset`. Returns the response and whether it honoured the range
-    /// (`false`: the body starts at byte 0 and the caller must skip `offset` bytes).
-    pub async fn open_blob(
-        &self,
-        digest: &Digest,
-        offset: u64,
-        urls: &[String],
-    ) -> Result<(Response, bool)> {
-        let mut h = HeaderMap::new();
-        if offset > 0 {
-            h.insert(
-                RANGE,
-                HeaderValue::from_str(&format!("bytes={offset}-")).unwrap(),
-            );
-        }
-        // Foreign layers: their own URLs first, never with our credentials (the manifest
-        // parser keeps `urls` only for foreign and non-distributable media types)
-        for u in urls {
-            let u = match foreign_url(u, self.client.cfg.local_foreign_urls) {
-                Ok(u) => u,
-                Err(why) => {
-                    tracing::warn!("foreign layer URL {u:?} not used: {why}");
-                    continue;
-                }
-            };
-            match self
-                .client
-                .http
-                .get(u.clone())
-                .headers(h.clone())
-                .send()
-                .await
-            {
-                Ok(r) if r.status().is_success() => {
-                    let ranged = r.status() == StatusCode::PARTIAL_CONTENT;
-                    return Ok((r, ranged));
-                }
-                Ok(r) => tracing::warn!("foreign layer URL {u}: HTTP {}", r.status().as_u16()),
-                Err(e) => tracing::warn!("foreign layer URL {u}: {e}"),
-            }
-        }
-        let url = self.url("blobs", &digest.to_string());
-        let resp = self.send(Method::GET, &url, h, false).await?;
-        let resp = self.check(resp, &format!("blob {digest}")).await?;
-        let ranged = resp.status() == StatusCode::PARTIAL_CONTENT;
-        Ok((resp, ranged))
-    }
 }
 
 async fn read_bounded(resp: Response, url: &str, what: &str, limit: usize) -> Result<Vec<u8>> {
@@ -544,40 +497,6 @@ async fn read_bounded(resp: Response, url: &str, what: &str, limit: usize) -> Re
     Ok(out)
 }
 
-/// A foreign layer URL cw may fetch: http(s) only, and not on a loopback, link-local or
-/// unspecified address (or `localhost`) unless `allow_local`. A manifest is untrusted input:
-/// its URLs would otherwise let any image make cw send requests to the node's own services.
-pub fn foreign_url(u: &str, allow_local: bool) -> std::result::Result<url::Url, String> {
-    let url = url::Url::parse(u).map_err(|e| format!("not a URL: {e}"))?;
-    if url.scheme() != "https" && url.scheme() != "http" {
-        return Err(format!("scheme {:?} is not http(s)", url.scheme()));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err("it carries credentials".into());
-    }
-    let local = match url.host() {
-        Some(url::Host::Ipv4(a)) => a.is_loopback() || a.is_link_local() || a.is_unspecified(),
-        Some(url::Host::Ipv6(a)) => {
-            a.is_loopback()
-                || a.is_unspecified()
-                || (a.segments()[0] & 0xffc0) == 0xfe80
-                || a.to_ipv4_mapped()
-                    .is_some_and(|v| v.is_loopback() || v.is_link_local())
-        }
-        Some(url::Host::Domain(d)) => {
-            let d = d.trim_end_matches('.').to_ascii_lowercase();
-            d == "localhost" || d.ends_with(".localhost")
-        }
-        None => return Err("no host".into()),
-    };
-    if local && !allow_local {
-        return Err(
-            "a loopback or link-local address (foreign_layer_urls_local = true allows it)".into(),
-        );
-    }
-    Ok(url)
-}
-
 fn too_slow(url: &str, t: Duration) -> RegistryError {
     RegistryError::Http {
         url: url.to_string(),
@@ -590,19 +509,6 @@ fn too_slow(url: &str, t: Duration) -> RegistryError {
 
 /// An error with its sources, one line (the runtime's, so that both read alike).
 pub use cw_runtime::monitor::error_chain;
-
-/// sha256 over a stream, for callers verifying blobs chunk by chunk.
-#[derive(Clone, Default)]
-pub struct Hasher(Sha256);
-
-impl Hasher {
-    pub fn update(&mut self, b: &[u8]) {
-        self.0.update(b);
-    }
-    pub fn finish(self) -> Digest {
-        Digest::from_hasher(self.0)
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -14,6 +14,7 @@
 //! one for the store's indexes while they change.
 
 mod gc;
+pub mod ingest;
 pub mod unpack;
 
 use crate::image::digest::Digest;
@@ -146,9 +147,19 @@ fn read_image_record(path: &Path) -> Option<ImageRecord> {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     let mut rec: ImageRecord = serde_json::from_reader(std::io::BufReader::new(f)).ok()?;
-    rec.used_ns = (u128::from(rec.last_used) * 1_000_000_000).max(mtime);
-    rec.last_used = (rec.used_ns / 1_000_000_000) as u64;
+    rec.used_ns = rec.last_use_ns().max(mtime);
+    rec.last_used = (rec.used_ns / NS) as u64;
     Some(rec)
+}
+
+const NS: u128 = 1_000_000_000;
+
+impl ImageRecord {
+    /// The last use to the nanosecond: `used_ns`, or `last_used` where that is later (a record
+    /// built with whole seconds only).
+    fn last_use_ns(&self) -> u128 {
+        self.used_ns.max(u128::from(self.last_used) * NS)
+    }
 }
 
 impl Store {
@@ -368,12 +379,8 @@ impl Store {
             .map_err(io_err(&p, "writing image record"))?;
         // the file's mtime is its last use (see touch), not when a name was added or removed
         if let Ok(f) = fs::File::open(&p) {
-            let ns = rec.used_ns.max(u128::from(rec.last_used) * 1_000_000_000);
-            let t = std::time::UNIX_EPOCH
-                + std::time::Duration::new(
-                    (ns / 1_000_000_000) as u64,
-                    (ns % 1_000_000_000) as u32,
-                );
+            let ns = rec.last_use_ns();
+            let t = UNIX_EPOCH + std::time::Duration::new((ns / NS) as u64, (ns % NS) as u32);
             let _ = f.set_modified(t);
         }
         Ok(())

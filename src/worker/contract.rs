@@ -180,19 +180,14 @@ pub(super) fn start_container(
         // the monitor enforces the time limit too, so it holds while the worker is down
         time_limit: (run.resources.time > 0).then_some(run.resources.time + 1),
         kill_grace_secs: 1,
-        stdout: None,
-        stderr: None,
         cgroup_parent: ctx.cgroup_parent.clone(),
-        readonly_rootfs: false,
-        force_copy: false,
-        hostname: None,
         gpus,
         driver_version: ctx.driver_version.clone(),
-        devices: vec![],
         cdi_dirs: ctx.args.cdi_spec_dirs.clone(),
-        // a bundle has no terminal and no stdin (CodaLab's netcat and reads work on its files)
-        stdin: false,
-        tty: None,
+        // the rest as docker's defaults: a writable overlay rootfs, no extra devices, and no
+        // terminal or stdin (CodaLab's netcat and reads work on the bundle's files); the
+        // container's stdout/stderr go to the run dir (below)
+        ..Default::default()
     };
     let (rd, mut req) =
         crate::run::prepare(&ctx.store, &img, &opts).map_err(|e| format!("{e:#}"))?;

@@ -265,10 +265,7 @@ impl Cache {
         let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
         let tmp2 = tmp.clone();
         let writer = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let raw = crate::pull::ChannelReader {
-                rx,
-                cur: bytes::Bytes::new(),
-            };
+            let raw = crate::bridge::ChannelReader::new(rx);
             let mut r: Box<dyn Read> = if gz_encoded {
                 Box::new(flate2::read::MultiGzDecoder::new(raw))
             } else {

@@ -4,6 +4,7 @@
 use super::files::{self, Excludes};
 use super::proto::{size_str, Stage};
 use super::Ctx;
+use crate::bridge::ChannelWriter;
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::Path;
@@ -46,27 +47,6 @@ pub(super) fn uploading(ctx: &Arc<Ctx>, run: &mut Run) {
         }
         ctx2.wake_runs.notify_one();
     });
-}
-
-/// Bytes written by a blocking producer, sent as a stream body (and counted).
-pub struct ChannelWriter {
-    pub tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
-    pub counter: Arc<AtomicU64>,
-}
-
-impl Write for ChannelWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.tx
-            .blocking_send(bytes::Bytes::copy_from_slice(buf))
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped")
-            })?;
-        self.counter.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// A body streamed from a blocking producer through a bounded channel.

@@ -23,7 +23,7 @@ use meta::{entry_meta, set_opaque, set_xattrs, Meta};
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 use tree::is_whiteout;
@@ -135,17 +135,53 @@ impl Unpacker {
         Ok((false, had_whiteout))
     }
 
+    /// The directory a new entry `name` goes in, resolved (and created) inside the tree, with
+    /// whatever stood at `name` cleared for it; also whether an existing directory was kept (a
+    /// directory entry merges into it) and whether a whiteout stood there.
+    fn make_room(
+        &mut self,
+        parent: &[&[u8]],
+        name: &[u8],
+        dir: bool,
+        shown: &str,
+    ) -> Result<(OwnedFd, bool, bool), UnpackError> {
+        let pfd = self
+            .tree
+            .resolve_dir(parent, true)
+            .map_err(entry_err(shown, "resolving parent"))?;
+        let (kept, had_whiteout) = self
+            .clear_for(pfd.as_raw_fd(), name, dir)
+            .map_err(entry_err(shown, "replacing"))?;
+        Ok((pfd, kept, had_whiteout))
+    }
+
+    /// Owner, mode (`chmod`: not for a symlink, whose mode is not its own) and times of the node
+    /// `name` just made in `p`, never following it.
+    fn set_node_meta(
+        &self,
+        p: RawFd,
+        name: &[u8],
+        meta: &Meta,
+        chmod: bool,
+        shown: &str,
+    ) -> Result<(), UnpackError> {
+        let c = cstr(name).map_err(entry_err(shown, "naming"))?;
+        self.chown_at(p, name, meta)
+            .map_err(entry_err(shown, "chown"))?;
+        if chmod {
+            check(unsafe { libc::fchmodat(p, c.as_ptr(), meta.mode, 0) })
+                .map_err(entry_err(shown, "chmod"))?;
+        }
+        let ts = [meta.mtime, meta.mtime];
+        check(unsafe { libc::utimensat(p, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })
+            .map_err(entry_err(shown, "setting times"))?;
+        Ok(())
+    }
+
     fn entry<R: Read>(&mut self, mut e: tar::Entry<'_, R>) -> Result<(), UnpackError> {
         let raw_path = e.path_bytes().into_owned();
         let shown = show_path(&raw_path);
-        let err = |op: &'static str| {
-            let p = shown.clone();
-            move |source: io::Error| UnpackError::Entry {
-                path: p,
-                op,
-                source,
-            }
-        };
+        let err = |op: &'static str| entry_err(&shown, op);
         let comps = clean_components(&raw_path);
         let kind = e.header().entry_type();
         let Some((&name, parent)) = comps.split_last() else {
@@ -235,14 +271,9 @@ impl Unpacker {
         use tar::EntryType as T;
         match kind {
             T::Regular | T::Continuous | T::GNUSparse => {
-                let pfd = self
-                    .tree
-                    .resolve_dir(parent, true)
-                    .map_err(err("resolving parent"))?;
-                let p = pfd.as_raw_fd();
-                self.clear_for(p, name, false).map_err(err("replacing"))?;
+                let (pfd, _, _) = self.make_room(parent, name, false, &shown)?;
                 let fd = openat(
-                    p,
+                    pfd.as_raw_fd(),
                     name,
                     libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
                     0o600,
@@ -275,13 +306,8 @@ impl Unpacker {
                 check(unsafe { libc::futimens(fdr, ts.as_ptr()) }).map_err(err("setting times"))?;
             }
             T::Directory => {
-                let pfd = self
-                    .tree
-                    .resolve_dir(parent, true)
-                    .map_err(err("resolving parent"))?;
+                let (pfd, kept, had_whiteout) = self.make_room(parent, name, true, &shown)?;
                 let p = pfd.as_raw_fd();
-                let (kept, had_whiteout) =
-                    self.clear_for(p, name, true).map_err(err("replacing"))?;
                 let c = cstr(name).map_err(err("mkdir"))?;
                 if !kept {
                     check(unsafe { libc::mkdirat(p, c.as_ptr(), 0o700) })
@@ -316,21 +342,12 @@ impl Unpacker {
                     reason: "symlink without a target".into(),
                 })?;
                 let target = cstr(&target).map_err(err("symlink"))?;
-                let pfd = self
-                    .tree
-                    .resolve_dir(parent, true)
-                    .map_err(err("resolving parent"))?;
-                let p = pfd.as_raw_fd();
-                self.clear_for(p, name, false).map_err(err("replacing"))?;
                 let c = cstr(name).map_err(err("symlink"))?;
+                let (pfd, _, _) = self.make_room(parent, name, false, &shown)?;
+                let p = pfd.as_raw_fd();
                 check(unsafe { libc::symlinkat(target.as_ptr(), p, c.as_ptr()) })
                     .map_err(err("creating symlink"))?;
-                self.chown_at(p, name, &meta).map_err(err("chown"))?;
-                let ts = [meta.mtime, meta.mtime];
-                check(unsafe {
-                    libc::utimensat(p, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
-                })
-                .map_err(err("setting times"))?;
+                self.set_node_meta(p, name, &meta, false, &shown)?;
                 self.tree.invalidate();
             }
             T::Link => {
@@ -352,10 +369,6 @@ impl Unpacker {
                     .tree
                     .resolve_dir(tparent, false)
                     .map_err(err("resolving link target"))?;
-                let pfd = self
-                    .tree
-                    .resolve_dir(parent, true)
-                    .map_err(err("resolving parent"))?;
                 match lstatat(tfd.as_raw_fd(), tname).map_err(err("stat link target"))? {
                     Some(st) if !is_type(&st, libc::S_IFDIR) && !is_whiteout(&st) => {}
                     _ => {
@@ -368,8 +381,7 @@ impl Unpacker {
                         })
                     }
                 }
-                self.clear_for(pfd.as_raw_fd(), name, false)
-                    .map_err(err("replacing"))?;
+                let (pfd, _, _) = self.make_room(parent, name, false, &shown)?;
                 let tc = cstr(tname).map_err(err("link"))?;
                 let c = cstr(name).map_err(err("link"))?;
                 check(unsafe {
@@ -378,23 +390,12 @@ impl Unpacker {
                 .map_err(err("creating hard link"))?;
             }
             T::Fifo => {
-                let pfd = self
-                    .tree
-                    .resolve_dir(parent, true)
-                    .map_err(err("resolving parent"))?;
-                let p = pfd.as_raw_fd();
-                self.clear_for(p, name, false).map_err(err("replacing"))?;
                 let c = cstr(name).map_err(err("fifo"))?;
+                let (pfd, _, _) = self.make_room(parent, name, false, &shown)?;
+                let p = pfd.as_raw_fd();
                 check(unsafe { libc::mknodat(p, c.as_ptr(), libc::S_IFIFO | 0o600, 0) })
                     .map_err(err("creating fifo"))?;
-                self.chown_at(p, name, &meta).map_err(err("chown"))?;
-                check(unsafe { libc::fchmodat(p, c.as_ptr(), meta.mode, 0) })
-                    .map_err(err("chmod"))?;
-                let ts = [meta.mtime, meta.mtime];
-                check(unsafe {
-                    libc::utimensat(p, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
-                })
-                .map_err(err("setting times"))?;
+                self.set_node_meta(p, name, &meta, true, &shown)?;
             }
             T::Char | T::Block => {
                 self.stats.skipped_devices += 1;
@@ -444,6 +445,12 @@ impl Unpacker {
         }
         Ok(())
     }
+}
+
+/// An entry's error: the operation and the entry's path as the layer names it.
+fn entry_err(shown: &str, op: &'static str) -> impl FnOnce(io::Error) -> UnpackError {
+    let path = shown.to_string();
+    move |source| UnpackError::Entry { path, op, source }
 }
 
 fn set_opaque_dir(parent: RawFd, name: &[u8]) -> io::Result<()> {
