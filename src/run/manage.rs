@@ -27,6 +27,7 @@ pub fn list(store: &Store) -> Vec<(String, RunDir)> {
 /// run starts and as a worker starts, so a node that lost its monitors (a cancelled Slurm job)
 /// is cleaned by the next `cw run` or `cw worker` that uses the store.
 pub fn recover_lost(store: &Store) {
+    sweep_unplaced(store);
     for (id, rd) in list(store) {
         if rd.abandoned() {
             tracing::warn!("run {id}: the cw that prepared it died before it started; its mount and directory were released");
@@ -39,6 +40,29 @@ pub fn recover_lost(store: &Store) {
         match rd.recover() {
             Ok(()) => tracing::warn!("run {id}: its monitor had died; its container was stopped and its mounts and cgroups released"),
             Err(e) => tracing::warn!("run {id}: its monitor had died; cleaning up: {e}"),
+        }
+    }
+}
+
+/// Remove what a cw killed while it made a run's directory left (`runs/.new-…`, see
+/// `prepare::create_run_dir`): one whose creator is gone, after a minute (a live cw renames its
+/// own within microseconds of making it).
+fn sweep_unplaced(store: &Store) {
+    let Ok(rd) = std::fs::read_dir(runs_dir(store)) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if !e.file_name().as_encoded_bytes().starts_with(b".new-") {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|d| d > std::time::Duration::from_secs(60));
+        if old && !RunDir::new(e.path()).being_prepared() {
+            crate::store::discard(&e.path());
         }
     }
 }

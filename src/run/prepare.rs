@@ -8,7 +8,7 @@ use crate::rootfs;
 use crate::store::{ImageRecord, Store};
 use cw_runtime::request::{BindMount, Cleanup, Network, RunRequest};
 use cw_runtime::rundir::RunDir;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Prepare everything and write the request; the caller then spawns the monitor.
 pub fn prepare(
@@ -20,16 +20,8 @@ pub fn prepare(
     if !cw_runtime::request::valid_id(&id) {
         anyhow::bail!("run name {id:?} is not a valid run id (1-64 of letters, digits, '_', '.', '-', not starting with '.' or '-')");
     }
-    let dir = runs_dir(store).join(&id);
-    if dir.exists() {
-        anyhow::bail!(
-            "a run named {id:?} already exists ({}); remove it with `cw rm {id}`",
-            dir.display()
-        );
-    }
-    std::fs::create_dir_all(&dir)?;
+    let dir = create_run_dir(&runs_dir(store), &id)?;
     let rd = RunDir::new(&dir);
-    rd.write_creator()?;
     let res = (|| {
         let rf = rootfs::create(store, &id, &dir, &image.layers, o.force_copy)?;
         let mut cleanup = Cleanup::default();
@@ -361,4 +353,101 @@ fn etc_files(dir: &Path, hostname: &str, net: Network) -> anyhow::Result<Vec<Bin
             readonly: true,
         })
         .collect())
+}
+
+/// Make `runs/<id>` with its `creator` record already in it: made as `runs/.new-…` (not a run
+/// id, so no other cw lists it), then renamed into place without replacing anything. Another
+/// cw's [`super::recover_lost`] must never see the directory without its creator (it would take
+/// it for one whose cw died and release it: seen with 50 `cw run -d` at once), and of two runs
+/// given the same name at once only one may get it.
+fn create_run_dir(runs: &Path, id: &str) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(runs)?;
+    let dir = runs.join(id);
+    let exists = || {
+        anyhow::anyhow!(
+            "a run named {id:?} already exists ({}); remove it with `cw rm {id}`",
+            dir.display()
+        )
+    };
+    if dir.exists() {
+        return Err(exists());
+    }
+    let tmp = runs.join(format!(".new-{id}-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir(&tmp)?;
+    let placed = RunDir::new(&tmp).write_creator().and_then(|_| {
+        nix::fcntl::renameat2(
+            None,
+            &tmp,
+            None,
+            &dir,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(std::io::Error::from)
+    });
+    match placed {
+        Ok(()) => Ok(dir),
+        Err(e) => {
+            let _ = std::fs::remove_file(tmp.join("creator"));
+            let _ = std::fs::remove_dir(&tmp);
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                Err(exists())
+            } else {
+                Err(anyhow::anyhow!("creating {}: {e}", dir.display()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn a_run_dir_is_never_seen_without_its_creator_and_a_name_is_taken_once() {
+        let d = tempfile::tempdir().unwrap();
+        let runs = d.path().join("runs");
+        std::fs::create_dir_all(&runs).unwrap();
+        // another cw's recover_lost, listing as fast as it can: a run dir it sees must already
+        // say who is preparing it
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r2, s2) = (runs.clone(), stop.clone());
+        let watcher = std::thread::spawn(move || {
+            let mut bare = 0;
+            while !s2.load(Ordering::Relaxed) {
+                for e in std::fs::read_dir(&r2).unwrap().flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if cw_runtime::request::valid_id(&name)
+                        && e.path().is_dir()
+                        && !e.path().join("creator").exists()
+                        && e.path().exists()
+                    {
+                        bare += 1;
+                    }
+                }
+            }
+            bare
+        });
+        for i in 0..300 {
+            let id = format!("r{i}");
+            let dir = create_run_dir(&runs, &id).unwrap();
+            assert!(RunDir::new(&dir).being_prepared());
+            let again = create_run_dir(&runs, &id).unwrap_err().to_string();
+            assert!(again.contains("already exists"), "{again}");
+            // gone the way `cw rm` must not be seen either: out of the listing first
+            let gone = runs.join(format!(".gone-{i}"));
+            std::fs::rename(&dir, &gone).unwrap();
+            std::fs::remove_file(gone.join("creator")).unwrap();
+            std::fs::remove_dir(&gone).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(
+            watcher.join().unwrap(),
+            0,
+            "run dirs seen without a creator"
+        );
+        // nothing but the runs themselves was left
+        assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 0);
+    }
 }
