@@ -174,7 +174,15 @@ pub fn create(
             path: target.clone(),
             source: io::Error::other(e.to_string()),
         })?;
-    if !force_copy {
+    // without root the overlay would have to be mounted inside the run's user namespace, which
+    // the monitor makes later (and the preparer reads the rootfs before): a copy for now
+    let rootless = cw_runtime::userns::needed();
+    if rootless && !force_copy {
+        tracing::info!(
+            "a run without root: its layers are copied into its rootfs (no overlayfs mount)"
+        );
+    }
+    if !force_copy && !rootless {
         let upper = run_dir.join("upper");
         let work = run_dir.join("work");
         std::fs::create_dir_all(&upper).map_err(ioe("creating", &upper))?;
@@ -240,7 +248,7 @@ fn append_tree<W: io::Write>(b: &mut tar::Builder<W>, root: &Path, rel: &Path) -
     let mut names: Vec<_> = std::fs::read_dir(&dir)?.flatten().collect();
     names.sort_by_key(|e| e.file_name());
     // an opaque directory: emit the marker first, so lower content goes before this layer's
-    if xattr_get(&dir, "trusted.overlay.opaque").as_deref() == Some(b"y")
+    if xattr_get(&dir, crate::store::unpack::opaque_xattr()).as_deref() == Some(b"y")
         && !rel.as_os_str().is_empty()
     {
         let mut h = tar::Header::new_gnu();
@@ -305,7 +313,7 @@ fn xattrs_of(p: &Path) -> Vec<(String, Vec<u8>)> {
         .split(|&b| b == 0)
         .filter(|x| !x.is_empty())
     {
-        if name.starts_with(b"trusted.overlay.") {
+        if name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.") {
             continue;
         }
         let Ok(cn) = std::ffi::CString::new(name) else {

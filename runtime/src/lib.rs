@@ -17,5 +17,6 @@ pub mod net;
 pub mod request;
 pub mod rundir;
 pub mod spec;
+pub mod userns;
 
 pub use error::{Error, Result};

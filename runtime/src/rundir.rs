@@ -304,7 +304,12 @@ impl RunDir {
         let mut usage = Usage::default();
         if lc.exists() {
             if let Ok(mut c) = Container::load(lc.clone()) {
+                // by its cgroup, and its init too (a run without root may have no cgroup: SIGKILL
+                // to pid 1 of its pid namespace ends the rest)
                 let _ = c.kill(Signal::SIGKILL, true);
+                if let Some(pid) = c.pid() {
+                    let _ = signal::kill(pid, Signal::SIGKILL);
+                }
                 if let Ok(cfg) = c.spec() {
                     usage = cgroup::read(&cgroup_path_string(&cfg.cgroup_path));
                 }

@@ -151,6 +151,47 @@ fn seccomp() -> Value {
 
 /// Build the spec. `cgroups_path` is absolute.
 pub fn build(req: &RunRequest) -> Result<Spec> {
+    to_spec(build_json(req)?)
+}
+
+/// The spec of a run without root on the host ([`crate::userns`]): the monitor is root only in
+/// a user namespace of its own, where the caller's uid and gid are the only ids.
+/// - devpts cannot be given group 5 (it has no id here);
+/// - sysfs can be mounted only in a network namespace that namespace owns (`none`, `private`);
+///   with the host's network it is the host's /sys, bound read-only, as rootless runc does;
+/// - no device cgroup (its eBPF program needs the host's CAP_SYS_ADMIN): the container's /dev
+///   holds only the nodes libcontainer binds from the host, which the user could open anyway;
+/// - without a cgroup the run may write (`cgroup` false), no resources at all: the caller has
+///   checked that none was asked for.
+pub fn build_rootless(req: &RunRequest, cgroup: bool) -> Result<Spec> {
+    let mut v = build_json(req)?;
+    for m in v["mounts"].as_array_mut().unwrap() {
+        if m["type"] == "devpts" {
+            if let Some(o) = m["options"].as_array_mut() {
+                o.retain(|x| x != "gid=5");
+            }
+        }
+        if m["type"] == "sysfs" && req.network == Network::Host {
+            *m = json!({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]});
+        }
+    }
+    let linux = &mut v["linux"];
+    if cgroup {
+        if let Some(r) = linux["resources"].as_object_mut() {
+            r.remove("devices");
+        }
+    } else {
+        linux.as_object_mut().unwrap().remove("resources");
+    }
+    to_spec(v)
+}
+
+fn to_spec(v: Value) -> Result<Spec> {
+    serde_json::from_value(v)
+        .map_err(|e| crate::Error::Host(format!("internal error building the OCI spec: {e}")))
+}
+
+fn build_json(req: &RunRequest) -> Result<Value> {
     let root = req.uid == 0;
     let caps: Vec<&str> = if root { ROOT_CAPS.to_vec() } else { vec![] };
     let mut mounts = vec![
@@ -249,8 +290,7 @@ pub fn build(req: &RunRequest) -> Result<Spec> {
             "seccomp": seccomp(),
         }
     });
-    serde_json::from_value(spec)
-        .map_err(|e| crate::Error::Host(format!("internal error building the OCI spec: {e}")))
+    Ok(spec)
 }
 
 #[cfg(test)]

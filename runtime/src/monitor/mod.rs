@@ -138,11 +138,22 @@ pub fn main(dir: &Path) -> i32 {
     let started = unix_now();
     let run = || -> Result<()> {
         let entered = enter(dir)?;
-        isolate_network(dir, &req)?;
-        let prepared = prepare(dir, &req, entered.inherited_oom_adj)?;
-        let mut launched = launch(dir, &req, prepared, started)?;
-        let (status, reason) = supervise(&req, &entered.signals, &mut launched);
-        finish(dir, &req, started, status, reason, launched);
+        // without root: a user namespace first, so that what follows belongs to it
+        let rootless = if crate::userns::needed() {
+            Some(crate::userns::enter()?)
+        } else {
+            None
+        };
+        let req = match rootless {
+            Some(u) => crate::userns::check(&req, u)?,
+            None => req.clone(),
+        };
+        let req = &req;
+        isolate_network(dir, req)?;
+        let prepared = prepare(dir, req, entered.inherited_oom_adj, rootless)?;
+        let mut launched = launch(dir, req, prepared, started)?;
+        let (status, reason) = supervise(req, &entered.signals, &mut launched);
+        finish(dir, req, started, status, reason, launched);
         Ok(())
     };
     match run() {
@@ -214,7 +225,12 @@ struct Prepared {
 
 /// What the container needs before it is created: the GPU libraries in the image's ld cache,
 /// the OCI bundle, its stdio or its console socket.
-fn prepare(dir: &Path, req: &RunRequest, inherited_oom_adj: i32) -> Result<Prepared> {
+fn prepare(
+    dir: &Path,
+    req: &RunRequest,
+    inherited_oom_adj: i32,
+    rootless: Option<crate::userns::Entered>,
+) -> Result<Prepared> {
     if !req.ldconfig_dirs.is_empty() {
         // driver libraries into the image's ld cache, before the container exists
         if let Err(e) = crate::ldcache::update(
@@ -228,7 +244,10 @@ fn prepare(dir: &Path, req: &RunRequest, inherited_oom_adj: i32) -> Result<Prepa
             );
         }
     }
-    let mut spec = crate::spec::build(req)?;
+    let mut spec = match rootless {
+        Some(u) => crate::spec::build_rootless(req, u.cgroup)?,
+        None => crate::spec::build(req)?,
+    };
     if let Some(p) = spec.process_mut() {
         p.set_oom_score_adj(Some(inherited_oom_adj));
     }
@@ -433,6 +452,10 @@ fn supervise(req: &RunRequest, sig_r: &OwnedFd, l: &mut Launched) -> ((i32, Opti
     let mut reason = Reason::Exited;
     let mut kill_at: Option<Instant> = None;
     let mut sigkilled = false;
+    // a signal to every process of the run's cgroup; a run without root and without a cgroup
+    // has none to list them by, and a signal to its init, pid 1 of the run's pid namespace:
+    // SIGKILL to it ends every process in that namespace
+    let all = !crate::userns::inside() || cgroup::v2_dir(&req.cgroup_path()).is_dir();
     let status = 'outer: loop {
         let now = Instant::now();
         let mut wake: Option<Instant> = kill_at.filter(|_| !sigkilled);
@@ -498,7 +521,7 @@ fn supervise(req: &RunRequest, sig_r: &OwnedFd, l: &mut Launched) -> ((i32, Opti
                     Reason::TimeLimit
                 };
                 tracing::info!("stopping the run ({reason:?}): SIGTERM, SIGKILL in {grace:?}");
-                if let Err(e) = l.container.kill(Signal::SIGTERM, true) {
+                if let Err(e) = l.container.kill(Signal::SIGTERM, all) {
                     tracing::warn!("SIGTERM to the run: {e}");
                 }
                 cgroup::thaw(&req.cgroup_path());
@@ -509,7 +532,7 @@ fn supervise(req: &RunRequest, sig_r: &OwnedFd, l: &mut Launched) -> ((i32, Opti
         }
         if let Some(k) = kill_at {
             if now >= k && !sigkilled {
-                if let Err(e) = l.container.kill(Signal::SIGKILL, true) {
+                if let Err(e) = l.container.kill(Signal::SIGKILL, all) {
                     tracing::warn!("SIGKILL to the run: {e}");
                 }
                 cgroup::thaw(&req.cgroup_path());

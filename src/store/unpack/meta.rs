@@ -14,7 +14,11 @@ pub(super) struct Meta {
 }
 
 pub(super) fn xattr_allowed(name: &[u8]) -> bool {
-    if name.starts_with(b"trusted.overlay.") || name.starts_with(b"security.selinux") {
+    // overlayfs's own (trusted.overlay.*, user.overlay.* under `userxattr`) could redirect it
+    if name.starts_with(b"trusted.overlay.")
+        || name.starts_with(b"user.overlay.")
+        || name.starts_with(b"security.selinux")
+    {
         return false;
     }
     name.starts_with(b"user.")
@@ -146,10 +150,21 @@ pub(super) fn set_xattrs(
     Ok(())
 }
 
+/// The xattr that marks a directory opaque for overlayfs: `trusted.overlay.opaque` in a root
+/// store; `user.overlay.opaque` in a user's (trusted.* needs CAP_SYS_ADMIN; a user's overlay is
+/// mounted with `userxattr` inside the run's user namespace, where overlayfs reads user.*).
+pub fn opaque_xattr() -> &'static str {
+    if nix::unistd::geteuid().is_root() {
+        "trusted.overlay.opaque"
+    } else {
+        "user.overlay.opaque"
+    }
+}
+
 pub(super) fn set_opaque(parent: RawFd) -> io::Result<()> {
     // O_PATH fds do not take xattrs: reopen the directory for reading
     let d = openat(parent, b".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    let k = cstr(b"trusted.overlay.opaque")?;
+    let k = cstr(opaque_xattr().as_bytes())?;
     check(unsafe {
         libc::fsetxattr(
             d.as_raw_fd(),

@@ -1,0 +1,288 @@
+//! `cw pull` and `cw run` by an ordinary user (no root, nothing setuid of cw's): a user
+//! namespace with a single-id mapping (the user is root inside and the only id), the user's own
+//! store, no cgroup on this cgroup v1 host. The test runs as root and drops to a uid with no
+//! privileges for every cw command; what it checks from outside it checks as root.
+
+mod common;
+use common::*;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Output;
+
+const TINY: &str = "127.0.0.1:5000/tiny:amd64";
+/// A uid and gid no file on this machine belongs to.
+const USER: u32 = 64_123;
+
+/// A cw whose store and home belong to [`USER`], with the tiny image pulled by that user.
+fn user_cw() -> Option<Cw> {
+    if !is_root() {
+        skip("the rootless tests start as root to become an ordinary user");
+        return None;
+    }
+    let cw = Cw::new();
+    chown(cw.dir.path());
+    let o = as_user_cw(&cw, &["pull", "-q", TINY]);
+    assert!(o.status.success(), "the user's pull: {}", text(&o));
+    Some(cw)
+}
+
+fn chown(p: &Path) {
+    std::os::unix::fs::chown(p, Some(USER), Some(USER)).unwrap();
+}
+
+fn as_user_cw(cw: &Cw, args: &[&str]) -> Output {
+    let mut c = cw.cmd(args);
+    c.uid(USER)
+        .gid(USER)
+        .env("HOME", cw.dir.path())
+        .env_remove("XDG_DATA_HOME");
+    c.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn an_ordinary_user_runs_a_container_as_root_of_its_own_user_namespace() {
+    let Some(cw) = user_cw() else { return };
+    // the store is the user's: its layers too (unpacked without chown)
+    let layers = cw.store().join("layers");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&layers).unwrap().uid(), USER);
+
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "--image",
+            TINY,
+            "id -u; id -g; cat /proc/self/uid_map; echo hi > /tmp/x && cat /tmp/x; hostname; exit 7",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(7), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "0", "{}", text(&o));
+    assert_eq!(lines[1], "0", "{}", text(&o));
+    let map: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(map, ["0", &USER.to_string(), "1"], "{}", text(&o));
+    assert_eq!(lines[3], "hi");
+    // the run is gone, its directory and copy of the rootfs with it, nothing mounted
+    assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&cw.store().display().to_string()));
+}
+
+#[test]
+fn a_user_namespace_gives_no_more_than_the_user_had() {
+    let Some(cw) = user_cw() else { return };
+    // a host directory of root's, bound read-write: the run's "root" is the user, so the
+    // kernel refuses the write (its capabilities reach only what its namespace owns)
+    let roots = tempfile::tempdir_in(cw.dir.path()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(roots.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(roots.path().join("f"), "root's\n").unwrap();
+    let mine = cw.dir.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    chown(&mine);
+    let vol_root = format!("{}:/r", roots.path().display());
+    let vol_mine = format!("{}:/m", mine.display());
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "-v",
+            &vol_root,
+            "-v",
+            &vol_mine,
+            "--image",
+            TINY,
+            "echo x > /r/f; echo r=$?; echo mine > /m/new; echo m=$?; mknod /tmp/mem c 1 1; echo n=$?; grep -c . /m/new",
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("r=1") || out.contains("r=2"), "{}", text(&o));
+    assert!(out.contains("m=0"), "{}", text(&o));
+    // no device nodes: mknod is denied in a user namespace
+    assert!(!out.contains("n=0"), "{}", text(&o));
+    assert_eq!(
+        std::fs::read_to_string(roots.path().join("f")).unwrap(),
+        "root's\n"
+    );
+    // what the run wrote is the user's on the host
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(mine.join("new")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (USER, USER));
+    // the same limits as a root run: no new privileges, seccomp filtering, masked paths
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "--image",
+            TINY,
+            "grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status; echo keys=$(wc -c < /proc/keys)",
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("NoNewPrivs:\t1"), "{}", text(&o));
+    assert!(out.contains("Seccomp:\t2"), "{}", text(&o));
+    // /proc/keys lists the host's keyrings: masked (read as /dev/null), as for root's runs
+    assert!(out.contains("keys=0"), "{}", text(&o));
+}
+
+#[test]
+fn a_limit_without_a_cgroup_fails_with_the_reason() {
+    let Some(cw) = user_cw() else { return };
+    if cw_runtime::cgroup::version() != cw_runtime::cgroup::Version::V1 {
+        // on v2 the user may own a delegated subtree; tests/cgroup_v2.rs covers that
+        return;
+    }
+    let o = as_user_cw(&cw, &["run", "--memory", "64m", "--image", TINY, "true"]);
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--memory") && err.contains("needs a cgroup"),
+        "{}",
+        text(&o)
+    );
+    // without limits the same run works
+    let o = as_user_cw(&cw, &["run", "--image", TINY, "true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+#[test]
+fn the_images_config_applies_and_a_user_without_an_id_is_refused_by_name() {
+    let Some(cw) = user_cw() else { return };
+    const CONFIGURED: &str = "127.0.0.1:5000/tiny:config";
+    let o = as_user_cw(&cw, &["pull", "-q", CONFIGURED]);
+    assert!(o.status.success(), "{}", text(&o));
+    // its USER is 65534: without subordinate ids there is no such id in the run
+    let o = as_user_cw(&cw, &["run", "--image", CONFIGURED, "true"]);
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("65534:65534") && err.contains("without root"),
+        "{}",
+        text(&o)
+    );
+    // as root of the run: its workdir and env from the image, flags over them
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "-u",
+            "0:0",
+            "--image",
+            CONFIGURED,
+            "pwd; echo $CW_IMAGE_ENV",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "/tmp\nfrom-image\n",
+        "{}",
+        text(&o)
+    );
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "-u",
+            "0:0",
+            "-w",
+            "/etc",
+            "-e",
+            "CW_IMAGE_ENV=flag",
+            "--image",
+            CONFIGURED,
+            "pwd; echo $CW_IMAGE_ENV",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "/etc\nflag\n",
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn a_users_runs_are_killed_timed_out_listed_and_removed_by_that_user() {
+    let Some(cw) = user_cw() else { return };
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "r1",
+            "--stop-timeout",
+            "1s",
+            "--image",
+            TINY,
+            "sleep",
+            "100",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let ps = as_user_cw(&cw, &["ps"]);
+    let ps = String::from_utf8_lossy(&ps.stdout).into_owned();
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with("r1") && l.contains("running")),
+        "{ps}"
+    );
+    // another process of the user's stops it
+    let o = as_user_cw(&cw, &["kill", "r1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = std::time::Instant::now();
+    loop {
+        let o = as_user_cw(&cw, &["stats", "r1"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if let Some(code) = v["exit"]["exit_code"].as_i64() {
+            // sleep, pid 1 of the run, ignores SIGTERM: the SIGKILL after the grace ends it
+            assert_eq!(
+                (code, v["exit"]["reason"].as_str()),
+                (137, Some("killed")),
+                "{v}"
+            );
+            break;
+        }
+        assert!(t.elapsed().as_secs() < 20, "r1 did not end: {}", text(&o));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let o = as_user_cw(&cw, &["rm", "r1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
+
+    // the time limit holds, and says so
+    let t = std::time::Instant::now();
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "--time-limit",
+            "1s",
+            "--stop-timeout",
+            "1s",
+            "--image",
+            TINY,
+            "sleep",
+            "60",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(137), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("time limit"),
+        "{}",
+        text(&o)
+    );
+    assert!(t.elapsed().as_secs() < 20);
+    assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
+}
