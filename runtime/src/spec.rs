@@ -384,4 +384,40 @@ mod tests {
             .iter()
             .any(|n| n["type"] == "network"));
     }
+
+    #[test]
+    fn a_rootless_spec_asks_only_for_what_a_user_namespace_can_give() {
+        let j = |s: &Spec| serde_json::to_value(s).unwrap();
+        let mut r = req(0);
+        let s = j(&build_rootless(&r, false).unwrap());
+        let mounts = s["mounts"].as_array().unwrap();
+        let devpts = mounts.iter().find(|m| m["type"] == "devpts").unwrap();
+        assert!(!devpts["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o == "gid=5"));
+        assert!(mounts.iter().any(|m| m["type"] == "sysfs"));
+        assert!(s["linux"].get("resources").is_none(), "{}", s["linux"]);
+        // with a cgroup: the limits, but no device cgroup
+        let s = j(&build_rootless(&r, true).unwrap());
+        let res = &s["linux"]["resources"];
+        assert_eq!(res["memory"]["limit"], 64 << 20);
+        assert!(res.get("devices").is_none(), "{res}");
+        // the host's network: no sysfs of its own, the host's /sys read-only
+        r.network = Network::Host;
+        let s = j(&build_rootless(&r, false).unwrap());
+        let sys = s["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/sys")
+            .unwrap()
+            .clone();
+        assert_eq!(sys["type"], "bind");
+        assert!(sys["options"].as_array().unwrap().iter().any(|o| o == "ro"));
+        // a root run keeps all of it
+        let s = j(&build(&req(0)).unwrap());
+        assert!(s["linux"]["resources"]["devices"].is_array());
+    }
 }

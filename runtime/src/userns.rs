@@ -127,3 +127,52 @@ pub fn check(req: &RunRequest, e: Entered) -> Result<RunRequest> {
     }
     Ok(req)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::*;
+
+    fn req() -> RunRequest {
+        serde_json::from_value(serde_json::json!({
+            "id": "t", "rootfs": "/r", "readonly_rootfs": false, "args": ["true"], "env": [],
+            "cwd": "/", "uid": 0, "gid": 0, "additional_gids": [0, 10], "hostname": "h",
+            "mounts": [], "limits": {"memory": null, "memory_swap": null, "cpus": null,
+            "cpuset": null, "pids": DEFAULT_PIDS_LIMIT, "shm_size": 65536}, "network": "none",
+            "time_limit": null, "kill_grace_secs": 1, "stdout": null, "stderr": null,
+            "cgroup_parent": "/cw", "devices": [], "host_files": [],
+            "cleanup": {"unmount": [], "remove": []}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn what_a_run_without_root_can_have() {
+        let none = Entered { cgroup: false };
+        let ok = check(&req(), none).unwrap();
+        // the default pids limit is a default: dropped without a cgroup, not an error
+        assert_eq!(ok.limits.pids, None);
+        // the image root's other groups have no id in a single-id namespace
+        assert_eq!(ok.additional_gids, vec![0]);
+        let mut r = req();
+        r.limits.memory = Some(1 << 30);
+        r.limits.pids = Some(10);
+        let e = check(&r, none).unwrap_err();
+        assert!(matches!(e, Error::Request(_)), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("--memory, --pids-limit needs a cgroup"),
+            "{e}"
+        );
+        // with a cgroup of its own the limits stay
+        let with = check(&r, Entered { cgroup: true }).unwrap();
+        assert_eq!(
+            (with.limits.memory, with.limits.pids),
+            (Some(1 << 30), Some(10))
+        );
+        let mut r = req();
+        r.uid = 1000;
+        let e = check(&r, Entered { cgroup: true }).unwrap_err();
+        assert!(e.to_string().contains("1000:0"), "{e}");
+    }
+}
