@@ -73,6 +73,55 @@ fn an_ordinary_user_runs_a_container_as_root_of_its_own_user_namespace() {
     let map: Vec<&str> = lines[2].split_whitespace().collect();
     assert_eq!(map, ["0", &USER.to_string(), "1"], "{}", text(&o));
     assert_eq!(lines[3], "hi");
+    // the host's network: its interfaces; private is refused, naming what works
+    let ifaces = |s: &str| -> Vec<String> {
+        s.lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next())
+            .map(|n| n.trim().to_string())
+            .collect()
+    };
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "--network",
+            "host",
+            "--image",
+            TINY,
+            "cat /proc/net/dev",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let host = std::fs::read_to_string("/proc/net/dev").unwrap();
+    assert_eq!(ifaces(&String::from_utf8_lossy(&o.stdout)), ifaces(&host));
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "--network",
+            "none",
+            "--image",
+            TINY,
+            "cat /proc/net/dev",
+        ],
+    );
+    assert_eq!(
+        ifaces(&String::from_utf8_lossy(&o.stdout)),
+        ["lo"],
+        "{}",
+        text(&o)
+    );
+    let o = as_user_cw(
+        &cw,
+        &["run", "--network", "private", "--image", TINY, "true"],
+    );
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--network private"),
+        "{}",
+        text(&o)
+    );
     // the run is gone, its directory and copy of the rootfs with it, nothing mounted
     assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

@@ -113,6 +113,11 @@ pub fn check(req: &RunRequest, e: Entered) -> Result<RunRequest> {
             req.uid, req.gid
         )));
     }
+    if req.network == crate::request::Network::Private {
+        return Err(Error::Request(
+            "--network private (pasta) is not available to a run without root yet: use none (the default) or host".into(),
+        ));
+    }
     // the image's root may belong to other groups: they have no id here
     req.additional_gids.retain(|g| *g == 0);
     if !e.cgroup {
