@@ -166,7 +166,12 @@ fn scancel_of_a_batch_job_stops_its_run_and_leaves_nothing(slurm: &Slurm, cw: &C
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let before = cgroup_dirs_named("batch1");
+    // "running" is a live monitor; its container's cgroup comes a moment later
+    let mut before = cgroup_dirs_named("batch1");
+    while before.is_empty() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+        before = cgroup_dirs_named("batch1");
+    }
     assert!(
         before.iter().any(|d| d.contains(&format!("job_{id}/"))),
         "the run is not nested in job {id}'s cgroup: {before:?}"

@@ -351,6 +351,16 @@ impl RunDir {
     /// Block until the run has ended (exit.json and cleanup), polling.
     pub fn wait(&self, poll: Duration) -> io::Result<ExitStatus> {
         loop {
+            if !self.path.is_dir() {
+                // removed under us (`cw rm -f` from elsewhere): nothing will ever be recorded
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "the run's directory {} was removed before its end was recorded",
+                        self.path.display()
+                    ),
+                ));
+            }
             if let Some(e) = self.exit() {
                 if self.cleaned() || self.monitor_pid().is_none() {
                     return Ok(e);
@@ -439,6 +449,17 @@ mod tests {
             finished_at: 0.0,
             error: None,
         })
+    }
+
+    #[test]
+    fn waiting_for_a_run_whose_directory_was_removed_ends() {
+        // `cw run` waits here after its monitor exits; a `cw rm -f` from elsewhere may have
+        // removed the directory by then (seen under Slurm: the job's cw waited for ever)
+        let d = tempfile::tempdir().unwrap();
+        let rd = RunDir::new(d.path().join("gone"));
+        let e = rd.wait(Duration::from_millis(5)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().contains("was removed"), "{e}");
     }
 
     #[test]
