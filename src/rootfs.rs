@@ -313,7 +313,7 @@ fn xattrs_of(p: &Path) -> Vec<(String, Vec<u8>)> {
         .split(|&b| b == 0)
         .filter(|x| !x.is_empty())
     {
-        if name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.") {
+        if crate::store::unpack::is_overlay_xattr(name) {
             continue;
         }
         let Ok(cn) = std::ffi::CString::new(name) else {

@@ -13,12 +13,14 @@ pub(super) struct Meta {
     pub(super) xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// overlayfs's own xattrs (trusted.overlay.*, and user.overlay.* under `userxattr`): from a
+/// layer they could redirect it, so they are never taken from one nor carried into a copy.
+pub fn is_overlay_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
+}
+
 pub(super) fn xattr_allowed(name: &[u8]) -> bool {
-    // overlayfs's own (trusted.overlay.*, user.overlay.* under `userxattr`) could redirect it
-    if name.starts_with(b"trusted.overlay.")
-        || name.starts_with(b"user.overlay.")
-        || name.starts_with(b"security.selinux")
-    {
+    if is_overlay_xattr(name) || name.starts_with(b"security.selinux") {
         return false;
     }
     name.starts_with(b"user.")

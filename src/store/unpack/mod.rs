@@ -16,7 +16,7 @@ mod tree;
 pub use budget::Budget;
 pub use compression::{decompressor, sniff};
 pub use cw_runtime::fsx::{check, cstr, fstat, is_type, list_dir, lstatat, openat, remove_all_at};
-pub use meta::{opaque_xattr, show_path};
+pub use meta::{is_overlay_xattr, opaque_xattr, show_path};
 pub use tree::{clean_components, Tree};
 
 use meta::{entry_meta, set_opaque, set_xattrs, Meta};
