@@ -12,6 +12,10 @@ pkgs=(libseccomp-dev pkg-config docker-registry skopeo umoci busybox-static zstd
       strace socat)
 bash scripts/apt-install.sh "${pkgs[@]}"
 
+# runs without root reach the network through pasta, which opens /dev/net/tun as that user:
+# udev makes it 0666 on a Debian host (50-udev-default.rules); this sandbox's /dev has it 0600
+[ -c /dev/net/tun ] && chmod 0666 /dev/net/tun
+
 cargo build --workspace --all-targets
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 bash tests/fixtures/build.sh

@@ -379,7 +379,15 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 _ => {
                     let req = rd.request()?;
-                    let u = cw_runtime::cgroup::read(&req.cgroup_path());
+                    let mut u = cw_runtime::cgroup::read(&req.cgroup_path());
+                    if cw_runtime::userns::needed() && u == Default::default() {
+                        // a run without a cgroup: its processes' memory, as its monitor samples it
+                        if let Some(pid) = rd.state().and_then(|s| s.pid) {
+                            if let Ok(mut sm) = cw_runtime::sample::Sampler::new(pid) {
+                                u.memory_current = sm.sample();
+                            }
+                        }
+                    }
                     serde_json::json!({"status": st.to_string(), "usage": u})
                 }
             };

@@ -112,15 +112,30 @@ fn an_ordinary_user_runs_a_container_as_root_of_its_own_user_namespace() {
         "{}",
         text(&o)
     );
+    // private: pasta, started from outside the run's user namespace, gives it an interface,
+    // an address and a default route; the host's loopback services stay out of reach
+    let probe = "echo | nc -w 2 127.0.0.1 5000 >/dev/null 2>&1 && echo reach || echo noreach; grep -c : /proc/net/dev; ip -4 addr | grep -c 'inet ' ; ip route | grep -c default";
     let o = as_user_cw(
         &cw,
-        &["run", "--network", "private", "--image", TINY, "true"],
+        &["run", "--network", "private", "--image", TINY, probe],
     );
-    assert_eq!(o.status.code(), Some(125), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("--network private"),
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["noreach", "2", "2", "1"],
         "{}",
         text(&o)
+    );
+    // and is gone with the run
+    let pastas = std::process::Command::new("pgrep")
+        .args(["-f", cw.store().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        pastas.stdout.is_empty(),
+        "left running: {}",
+        String::from_utf8_lossy(&pastas.stdout)
     );
     // the run is gone, its directory and copy of the rootfs with it, nothing mounted
     assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
@@ -196,13 +211,102 @@ fn a_limit_without_a_cgroup_fails_with_the_reason() {
     assert_eq!(o.status.code(), Some(125), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("--memory") && err.contains("needs a cgroup"),
+        err.contains("--memory")
+            && err.contains("needs a cgroup")
+            && err.contains("--allow-no-cgroup"),
         "{}",
         text(&o)
     );
     // without limits the same run works
     let o = as_user_cw(&cw, &["run", "--image", TINY, "true"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// The exit record of a kept run, read as the user reads it.
+fn user_stats(cw: &Cw, name: &str) -> serde_json::Value {
+    let o = as_user_cw(cw, &["stats", name]);
+    assert!(o.status.success(), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn without_a_cgroup_the_memory_limit_is_held_by_sampling_the_runs_processes() {
+    let Some(cw) = user_cw() else { return };
+    if cw_runtime::cgroup::version() != cw_runtime::cgroup::Version::V1 {
+        return;
+    }
+    // dd holds its 100 MiB buffer while it waits on a pipe nobody reads
+    let t = std::time::Instant::now();
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "--allow-no-cgroup",
+            "--memory",
+            "64m",
+            "--keep",
+            "--name",
+            "over",
+            "--image",
+            TINY,
+            "dd if=/dev/zero bs=100M count=1 | sleep 30",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(137), "{}", text(&o));
+    assert!(t.elapsed().as_secs() < 15, "{:?}", t.elapsed());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("more than its memory limit of 67.1 MB (it has no cgroup"),
+        "{}",
+        text(&o)
+    );
+    let v = user_stats(&cw, "over");
+    assert_eq!(v["status"], "memory limit", "{v}");
+    assert_eq!(v["exit"]["oom_killed"], true, "{v}");
+    assert!(
+        v["usage"]["memory_peak"].as_u64().unwrap() > 64 << 20,
+        "{v}"
+    );
+
+    // what the run's /dev/shm holds counts: its pages belong to no process
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "--allow-no-cgroup",
+            "--memory",
+            "64m",
+            "--shm-size",
+            "256m",
+            "--image",
+            TINY,
+            "head -c 100m /dev/zero > /dev/shm/x; sleep 30",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(137), "{}", text(&o));
+
+    // under the limit: the run ends by itself, its peak and CPU time recorded
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run", "--allow-no-cgroup", "--memory", "256m", "--cpus", "1", "--keep", "--name",
+            "under", "--image", TINY,
+            "dd if=/dev/zero bs=32M count=1 | sleep 2; i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v = user_stats(&cw, "under");
+    let peak = v["usage"]["memory_peak"].as_u64().unwrap();
+    assert!(peak > 30 << 20 && peak < 256 << 20, "{v}");
+    assert!(
+        v["usage"]["cpu_user_ns"].as_u64().unwrap() > 50_000_000,
+        "{v}"
+    );
+    assert_eq!(v["exit"]["oom_killed"], false, "{v}");
+    for n in ["over", "under"] {
+        let o = as_user_cw(&cw, &["rm", n]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
 }
 
 #[test]

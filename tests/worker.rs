@@ -20,6 +20,8 @@ struct Worker {
     extra: Vec<String>,
     /// RLIMIT_NOFILE for the worker (as systemd's 1024), if set.
     nofile: Option<u64>,
+    /// The uid (and gid) of an ordinary user the worker runs as, if not root.
+    user: Option<u32>,
 }
 
 impl Worker {
@@ -49,6 +51,29 @@ impl Worker {
             tag: tag.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             nofile,
+            user: None,
+        };
+        w.spawn();
+        w
+    }
+
+    /// A worker run by the ordinary user `uid` (no privileges), its work dir and store that
+    /// user's.
+    fn start_as_user(tag: &str, uid: u32) -> Worker {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-stores");
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = base.join(format!("worker-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).unwrap();
+        let mut w = Worker {
+            child: None,
+            dir,
+            id: format!("w-{tag}"),
+            tag: tag.to_string(),
+            extra: vec![],
+            nofile: None,
+            user: Some(uid),
         };
         w.spawn();
         w
@@ -96,6 +121,10 @@ impl Worker {
                     Ok(())
                 });
             }
+        }
+        if let Some(u) = self.user {
+            use std::os::unix::process::CommandExt;
+            c.uid(u).gid(u).env("HOME", &self.dir);
         }
         c.args(["--store", self.dir.join("store").to_str().unwrap()])
             .args(["--registry-mirror", &format!("http://{REG}")])
@@ -253,6 +282,56 @@ fn run_ready_and_failed() {
     assert_eq!(msg, "Exit code 3");
     assert_eq!(s.meta(&bad, "exitcode"), "3");
     assert_eq!(s.cat(&format!("{bad}/stdout")), "before");
+    w.assert_clean();
+}
+
+#[test]
+fn an_ordinary_users_worker_runs_bundles_and_holds_their_memory_limit() {
+    if !need_root() {
+        return;
+    }
+    // a uid with no privileges and no file on this machine: the worker and its runs have only
+    // what that user has (no cgroup here, on cgroup v1: the memory limit is sampled)
+    const USER: u32 = 64_124;
+    let s = server();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("hello.txt"), "hello dep\n").unwrap();
+    let dep = s.cl(&["upload", src.path().join("hello.txt").to_str().unwrap()]);
+    let t = tag("user");
+    let w = Worker::start_as_user(&t, USER);
+    assert!(w.log().contains("running without root"), "{}", w.log());
+    let h = format!("h.txt:{dep}");
+    // cl runs ask for network by default: pasta's, from outside the run's user namespace
+    let ok = s.run(
+        &t,
+        &[&h],
+        "cat h.txt; id -u; touch h.txt 2>/dev/null && echo writable || echo read-only; ip route | grep -c default; echo | nc -w 2 127.0.0.1 13306 >/dev/null 2>&1 && echo db-reachable || echo db-unreachable; echo 42 > answer",
+    );
+    let mem = s.run(
+        &t,
+        &["--request-memory", "50m"],
+        "echo m; x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
+    );
+    assert_eq!(
+        s.wait_state(&ok, &["ready", "failed"], 120),
+        "ready",
+        "{}",
+        w.log()
+    );
+    assert_eq!(
+        s.cat(&format!("{ok}/stdout")),
+        "hello dep\n0\nread-only\n1\ndb-unreachable"
+    );
+    assert_eq!(s.cat(&format!("{ok}/answer")), "42");
+    assert_eq!(
+        s.wait_failure(&mem, "failed", 120, &|| w.log()),
+        "Memory limit 50m exceeded."
+    );
+    assert_eq!(s.cat(&format!("{mem}/stdout")), "m");
+    // what the runs made is the user's, and nothing of theirs is left
+    use std::os::unix::fs::MetadataExt;
+    let store = std::fs::metadata(w.dir.join("store")).unwrap();
+    assert_eq!((store.uid(), store.mode() & 0o777), (USER, 0o700));
     w.assert_clean();
 }
 

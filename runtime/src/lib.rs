@@ -16,6 +16,7 @@ pub mod monitor;
 pub mod net;
 pub mod request;
 pub mod rundir;
+pub mod sample;
 pub mod spec;
 pub mod userns;
 

@@ -97,6 +97,119 @@ pub(crate) fn start_pasta(dir: &Path, host_ns: &File) -> Result<()> {
     Ok(())
 }
 
+/// pasta for a run without root, forked before the monitor enters its user namespace: pasta must
+/// run in the host's network namespace, which nothing inside that user namespace can join again.
+/// The helper waits on a pipe; [`RootlessPasta::start`], called once the run's network
+/// namespace exists, lets it exec pasta with the monitor's pid, and pasta joins the monitor's
+/// user and network namespaces from outside (their owner may: they are the user's own).
+pub(crate) struct RootlessPasta {
+    pid: Pid,
+    go: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+}
+
+impl RootlessPasta {
+    /// Fork the helper. The monitor must be single-threaded (it is).
+    pub(crate) fn fork(dir: &Path) -> Result<RootlessPasta> {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let pasta = pasta_path().ok_or_else(|| {
+            Error::Host(
+                "network \"private\" needs pasta (Debian/Ubuntu package passt); install it or use --network none|host".into(),
+            )
+        })?;
+        let pidfile = dir.join("pasta.pid");
+        let me = std::process::id().to_string();
+        let cstr =
+            |b: &[u8]| CString::new(b).map_err(|e| Error::Host(format!("pasta's arguments: {e}")));
+        let exe = cstr(pasta.as_os_str().as_bytes())?;
+        let mut argv = vec![exe.clone()];
+        for a in [
+            "--config-net",
+            "--no-map-gw",
+            "--quiet",
+            "-t",
+            "none",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "-P",
+        ] {
+            argv.push(cstr(a.as_bytes())?);
+        }
+        argv.push(cstr(pidfile.as_os_str().as_bytes())?);
+        argv.push(cstr(me.as_bytes())?);
+        let host = |e: nix::errno::Errno| Error::Host(format!("starting pasta's helper: {e}"));
+        let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(host)?;
+        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(host)?;
+        let null = File::open("/dev/null").map_err(|e| Error::Host(format!("/dev/null: {e}")))?;
+        match unsafe { nix::unistd::fork() }.map_err(host)? {
+            nix::unistd::ForkResult::Child => {
+                // async-signal-safe calls only: wait for the word, then become pasta
+                let mut b = [0u8; 1];
+                let n = unsafe { libc::read(go_r.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+                if n != 1 {
+                    unsafe { libc::_exit(1) };
+                }
+                unsafe {
+                    libc::dup2(null.as_raw_fd(), 0);
+                    libc::dup2(null.as_raw_fd(), 1);
+                    libc::dup2(err_w.as_raw_fd(), 2);
+                }
+                let _ = nix::unistd::execv(&exe, &argv);
+                unsafe { libc::_exit(127) };
+            }
+            nix::unistd::ForkResult::Parent { child } => Ok(RootlessPasta {
+                pid: child,
+                go: Some(go_w),
+                stderr: Some(err_r),
+            }),
+        }
+    }
+
+    /// Let pasta connect the monitor's (new) network namespace; returns once it has configured
+    /// the interface and gone to the background.
+    pub(crate) fn start(mut self) -> Result<()> {
+        use std::io::Read;
+        let go = self.go.take().unwrap();
+        if nix::unistd::write(&go, b"g") != Ok(1) {
+            return Err(Error::Host("pasta's helper is gone".into()));
+        }
+        drop(go);
+        let mut err = String::new();
+        let _ = File::from(self.stderr.take().unwrap()).read_to_string(&mut err);
+        let st = nix::sys::wait::waitpid(self.pid, None);
+        let tun = nix::unistd::access("/dev/net/tun", nix::unistd::AccessFlags::W_OK);
+        match st {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
+            st => Err(Error::Host(format!(
+                "pasta could not connect the run's network ({st:?}): {}{}",
+                err.lines()
+                    .filter(|l| !l.contains("syslog"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                if tun.is_err() {
+                    " (/dev/net/tun is closed to this user: distributions' udev rules make it 0666, as rootless podman needs too)"
+                } else {
+                    ""
+                }
+            ))),
+        }
+    }
+}
+
+impl Drop for RootlessPasta {
+    /// Not started: the helper reads end-of-file and exits; it is reaped here.
+    fn drop(&mut self) {
+        if self.go.take().is_some() {
+            let _ = nix::sys::wait::waitpid(self.pid, None);
+        }
+    }
+}
+
 pub(crate) fn stop_pasta(dir: &Path) {
     if let Ok(s) = fs::read_to_string(dir.join("pasta.pid")) {
         if let Ok(pid) = s.trim().parse::<i32>() {

@@ -40,6 +40,12 @@ pub struct Limits {
     pub pids: Option<i64>,
     /// /dev/shm size in bytes.
     pub shm_size: u64,
+    /// Where the run can have no cgroup (a run without root on cgroup v1, or on v2 without a
+    /// delegated subtree), run it anyway: the memory limit is enforced by the monitor sampling
+    /// the run's processes (`crate::sample`), the cpuset becomes their CPU affinity, `cpus` and
+    /// `pids` are not applied (the run's log says so). Otherwise such limits fail the run.
+    #[serde(default)]
+    pub without_cgroup_ok: bool,
 }
 
 /// A device node to create in the container's /dev (GPUs, `--device`), allowed in its device

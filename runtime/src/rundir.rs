@@ -43,6 +43,9 @@ pub enum Reason {
     Killed,
     /// Killed for running past its time limit.
     TimeLimit,
+    /// Killed by the monitor for holding more than its memory limit: a run without a cgroup,
+    /// whose memory is sampled (`crate::sample`); `oom_killed` is set too.
+    MemoryLimit,
     /// The container could not be created or started.
     Failed,
     /// The monitor died; the run was found and cleaned up by another process.
@@ -55,7 +58,8 @@ pub struct ExitStatus {
     pub exit_code: i32,
     pub signal: Option<i32>,
     pub reason: Reason,
-    /// The kernel OOM-killed at least one process of the run (from the cgroup's counter).
+    /// The kernel OOM-killed at least one process of the run (from the cgroup's counter), or
+    /// the monitor killed a run without a cgroup over its memory limit.
     pub oom_killed: bool,
     pub usage: Usage,
     pub started_at: f64,
@@ -110,6 +114,7 @@ impl std::fmt::Display for Status {
                 }
                 Reason::Killed => "killed",
                 Reason::TimeLimit => "time limit",
+                Reason::MemoryLimit => "memory limit",
                 Reason::Failed => "failed",
                 Reason::Lost => "lost",
             },

@@ -322,6 +322,7 @@ mod tests {
                 cpuset: Some("0".into()),
                 pids: Some(100),
                 shm_size: 1 << 20,
+                without_cgroup_ok: false,
             },
             network: Network::None,
             time_limit: None,

@@ -31,6 +31,32 @@ pub fn inside() -> bool {
     fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| !m.contains("4294967295"))
 }
 
+/// Whether a run started by this process could have a cgroup of its own: the cgroup v2
+/// directory it is in is writable by it (a delegated subtree). [`enter`] finds the same by
+/// trying; this asks without making namespaces, for a report.
+pub fn own_cgroup_writable() -> bool {
+    let Some(rel) = fs::read_to_string("/proc/self/cgroup").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+    }) else {
+        return false;
+    };
+    let Ok(mi) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    // the cgroup2 mount whose root is the hierarchy's root (field 4 is "/")
+    let mount = mi.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let f: Vec<&str> = pre.split_whitespace().collect();
+        (post.starts_with("cgroup2 ") && f.get(3) == Some(&"/"))
+            .then(|| f.get(4).map(|m| m.to_string()))?
+    });
+    mount.is_some_and(|m| {
+        let dir = std::path::Path::new(&m).join(rel.trim().trim_start_matches('/'));
+        nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok()
+    })
+}
+
 /// What [`enter`] found.
 #[derive(Debug, Clone, Copy)]
 pub struct Entered {
@@ -104,7 +130,9 @@ pub fn asked_limits(l: &Limits) -> Vec<&'static str> {
 }
 
 /// Check a request against what a run without root can have, given [`Entered`]; returns the
-/// request as the container gets it.
+/// request as the container gets it. A run without a cgroup that accepts that
+/// (`Limits::without_cgroup_ok`) keeps its memory limit (the monitor samples it) and its cpuset
+/// (the affinity); what it loses is logged.
 pub fn check(req: &RunRequest, e: Entered) -> Result<RunRequest> {
     let mut req = req.clone();
     if req.uid != 0 || req.gid != 0 {
@@ -113,22 +141,33 @@ pub fn check(req: &RunRequest, e: Entered) -> Result<RunRequest> {
             req.uid, req.gid
         )));
     }
-    if req.network == crate::request::Network::Private {
-        return Err(Error::Request(
-            "--network private (pasta) is not available to a run without root yet: use none (the default) or host".into(),
-        ));
-    }
     // the image's root may belong to other groups: they have no id here
     req.additional_gids.retain(|g| *g == 0);
     if !e.cgroup {
         let asked = asked_limits(&req.limits);
-        if !asked.is_empty() {
+        if !asked.is_empty() && !req.limits.without_cgroup_ok {
             return Err(Error::Request(format!(
-                "{} needs a cgroup, and a run without root has none here (cgroup v1, or a cgroup v2 directory this user does not own: a systemd user slice with delegation or a Slurm job's cgroup gives one)",
+                "{} needs a cgroup, and a run without root has none here (cgroup v1, or a cgroup v2 directory this user does not own: a systemd user slice with delegation or a Slurm job's cgroup gives one); --allow-no-cgroup runs it with the memory limit sampled instead",
                 asked.join(", ")
             )));
         }
-        req.limits.pids = None;
+        let l = &mut req.limits;
+        if let Some(m) = l.memory {
+            tracing::info!(
+                "no cgroup: the memory limit ({m} bytes) is enforced by sampling the run's processes every {:?}",
+                crate::sample::INTERVAL
+            );
+        }
+        if let Some(c) = &l.cpuset {
+            tracing::info!("no cgroup: the CPUs {c} are the run's affinity, not enforced");
+        }
+        if l.cpus.take().is_some() {
+            tracing::warn!("no cgroup: the CPU quota (--cpus) is not applied");
+        }
+        if l.pids.take().is_some_and(|p| p != DEFAULT_PIDS_LIMIT) {
+            tracing::warn!("no cgroup: the process limit (--pids-limit) is not applied");
+        }
+        l.memory_swap = None;
     }
     Ok(req)
 }
@@ -170,6 +209,16 @@ mod tests {
             "{e}"
         );
         // with a cgroup of its own the limits stay
+        // accepted without a cgroup: memory stays for the monitor's sampling, the cpuset for the
+        // affinity; the pids limit goes
+        r.limits.cpuset = Some("0".into());
+        r.limits.cpus = Some(1.5);
+        r.limits.without_cgroup_ok = true;
+        let ok = check(&r, none).unwrap();
+        assert_eq!(ok.limits.memory, Some(1 << 30));
+        assert_eq!(ok.limits.cpuset.as_deref(), Some("0"));
+        assert_eq!((ok.limits.pids, ok.limits.cpus), (None, None));
+        r.limits.without_cgroup_ok = false;
         let with = check(&r, Entered { cgroup: true }).unwrap();
         assert_eq!(
             (with.limits.memory, with.limits.pids),

@@ -97,6 +97,11 @@ pub(crate) struct RunArgs {
     /// Mount the root filesystem read-only
     #[arg(long)]
     pub(crate) read_only: bool,
+    /// Without root and without a cgroup this user may write (cgroup v1, no delegation): run
+    /// anyway, --memory enforced by sampling the run's processes every 0.5 s, --cpuset-cpus as
+    /// their affinity, --cpus and --pids-limit not applied (otherwise such a run fails)
+    #[arg(long, env = "CW_ALLOW_NO_CGROUP")]
+    pub(crate) allow_no_cgroup: bool,
     /// Copy the layers instead of mounting overlayfs
     #[arg(long)]
     pub(crate) no_overlay: bool,
@@ -209,6 +214,7 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
             cpuset: a.cpuset.clone(),
             pids: (a.pids_limit > 0).then_some(a.pids_limit),
             shm_size: config::parse_size(&a.shm_size).map_err(anyhow::Error::msg)?,
+            without_cgroup_ok: a.allow_no_cgroup,
         },
         network: match a.network.as_str() {
             "host" => cw_runtime::request::Network::Host,

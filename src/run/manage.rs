@@ -235,6 +235,14 @@ pub fn describe_exit(e: &ExitStatus, memory: Option<u64>) -> Option<String> {
     if let Some(err) = &e.error {
         return Some(err.clone());
     }
+    if e.reason == monitor::Reason::MemoryLimit {
+        let lim = memory
+            .map(|m| format!(" of {}", crate::progress::human(m)))
+            .unwrap_or_default();
+        return Some(format!(
+            "the run was killed for holding more than its memory limit{lim} (it has no cgroup: its processes' memory was sampled)"
+        ));
+    }
     if e.oom_killed {
         let lim = memory
             .map(|m| format!(" (limit {})", crate::progress::human(m)))

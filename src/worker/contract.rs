@@ -151,11 +151,13 @@ pub(super) fn start_container(
         env,
         mounts,
         workdir: Some(format!("/{uuid}")),
-        user: Some(format!(
-            "{}:{}",
-            nix::unistd::getuid(),
-            nix::unistd::getgid()
-        )),
+        // the worker's own ids, as cl-worker runs bundles; without root the run's user namespace
+        // maps root to them (its only id), so its files on the host are the worker's all the same
+        user: Some(if cw_runtime::userns::needed() {
+            "0:0".to_string()
+        } else {
+            format!("{}:{}", nix::unistd::getuid(), nix::unistd::getgid())
+        }),
         limits: Limits {
             memory: (run.resources.memory > 0).then_some(run.resources.memory),
             // docker's default, so cl-worker's: memory+swap = 2 × memory
@@ -171,6 +173,9 @@ pub(super) fn start_container(
             .filter(|s| !s.is_empty()),
             pids: Some(cw_runtime::request::DEFAULT_PIDS_LIMIT),
             shm_size: ctx.shm_size,
+            // a worker without root and without a cgroup it may write still holds its bundles
+            // to their memory (sampled) and CPUs (affinity); it said so as it started
+            without_cgroup_ok: true,
         },
         network: match (run.resources.network, ctx.private_network) {
             (false, _) => Network::None,

@@ -247,6 +247,20 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
     let state_file = work_dir.join(format!("worker-state-{}.json", id.replace('/', "_")));
     let ws_url = a.ws_server.clone().unwrap_or_else(|| default_ws(&a.server));
     let server = Arc::new(Server::new(&a.server, user, password)?);
+    let rootless = cw_runtime::userns::needed();
+    if rootless {
+        tracing::info!(
+            "running without root: each bundle runs in a user namespace of its own where root is this user ({}:{}) and the only id",
+            nix::unistd::getuid(),
+            nix::unistd::getgid()
+        );
+        if !cw_runtime::userns::own_cgroup_writable() {
+            tracing::warn!(
+                "no cgroup this user may write (cgroup v1, or no delegated v2 subtree): bundles' memory limits are enforced by sampling their processes every {:?}, their CPUs are their affinity only, and there is no process limit",
+                cw_runtime::sample::INTERVAL
+            );
+        }
+    }
     let private_network = cw_runtime::monitor::pasta_path().is_some();
     if !private_network {
         tracing::warn!("pasta (package passt) not found: runs that request network will share the host's network, loopback services included");

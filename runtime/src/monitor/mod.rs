@@ -138,6 +138,13 @@ pub fn main(dir: &Path) -> i32 {
     let started = unix_now();
     let run = || -> Result<()> {
         let entered = enter(dir)?;
+        // without root, pasta must start from the host's network namespace, which the monitor
+        // cannot join again once in its user namespace: its helper is forked first
+        let pasta = if crate::userns::needed() && req.network == Network::Private {
+            Some(crate::net::RootlessPasta::fork(dir)?)
+        } else {
+            None
+        };
         // without root: a user namespace first, so that what follows belongs to it
         let rootless = if crate::userns::needed() {
             Some(crate::userns::enter()?)
@@ -149,9 +156,15 @@ pub fn main(dir: &Path) -> i32 {
             None => req.clone(),
         };
         let req = &req;
-        isolate_network(dir, req)?;
+        isolate_network(dir, req, pasta)?;
         let prepared = prepare(dir, req, entered.inherited_oom_adj, rootless)?;
         let mut launched = launch(dir, req, prepared, started)?;
+        if rootless.is_some_and(|u| !u.cgroup) {
+            // no cgroup to account for the run or to hold its memory: its processes are sampled
+            launched.sampler = crate::sample::Sampler::new(launched.pid.as_raw())
+                .map_err(|e| tracing::warn!("sampling the run's memory: {e}"))
+                .ok();
+        }
         let (status, reason) = supervise(req, &entered.signals, &mut launched);
         finish(dir, req, started, status, reason, launched);
         Ok(())
@@ -198,7 +211,11 @@ fn enter(dir: &Path) -> Result<Entered> {
 
 /// `none` and `private`: the container inherits this private namespace (the spec asks for none
 /// of its own): only loopback, and it is up; for `private`, pasta adds the way out.
-fn isolate_network(dir: &Path, req: &RunRequest) -> Result<()> {
+fn isolate_network(
+    dir: &Path,
+    req: &RunRequest,
+    rootless_pasta: Option<crate::net::RootlessPasta>,
+) -> Result<()> {
     if !matches!(req.network, Network::None | Network::Private) {
         return Ok(());
     }
@@ -208,7 +225,10 @@ fn isolate_network(dir: &Path, req: &RunRequest) -> Result<()> {
         .map_err(|e| Error::Host(format!("creating a network namespace: {e}")))?;
     loopback_up().map_err(|e| Error::Host(format!("bringing up loopback: {e}")))?;
     if req.network == Network::Private {
-        start_pasta(dir, &host_ns)?;
+        match rootless_pasta {
+            Some(p) => p.start()?,
+            None => start_pasta(dir, &host_ns)?,
+        }
     }
     Ok(())
 }
@@ -252,7 +272,8 @@ fn prepare(
         p.set_oom_score_adj(Some(inherited_oom_adj));
     }
     if let Some(cpus) = &req.limits.cpuset {
-        if !cgroup::controller_available(&req.cgroup_parent, "cpuset") {
+        let no_cgroup = rootless.is_some_and(|u| !u.cgroup);
+        if no_cgroup || !cgroup::controller_available(&req.cgroup_parent, "cpuset") {
             // a v2 subtree without the cpuset controller (not delegated, or a kernel without
             // it): libcontainer would fail on cpuset.cpus. The CPUs are then this process's
             // affinity, which the container's processes inherit; they are not held to it.
@@ -313,6 +334,8 @@ struct Launched {
     drains: Vec<OwnedFd>,
     /// Parent cgroups that creating the run's cgroup made, removed with it.
     made_parents: Vec<PathBuf>,
+    /// A run without a cgroup: its memory, sampled (its limit enforced from it).
+    sampler: Option<crate::sample::Sampler>,
 }
 
 /// Create and start the container through libcontainer; a failure undoes what was made and
@@ -440,6 +463,7 @@ fn launch(dir: &Path, req: &RunRequest, p: Prepared, started: f64) -> Result<Lau
         console,
         drains,
         made_parents,
+        sampler: None,
     })
 }
 
@@ -464,6 +488,10 @@ fn supervise(req: &RunRequest, sig_r: &OwnedFd, l: &mut Launched) -> ((i32, Opti
                 let d = t0 + Duration::from_secs(tl);
                 wake = Some(wake.map_or(d, |w| w.min(d)));
             }
+        }
+        if l.sampler.is_some() && !sigkilled {
+            let d = now + crate::sample::INTERVAL;
+            wake = Some(wake.map_or(d, |w| w.min(d)));
         }
         let timeout = wake
             .map(|w| w.saturating_duration_since(now).as_millis().min(60_000) as i32)
@@ -530,6 +558,18 @@ fn supervise(req: &RunRequest, sig_r: &OwnedFd, l: &mut Launched) -> ((i32, Opti
         } else if term_requested && !sigkilled {
             kill_at = Some(now); // asked again: no more grace
         }
+        if let (Some(sm), false) = (&mut l.sampler, sigkilled) {
+            let held = sm.sample();
+            if let Some(limit) = req.limits.memory.filter(|m| held > *m) {
+                // a run without a cgroup over its memory limit: what the kernel's OOM killer
+                // would do to a cgroup's run, at once and to all of it
+                tracing::warn!(
+                    "the run holds {held} bytes, over its memory limit of {limit}: SIGKILL"
+                );
+                reason = Reason::MemoryLimit;
+                kill_at = Some(now);
+            }
+        }
         if let Some(k) = kill_at {
             if now >= k && !sigkilled {
                 if let Err(e) = l.container.kill(Signal::SIGKILL, all) {
@@ -553,6 +593,23 @@ fn supervise(req: &RunRequest, sig_r: &OwnedFd, l: &mut Launched) -> ((i32, Opti
     (status, reason)
 }
 
+/// A run without a cgroup's accounting: its sampled peak, and the CPU time of the processes the
+/// monitor and the run's init waited for (what a process that was never waited for used is
+/// lost with it, as a cgroup would not lose it).
+fn sampled_usage(sm: &crate::sample::Sampler, reason: Reason) -> Usage {
+    let ru = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN);
+    let ns =
+        |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1_000_000_000 + t.tv_usec() as u64 * 1000;
+    let (user, system) = ru.map_or((0, 0), |r| (ns(r.user_time()), ns(r.system_time())));
+    Usage {
+        cpu_user_ns: user,
+        cpu_system_ns: system,
+        memory_current: 0,
+        memory_peak: sm.peak,
+        oom_kills: (reason == Reason::MemoryLimit) as u64,
+    }
+}
+
 /// Record the end (exit.json, with the final accounting) before anything is torn down, then
 /// delete the container, its parent cgroups and the run's mounts.
 fn finish(
@@ -568,7 +625,10 @@ fn finish(
         c.finish(2000);
     }
     let _ = fs::remove_file(dir.join(crate::console::ATTACH_SOCKET));
-    let usage = cgroup::read(&req.cgroup_path());
+    let usage = match &l.sampler {
+        Some(sm) => sampled_usage(sm, reason),
+        None => cgroup::read(&req.cgroup_path()),
+    };
     let ex = ExitStatus {
         exit_code: status.0,
         signal: status.1,
