@@ -587,3 +587,69 @@ fn failures_inside_the_containers_init_name_the_path_and_the_operation() {
     );
     assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
 }
+
+// ---- another local user cannot stall root's runs
+
+#[test]
+fn a_lock_another_user_holds_in_run_lock_does_not_stall_root_runs_that_nest_their_cgroup() {
+    if !root() {
+        return;
+    }
+    let cw = reachable_cw();
+    cw.ok(&["pull", "-q", TINY]);
+    // /run/lock is world-writable: a user makes the file cw once locked there and holds it
+    let lock = Path::new("/run/lock/cw-cgroup-parents.lock");
+    let _ = std::fs::remove_file(lock);
+    let mut holder = Command::new("flock")
+        .args([lock.to_str().unwrap(), "sleep", "120"])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .spawn()
+        .expect("flock (util-linux)");
+    let t = Instant::now();
+    while !lock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "flock made no lock file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let parent = format!("/cwhostile-{}/nested", rand_suffix());
+    let o = within(
+        cw.cmd(&[
+            "run",
+            "--cgroup-parent",
+            &parent,
+            "--image",
+            TINY,
+            "echo ran",
+        ]),
+        60,
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let _ = std::fs::remove_file(lock);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "ran\n");
+    // root's lock is in root's own directory
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata("/run/cw").unwrap();
+    assert!(
+        m.is_dir() && m.uid() == 0 && m.mode() & 0o777 == 0o700,
+        "{m:?}"
+    );
+    // the nested parent the run made went with it (a top-level one stays, as /cw does)
+    let top = parent.split('/').nth(1).unwrap();
+    let hierarchies = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .chain([PathBuf::from("/sys/fs/cgroup")])
+        .filter(|h| h.join("cgroup.procs").exists());
+    for h in hierarchies {
+        let p = h.join(&parent[1..]);
+        assert!(!p.exists(), "{} left behind", p.display());
+        let _ = std::fs::remove_dir(h.join(top));
+    }
+}

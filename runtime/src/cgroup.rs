@@ -172,17 +172,14 @@ fn recorded_parents_in(
 /// could remove a parent between another's `mkdir` of it and of its own cgroup inside. None for
 /// a top-level parent such as the default `/cw`, which is never removed.
 pub fn parents_lock(cgroup_parent: &str) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
     nested(cgroup_parent)?;
-    let dir = Path::new("/run/lock");
-    let path = if dir.is_dir() {
-        dir.join("cw-cgroup-parents.lock")
-    } else {
-        std::env::temp_dir().join("cw-cgroup-parents.lock")
-    };
+    let path = lock_dir()?.join("cgroup-parents.lock");
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .ok()?;
     use std::os::fd::AsRawFd;
@@ -192,6 +189,31 @@ pub fn parents_lock(cgroup_parent: &str) -> Option<std::fs::File> {
         }
     }
     Some(f)
+}
+
+/// Where the parents lock lives: root's is `/run/cw` (made 0700; /run is root's, so no other
+/// user can make it first, and it is used only as root's own directory); a user's is their
+/// runtime directory (`$XDG_RUNTIME_DIR`, 0700), or none. Never a world-writable directory such
+/// as /run/lock: any local user could make the lock there first and hold it, stalling every
+/// root run that nests its cgroup (or plant a link for root to create a file through).
+fn lock_dir() -> Option<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if nix::unistd::geteuid().is_root() && !crate::userns::inside() {
+        let d = PathBuf::from("/run/cw");
+        let _ = std::fs::DirBuilder::new().mode(0o700).create(&d);
+        let m = std::fs::symlink_metadata(&d).ok()?;
+        if m.is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0 {
+            return Some(d);
+        }
+        tracing::warn!(
+            "{} is not root's own directory: cgroup parents are made without the lock",
+            d.display()
+        );
+        return None;
+    }
+    let d = PathBuf::from(std::env::var_os("XDG_RUNTIME_DIR")?);
+    let m = std::fs::symlink_metadata(&d).ok()?;
+    (m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o077 == 0).then_some(d)
 }
 
 /// Whether a run under `cgroup_parent` can have the controller `name`: on v2, listed in
