@@ -128,15 +128,7 @@ fn an_ordinary_user_runs_a_container_as_root_of_its_own_user_namespace() {
         text(&o)
     );
     // and is gone with the run
-    let pastas = std::process::Command::new("pgrep")
-        .args(["-f", cw.store().to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        pastas.stdout.is_empty(),
-        "left running: {}",
-        String::from_utf8_lossy(&pastas.stdout)
-    );
+    assert_no_process_names(&cw.store());
     // the run is gone, its directory and copy of the rootfs with it, nothing mounted
     assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

@@ -492,15 +492,7 @@ fn network_private_goes_out_through_pasta_but_not_to_host_loopback() {
     let l: Vec<&str> = out.lines().collect();
     assert_eq!(l, vec!["noreach", "2", "2", "1"], "{out}");
     // pasta is gone with the run
-    let pastas = std::process::Command::new("pgrep")
-        .args(["-f", cw.store().to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        pastas.stdout.is_empty(),
-        "left running: {}",
-        String::from_utf8_lossy(&pastas.stdout)
-    );
+    assert_no_process_names(&cw.store());
     assert_no_leftovers(&cw);
 }
 

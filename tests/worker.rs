@@ -30,20 +30,29 @@ impl Worker {
     }
 
     fn start_as(tag: &str, name: &str, extra: &[&str]) -> Worker {
-        Worker::start_with(tag, name, extra, None)
+        Worker::start_with(tag, name, extra, None, None)
     }
 
     /// A worker started with at most `nofile` open files.
     fn start_limited(tag: &str, extra: &[&str], nofile: u64) -> Worker {
-        Worker::start_with(tag, tag, extra, Some(nofile))
+        Worker::start_with(tag, tag, extra, Some(nofile), None)
     }
 
-    fn start_with(tag: &str, name: &str, extra: &[&str], nofile: Option<u64>) -> Worker {
+    fn start_with(
+        tag: &str,
+        name: &str,
+        extra: &[&str],
+        nofile: Option<u64>,
+        user: Option<u32>,
+    ) -> Worker {
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-stores");
         std::fs::create_dir_all(&base).unwrap();
         let dir = base.join(format!("worker-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        if let Some(u) = user {
+            std::os::unix::fs::chown(&dir, Some(u), Some(u)).unwrap();
+        }
         let mut w = Worker {
             child: None,
             dir,
@@ -51,7 +60,7 @@ impl Worker {
             tag: tag.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             nofile,
-            user: None,
+            user,
         };
         w.spawn();
         w
@@ -60,23 +69,7 @@ impl Worker {
     /// A worker run by the ordinary user `uid` (no privileges), its work dir and store that
     /// user's.
     fn start_as_user(tag: &str, uid: u32) -> Worker {
-        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-stores");
-        std::fs::create_dir_all(&base).unwrap();
-        let dir = base.join(format!("worker-{tag}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).unwrap();
-        let mut w = Worker {
-            child: None,
-            dir,
-            id: format!("w-{tag}"),
-            tag: tag.to_string(),
-            extra: vec![],
-            nofile: None,
-            user: Some(uid),
-        };
-        w.spawn();
-        w
+        Worker::start_with(tag, tag, &[], None, Some(uid))
     }
 
     /// SIGTERM, and the worker must be gone within `secs`.

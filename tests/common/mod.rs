@@ -801,3 +801,16 @@ pub fn run_cgroup_file(name: &str, controller: &str, v1: &str, v2: &str) -> (Str
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// No process's command line names `p` (a store: pasta's pid file is in its run dirs).
+pub fn assert_no_process_names(p: &Path) {
+    let o = Command::new("pgrep")
+        .args(["-f", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        o.stdout.is_empty(),
+        "left running: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
