@@ -39,8 +39,9 @@ pub fn exec(rd: &RunDir, id: &str, a: &ExecArgs) -> Result<i32> {
     }
     let user = match &a.user {
         Some(u) => {
-            let (uid, gid, extra, home) = crate::rootfs::resolve_user(&req.rootfs, u)
-                .map_err(|e| anyhow::anyhow!("-u {u}: {e}"))?;
+            let (uid, gid, extra, home) =
+                crate::rootfs::resolve_user(&crate::image_view::View::Dir(req.rootfs.clone()), u)
+                    .map_err(|e| anyhow::anyhow!("-u {u}: {e}"))?;
             if !env.iter().any(|e| e.starts_with("HOME=")) {
                 env.insert(0, format!("HOME={home}"));
             }
@@ -64,7 +65,7 @@ pub fn exec(rd: &RunDir, id: &str, a: &ExecArgs) -> Result<i32> {
         .and_then(|m| m["image"].as_str().map(str::to_string))
         .unwrap_or_else(|| format!("of run {id}"));
     crate::run::check_executable(
-        &req.rootfs,
+        &crate::image_view::View::Dir(req.rootfs.clone()),
         &a.command[0],
         &cw_runtime::exec::merge_env(&req.env, &env),
         a.workdir.as_deref().unwrap_or(&req.cwd),

@@ -8,6 +8,7 @@ pub mod bridge;
 pub mod config;
 pub mod exec;
 pub mod image;
+pub mod image_view;
 pub mod load;
 pub mod progress;
 pub mod pull;

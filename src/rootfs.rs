@@ -2,7 +2,8 @@
 //! plus a per-run upper dir, or a flattened copy where overlayfs cannot be used.
 
 use crate::image::digest::Digest;
-use crate::store::unpack::{self, Tree, Whiteouts};
+use crate::image_view::View;
+use crate::store::unpack::{self, Whiteouts};
 use crate::store::Store;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -26,128 +27,16 @@ pub struct Rootfs {
     pub overlay: bool,
     /// What to remove after unmounting.
     pub scratch: Vec<PathBuf>,
+    /// A run without root: the overlay its monitor mounts at `path` inside the run's user
+    /// namespace (nothing is mounted yet).
+    pub deferred: Option<cw_runtime::request::Overlay>,
+    /// How the preparation reads the image.
+    pub view: View,
 }
 
 fn ioe(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RootfsError {
     let path = path.to_path_buf();
     move |source| RootfsError::Io { what, path, source }
-}
-
-/// Legacy mount(2) data is one page: beyond this, the new mount API is used.
-const MAX_MOUNT_DATA: usize = 4000;
-
-fn mount_overlay(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> io::Result<()> {
-    let lower: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
-    let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.join(":"),
-        upper.display(),
-        work.display()
-    );
-    if data.len() <= MAX_MOUNT_DATA {
-        return nix::mount::mount(
-            Some("overlay"),
-            target,
-            Some("overlay"),
-            nix::mount::MsFlags::empty(),
-            Some(data.as_str()),
-        )
-        .map_err(io::Error::from);
-    }
-    mount_overlay_fsconfig(&lower, upper, work, target)
-}
-
-/// fsopen/fsconfig with one `lowerdir+` per layer (Linux 6.8+): no page-size bound on layer count.
-fn mount_overlay_fsconfig(
-    lowers: &[String],
-    upper: &Path,
-    work: &Path,
-    target: &Path,
-) -> io::Result<()> {
-    use std::ffi::CString;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    const FSCONFIG_SET_STRING: libc::c_uint = 1;
-    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
-    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
-    let c = |s: &str| {
-        CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
-    };
-    let fsname = c("overlay")?;
-    let fs = unsafe {
-        libc::syscall(
-            libc::SYS_fsopen,
-            fsname.as_ptr(),
-            1, /* FSOPEN_CLOEXEC */
-        )
-    };
-    if fs < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
-    let set = |k: &str, v: &str| -> io::Result<()> {
-        let (k, v) = (c(k)?, c(v)?);
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_fsconfig,
-                fs.as_raw_fd(),
-                FSCONFIG_SET_STRING,
-                k.as_ptr(),
-                v.as_ptr(),
-                0,
-            )
-        };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    };
-    for l in lowers {
-        set("lowerdir+", l)?;
-    }
-    set("upperdir", &upper.display().to_string())?;
-    set("workdir", &work.display().to_string())?;
-    if unsafe {
-        libc::syscall(
-            libc::SYS_fsconfig,
-            fs.as_raw_fd(),
-            FSCONFIG_CMD_CREATE,
-            0usize,
-            0usize,
-            0,
-        )
-    } < 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    let m = unsafe {
-        libc::syscall(
-            libc::SYS_fsmount,
-            fs.as_raw_fd(),
-            1, /* FSMOUNT_CLOEXEC */
-            0,
-        )
-    };
-    if m < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let m = unsafe { OwnedFd::from_raw_fd(m as i32) };
-    let empty = c("")?;
-    let t = c(&target.display().to_string())?;
-    if unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            m.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    } < 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Build the rootfs for `run` inside `run_dir` from `layers` (base first).
@@ -174,15 +63,17 @@ pub fn create(
             path: target.clone(),
             source: io::Error::other(e.to_string()),
         })?;
-    // without root the overlay would have to be mounted inside the run's user namespace, which
-    // the monitor makes later (and the preparer reads the rootfs before): a copy for now
+    // without root the overlay is mounted by the monitor inside the run's user namespace
+    // (overlayfs allows that from Linux 5.11, with `userxattr`): the preparation reads the
+    // layers through a merged view meanwhile
     let rootless = cw_runtime::userns::needed();
-    if rootless && !force_copy {
+    let user_overlay = rootless && cw_runtime::overlay::unprivileged_supported();
+    if rootless && !force_copy && !user_overlay {
         tracing::info!(
-            "a run without root: its layers are copied into its rootfs (no overlayfs mount)"
+            "a run without root on a kernel before 5.11: its layers are copied into its rootfs (no overlayfs in a user namespace)"
         );
     }
-    if !force_copy && !rootless {
+    if !force_copy && (!rootless || user_overlay) {
         let upper = run_dir.join("upper");
         let work = run_dir.join("work");
         std::fs::create_dir_all(&upper).map_err(ioe("creating", &upper))?;
@@ -193,12 +84,30 @@ pub fn create(
             std::fs::create_dir_all(&empty).map_err(ioe("creating", &empty))?;
             lowers.push(empty);
         }
-        match mount_overlay(&lowers, &upper, &work, &target) {
+        if user_overlay {
+            tracing::debug!(
+                "a run without root: its monitor mounts the overlay in its user namespace"
+            );
+            return Ok(Rootfs {
+                path: target,
+                overlay: true,
+                scratch: vec![upper.clone(), work.clone()],
+                view: View::Layers(lowers.clone()),
+                deferred: Some(cw_runtime::request::Overlay {
+                    lower: lowers,
+                    upper,
+                    work,
+                }),
+            });
+        }
+        match cw_runtime::overlay::mount(&lowers, &upper, &work, &target, false) {
             Ok(()) => {
                 return Ok(Rootfs {
+                    view: View::Dir(target.clone()),
                     path: target,
                     overlay: true,
                     scratch: vec![upper, work],
+                    deferred: None,
                 })
             }
             Err(e) => tracing::warn!("overlayfs mount failed ({e}); copying the layers instead"),
@@ -208,9 +117,11 @@ pub fn create(
         copy_layer(&store.layer_dir(l), &target).map_err(ioe("copying layer into", &target))?;
     }
     Ok(Rootfs {
+        view: View::Dir(target.clone()),
         path: target,
         overlay: false,
         scratch: vec![],
+        deferred: None,
     })
 }
 
@@ -336,7 +247,7 @@ fn xattrs_of(p: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
+pub(crate) fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
     use std::os::unix::ffi::OsStrExt;
     let cp = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
     let cn = std::ffi::CString::new(name).ok()?;
@@ -355,13 +266,10 @@ fn xattr_get(p: &Path, name: &str) -> Option<Vec<u8>> {
 /// Read a small text file from inside a rootfs without following links out of it, and without
 /// blocking on a FIFO or a device planted there: `None` when it does not exist, an error naming
 /// it when it is not a regular file or is larger than `limit`.
-pub fn read_file(rootfs: &Path, rel: &str, limit: u64) -> Result<Option<String>, String> {
+pub fn read_file(view: &View, rel: &str, limit: u64) -> Result<Option<String>, String> {
     let named = |e: io::Error| format!("the image's /{rel}: {e}");
-    let mut t = Tree::open(rootfs).map_err(named)?;
-    let f = match t.open_file(rel.as_bytes()) {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
-        Err(e) => return Err(named(e)),
+    let Some(f) = view.open_file(rel).map_err(named)? else {
+        return Ok(None);
     };
     let mut b = Vec::new();
     f.take(limit + 1).read_to_end(&mut b).map_err(named)?;
@@ -385,7 +293,7 @@ fn id_number(s: &str, what: &str) -> Result<Option<u32>, String> {
 
 /// Resolve a docker-style user spec (`uid`, `uid:gid`, `name`, `name:group`) against the rootfs's
 /// /etc/passwd and /etc/group. Returns (uid, gid, supplementary gids, home).
-pub fn resolve_user(rootfs: &Path, spec: &str) -> Result<(u32, u32, Vec<u32>, String), String> {
+pub fn resolve_user(rootfs: &View, spec: &str) -> Result<(u32, u32, Vec<u32>, String), String> {
     let passwd = read_file(rootfs, "etc/passwd", 4 << 20)?.unwrap_or_default();
     let group = read_file(rootfs, "etc/group", 4 << 20)?.unwrap_or_default();
     let (u, g) = match spec.split_once(':') {

@@ -244,7 +244,13 @@ fn without_a_cgroup_the_memory_limit_is_held_by_sampling_the_runs_processes() {
             "dd if=/dev/zero bs=100M count=1 | sleep 30",
         ],
     );
-    assert_eq!(o.status.code(), Some(137), "{}", text(&o));
+    let log = std::fs::read_to_string(cw.store().join("runs/over/monitor.log")).unwrap_or_default();
+    assert_eq!(
+        o.status.code(),
+        Some(137),
+        "{}\nmonitor.log:\n{log}",
+        text(&o)
+    );
     assert!(t.elapsed().as_secs() < 15, "{:?}", t.elapsed());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -430,4 +436,91 @@ fn a_users_runs_are_killed_timed_out_listed_and_removed_by_that_user() {
     );
     assert!(t.elapsed().as_secs() < 20);
     assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
+}
+
+#[test]
+fn a_users_rootfs_is_an_overlay_mounted_in_the_runs_user_namespace_that_merges_as_roots() {
+    let Some(cw) = user_cw() else { return };
+    if !cw_runtime::overlay::unprivileged_supported() {
+        skip("overlayfs in a user namespace needs Linux 5.11");
+        return;
+    }
+    const EDGE: &str = "127.0.0.1:5000/edge:latest";
+    let o = as_user_cw(&cw, &["pull", "-q", EDGE]);
+    assert!(o.status.success(), "{}", text(&o));
+    // the root is an overlay of the user's layers, mounted with userxattr; writes go to the
+    // run's upper dir
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "--image",
+            TINY,
+            "grep ' / / ' /proc/self/mountinfo; rm /bin/true && echo removed; echo new > /etc/new",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(" - overlay overlay ")
+            && out.contains("userxattr")
+            && out.contains(cw.store().join("layers").to_str().unwrap())
+            && out.contains("removed"),
+        "{}",
+        text(&o)
+    );
+    // the layers are untouched: the next run has /bin/true and no /etc/new
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "--image",
+            TINY,
+            "test -e /bin/true && test ! -e /etc/new",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // whiteouts, opaque dirs, hard links and odd modes of the edge image: what a root run of the
+    // same image sees, name for name
+    let check = "test -e /etc/motd && echo motd-present; test -d /usr/share/lintian && echo lintian-present; ls /usr/share/doc | tr '\\n' ' '; echo; find / -xdev | sort | md5sum; ls -ln /opt/edge | awk '{print $1, $5, $9, $10, $11}' | md5sum";
+    let o = as_user_cw(&cw, &["run", "--image", EDGE, check]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let root = Cw::new();
+    root.ok(&["pull", "-q", EDGE]);
+    let want = root.ok(&["run", "--image", EDGE, check]);
+    // modes (setuid bits too), sizes and names; owners differ by design: root inside is the
+    // user, and the image's other ids have no id in a single-id namespace
+    let names = |s: &str| s.lines().take(3).map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(names(&String::from_utf8_lossy(&o.stdout)), names(&want));
+    assert!(
+        !want.contains("motd-present") && !want.contains("lintian-present"),
+        "{want}"
+    );
+    // what the preparation reads through the layers before anything is mounted: a missing
+    // working directory (made by the monitor), a missing command, the image's user
+    let o = as_user_cw(&cw, &["run", "-w", "/new/dir", "--image", TINY, "pwd"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "/new/dir\n",
+        "{}",
+        text(&o)
+    );
+    let o = as_user_cw(&cw, &["run", "--image", TINY, "no-such-command"]);
+    assert_eq!(o.status.code(), Some(127), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no-such-command: not found"),
+        "{}",
+        text(&o)
+    );
+    let o = as_user_cw(&cw, &["run", "-w", "/bin/sh", "--image", TINY, "pwd"]);
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("a file where it needs a directory"),
+        "{}",
+        text(&o)
+    );
+    // nothing left: no run, no mount on the host (the overlay lived in the monitor's namespace)
+    assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&cw.store().display().to_string()));
 }

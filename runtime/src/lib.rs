@@ -14,6 +14,7 @@ pub mod initlog;
 pub mod ldcache;
 pub mod monitor;
 pub mod net;
+pub mod overlay;
 pub mod request;
 pub mod rundir;
 pub mod sample;

@@ -134,6 +134,16 @@ impl Device {
     }
 }
 
+/// An overlay the monitor mounts at the run's `rootfs` itself: a run without root, whose mount
+/// can only be made inside its user namespace.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Overlay {
+    /// Layer dirs, top first.
+    pub lower: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Default)]
 pub struct Cleanup {
     /// Mounts to lazily unmount after the container is gone (the rootfs overlay).
@@ -146,8 +156,13 @@ pub struct Cleanup {
 pub struct RunRequest {
     /// Container id: `[a-zA-Z0-9_.-]{1,64}`.
     pub id: String,
-    /// A ready root filesystem (mounted overlay or a copy).
+    /// A ready root filesystem (mounted overlay or a copy), or where [`RunRequest::overlay`] is
+    /// mounted.
     pub rootfs: PathBuf,
+    /// Mounted at `rootfs` by the monitor inside the run's user namespace (runs without root);
+    /// the working directory is made there if the image lacks it.
+    #[serde(default)]
+    pub overlay: Option<Overlay>,
     pub readonly_rootfs: bool,
     pub args: Vec<String>,
     pub env: Vec<String>,

@@ -22,25 +22,45 @@ pub const INTERVAL: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 pub struct Sampler {
     init: i32,
-    /// dev and inode of the run's pid namespace.
-    ns: (u64, u64),
+    /// dev and inode of the run's pid namespace, once readable: until the init has exec'd the
+    /// run's command it is not dumpable and its memory still belongs to the host's user
+    /// namespace, so its `ns/pid` is closed to the monitor (EACCES) for a few milliseconds.
+    ns: Option<(u64, u64)>,
+    /// Samples that could not read the namespace.
+    misses: u32,
     /// The highest sample so far.
     pub peak: u64,
 }
 
 impl Sampler {
     /// A sampler for the run whose init (pid 1 of its pid namespace) is `init` on the host.
-    pub fn new(init: i32) -> std::io::Result<Sampler> {
-        let m = fs::metadata(format!("/proc/{init}/ns/pid"))?;
-        Ok(Sampler {
+    pub fn new(init: i32) -> Sampler {
+        Sampler {
             init,
-            ns: (m.dev(), m.ino()),
+            ns: None,
+            misses: 0,
             peak: 0,
-        })
+        }
     }
 
-    /// Bytes the run holds now (and the peak updated).
+    /// Bytes the run holds now (and the peak updated); 0 while its namespace cannot be read yet.
     pub fn sample(&mut self) -> u64 {
+        let ns = match self.ns {
+            Some(ns) => ns,
+            None => match fs::metadata(format!("/proc/{}/ns/pid", self.init)) {
+                Ok(m) => *self.ns.insert((m.dev(), m.ino())),
+                Err(e) => {
+                    self.misses += 1;
+                    if self.misses == 20 {
+                        tracing::warn!(
+                            "the run's pid namespace is still unreadable after {} samples: {e}",
+                            self.misses
+                        );
+                    }
+                    return 0;
+                }
+            },
+        };
         let mut total = shm_used(self.init);
         if let Ok(rd) = fs::read_dir("/proc") {
             for e in rd.flatten() {
@@ -48,7 +68,7 @@ impl Sampler {
                     continue;
                 };
                 match fs::metadata(format!("/proc/{pid}/ns/pid")) {
-                    Ok(m) if (m.dev(), m.ino()) == self.ns => {}
+                    Ok(m) if (m.dev(), m.ino()) == ns => {}
                     _ => continue,
                 }
                 total += process_memory(pid).unwrap_or(0);
@@ -112,7 +132,7 @@ mod tests {
         // this test's own process stands in for a run's init: its namespace holds every process
         // of the host's, so the sample counts at least this process's memory
         let me = std::process::id() as i32;
-        let mut s = Sampler::new(me).unwrap();
+        let mut s = Sampler::new(me);
         let before = s.sample();
         let own = process_memory(me as u32).unwrap();
         assert!(own > 0 && before >= own, "{before} < {own}");

@@ -302,6 +302,7 @@ mod tests {
         RunRequest {
             id: "t1".into(),
             rootfs: "/r".into(),
+            overlay: None,
             readonly_rootfs: false,
             args: vec!["true".into()],
             env: vec!["PATH=/bin".into()],

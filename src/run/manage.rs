@@ -82,8 +82,10 @@ pub fn find(store: &Store, id: &str) -> anyhow::Result<RunDir> {
 /// record, its directory.
 pub(super) fn release_abandoned(store: &Store, id: &str, rd: &RunDir) {
     let rootfs = rd.path.join("rootfs");
+    // a user's cw mounted nothing (a run's overlay is its monitor's, in its user namespace)
+    let mounted_here = !cw_runtime::userns::needed();
     if let Err(e) = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH) {
-        if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
+        if mounted_here && e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
             tracing::warn!("unmounting {}: {e}", rootfs.display());
         }
     }

@@ -4,6 +4,7 @@
 use super::manage::release_abandoned;
 use super::{command, environment, new_id, runs_dir, RunOptions};
 use crate::image::manifest::RunConfig;
+use crate::image_view::View;
 use crate::rootfs;
 use crate::store::{ImageRecord, Store};
 use cw_runtime::request::{BindMount, Cleanup, Network, RunRequest};
@@ -35,7 +36,7 @@ pub fn prepare(
             .push(store.root().join("inuse").join(format!("{id}.json")));
         let user = o.user.clone().unwrap_or_else(|| image.run.user.clone());
         let (uid, gid, extra, home) =
-            rootfs::resolve_user(&rf.path, &user).map_err(anyhow::Error::msg)?;
+            rootfs::resolve_user(&rf.view, &user).map_err(anyhow::Error::msg)?;
         let hostname = o
             .hostname
             .clone()
@@ -60,9 +61,9 @@ pub fn prepare(
         }
         // what the container's init would fail on with no path named ("failed to unix
         // syscall", "failed to prepare rootfs"): checked here, inside the rootfs, by name
-        dir_in_image(&rf.path, &cwd, "working directory", false, true)?;
+        dir_in_image(&rf.view, &cwd, "working directory", false, true)?;
         for m in &o.mounts {
-            dir_in_image(&rf.path, &m.destination, "mount destination", true, false)?;
+            dir_in_image(&rf.view, &m.destination, "mount destination", true, false)?;
         }
         let mut host_files = etc_files(&dir, &hostname, o.network)?;
         let mut env =
@@ -141,10 +142,11 @@ pub fn prepare(
             .first()
             .cloned()
             .unwrap_or_else(|| image.manifest.short().to_string());
-        check_executable(&rf.path, &args[0], &env, &cwd, &mounted, &image_name)?;
+        check_executable(&rf.view, &args[0], &env, &cwd, &mounted, &image_name)?;
         Ok(RunRequest {
             id: id.clone(),
             rootfs: rf.path.clone(),
+            overlay: rf.deferred.clone(),
             readonly_rootfs: o.readonly_rootfs,
             env,
             args,
@@ -198,51 +200,11 @@ impl std::fmt::Display for ExecError {
 
 impl std::error::Error for ExecError {}
 
-/// What `path` in the image is, symlinks followed inside the rootfs (at most 40): None when it
-/// does not exist.
-fn stat_in_image(rootfs: &Path, path: &str) -> std::io::Result<Option<libc::stat>> {
-    use crate::store::unpack::{clean_components, lstatat, Tree};
-    let mut t = Tree::open(rootfs)?;
-    let mut p = path.to_string();
-    for _ in 0..40 {
-        let comps = clean_components(p.as_bytes());
-        let Some((name, parent)) = comps.split_last() else {
-            return Ok(None);
-        };
-        let dir = match t.resolve_dir(parent, false) {
-            Ok(d) => d,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
-                return Ok(None)
-            }
-            Err(e) => return Err(e),
-        };
-        use std::os::fd::AsRawFd;
-        let Some(st) = lstatat(dir.as_raw_fd(), name)? else {
-            return Ok(None);
-        };
-        if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
-            return Ok(Some(st));
-        }
-        let target = cw_runtime::fsx::readlinkat(dir.as_raw_fd(), name)?;
-        let target = String::from_utf8_lossy(&target).into_owned();
-        p = if target.starts_with('/') {
-            target
-        } else {
-            let parent: Vec<String> = parent
-                .iter()
-                .map(|c| String::from_utf8_lossy(c).into_owned())
-                .collect();
-            format!("/{}/{target}", parent.join("/"))
-        };
-    }
-    Err(std::io::Error::from_raw_os_error(libc::ELOOP))
-}
-
 /// As docker does at create: the command must exist in the image (for a bare name, in a
 /// directory of the run's PATH) and be executable. Paths under a bind mount cannot be told
 /// before the start and are let through.
 pub fn check_executable(
-    rootfs: &Path,
+    rootfs: &View,
     cmd: &str,
     env: &[String],
     cwd: &str,
@@ -276,7 +238,7 @@ pub fn check_executable(
         if under_mount(c) {
             return Ok(());
         }
-        match stat_in_image(rootfs, c)? {
+        match rootfs.stat(c)? {
             Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_mode & 0o111 != 0 => {
                 return Ok(())
             }
@@ -309,7 +271,7 @@ pub fn check_executable(
 /// (with `create` it is made now, as docker makes a missing working directory; else it is made
 /// at the start); through a file or a device, it is an error that names it.
 fn dir_in_image(
-    rootfs: &Path,
+    view: &View,
     path: &str,
     what: &str,
     parent_only: bool,
@@ -321,10 +283,8 @@ fn dir_in_image(
     } else {
         &comps[..]
     };
-    let mut t = crate::store::unpack::Tree::open(rootfs)?;
-    match t.resolve_dir(comps, create) {
+    match view.dir(comps, create) {
         Ok(_) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
             anyhow::bail!("{what} {path}: the image has a file where it needs a directory")
         }

@@ -40,7 +40,10 @@ pub(crate) fn cleanup(req: &RunRequest, dir: &Path) {
     stop_pasta(dir);
     for m in &req.cleanup.unmount {
         if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
-            if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
+            // EPERM: a user's cw outside the run's user namespace, where its overlay was
+            // mounted (and went with it): nothing of the run's is mounted here
+            let not_here = e == nix::errno::Errno::EPERM && crate::userns::needed();
+            if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT && !not_here {
                 tracing::warn!("unmounting {}: {e}", m.display());
             }
         }
@@ -156,14 +159,25 @@ pub fn main(dir: &Path) -> i32 {
             None => req.clone(),
         };
         let req = &req;
+        if let Some(o) = &req.overlay {
+            // a run without root: its overlay can only be mounted here, in its user namespace
+            crate::overlay::mount(&o.lower, &o.upper, &o.work, &req.rootfs, crate::userns::inside())
+                .map_err(|e| {
+                    Error::Host(format!(
+                        "mounting the run's overlayfs at {} in its user namespace: {e} (cw run --no-overlay copies the layers instead)",
+                        req.rootfs.display()
+                    ))
+                })?;
+            // docker makes a missing working directory; the preparation could not (no mount yet)
+            crate::overlay::make_dir_in_root(&req.rootfs, &req.cwd)
+                .map_err(|e| Error::Request(format!("working directory {}: {e}", req.cwd)))?;
+        }
         isolate_network(dir, req, pasta)?;
         let prepared = prepare(dir, req, entered.inherited_oom_adj, rootless)?;
         let mut launched = launch(dir, req, prepared, started)?;
         if rootless.is_some_and(|u| !u.cgroup) {
             // no cgroup to account for the run or to hold its memory: its processes are sampled
-            launched.sampler = crate::sample::Sampler::new(launched.pid.as_raw())
-                .map_err(|e| tracing::warn!("sampling the run's memory: {e}"))
-                .ok();
+            launched.sampler = Some(crate::sample::Sampler::new(launched.pid.as_raw()));
         }
         let (status, reason) = supervise(req, &entered.signals, &mut launched);
         finish(dir, req, started, status, reason, launched);
