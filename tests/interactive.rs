@@ -548,3 +548,40 @@ fn logs_follow_a_run_to_its_end_and_missing_commands_are_127() {
     let e = cw.fails(&["run"]);
     assert!(e.contains("needs an image"), "{e}");
 }
+
+#[test]
+fn an_ordinary_users_interactive_shell_in_a_terminal() {
+    if !is_root() {
+        skip("the test starts as root to become an ordinary user");
+        return;
+    }
+    // a uid with no privileges: its own store, the image pulled by it
+    const USER: u32 = 64_126;
+    let cw = Cw::new();
+    std::os::unix::fs::chown(cw.dir.path(), Some(USER), Some(USER)).unwrap();
+    let as_user = |args: &[&str]| {
+        let mut c = cw.cmd(args);
+        c.uid(USER).gid(USER).env("HOME", cw.dir.path());
+        c
+    };
+    let o = as_user(&["pull", "-q", TINY]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut t = Term::spawn(as_user(&["run", "-it", TINY, "sh"]), 30, 100);
+    let before = termios(t.slave.as_raw_fd());
+    t.expect("# ", 20);
+    // the run's own pty, at our size; root inside is the user
+    t.send(b"tty; stty size; id -u; cat /proc/self/uid_map\r");
+    t.expect("/dev/pts/0", 10);
+    t.expect("30 100", 10);
+    t.expect(&format!("{USER}          1"), 10);
+    // Ctrl-C reaches the container's foreground job
+    t.send(b"sleep 30\r");
+    std::thread::sleep(Duration::from_millis(500));
+    t.send(b"\x03");
+    t.send(b"echo slept $?\r");
+    t.expect("slept 130", 10);
+    t.send(b"exit 3\r");
+    assert_eq!(t.exit_code(20), 3);
+    assert!(same_termios(&before, &termios(t.slave.as_raw_fd())));
+    assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
+}
