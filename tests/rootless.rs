@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 const TINY: &str = "127.0.0.1:5000/tiny:amd64";
@@ -523,4 +523,94 @@ fn a_users_rootfs_is_an_overlay_mounted_in_the_runs_user_namespace_that_merges_a
     assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&cw.store().display().to_string()));
+}
+
+#[test]
+fn a_users_cgroup_whose_controllers_cannot_be_had_counts_as_none() {
+    let Some(cw) = user_cw() else { return };
+    // a hybrid host's cgroup2 (its controllers are v1's), as Ubuntu 20.04 delegates it to a
+    // user's systemd: writable by the user, yet no memory or pids for a run's cgroup below it
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if !unified.join("cgroup.procs").exists() {
+        eprintln!(
+            "NOT APPLICABLE: this host has no hybrid cgroup2 mount at {}",
+            unified.display()
+        );
+        return;
+    }
+    let top = unified.join(format!("cwtest-{}", rand_suffix()));
+    let _gone = RemovedTree(top.clone());
+    let shell = top.join("shell");
+    std::fs::create_dir_all(&shell).unwrap();
+    for e in ["", "shell"] {
+        for f in [
+            "",
+            "cgroup.procs",
+            "cgroup.subtree_control",
+            "cgroup.threads",
+        ] {
+            let p = top.join(e).join(f);
+            std::os::unix::fs::chown(&p, Some(USER), Some(USER)).unwrap();
+        }
+    }
+    // cw started as the user from inside that cgroup (root moves the shell there first)
+    let in_cgroup = |args: &[&str]| -> Output {
+        let c = cw.cmd(args);
+        let mut sh = std::process::Command::new("sh");
+        sh.arg("-c")
+            .arg("echo $$ > \"$0\" && u=$1 && shift && exec setpriv --reuid $u --regid $u --clear-groups \"$@\"")
+            .arg(shell.join("cgroup.procs"))
+            .arg(USER.to_string())
+            .arg(c.get_program())
+            .args(c.get_args())
+            .env("HOME", cw.dir.path())
+            .env_remove("XDG_DATA_HOME");
+        for (k, v) in c.get_envs() {
+            match v {
+                Some(v) => sh.env(k, v),
+                None => sh.env_remove(k),
+            };
+        }
+        sh.output().unwrap()
+    };
+    let o = in_cgroup(&["run", "--image", TINY, "echo ok"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = in_cgroup(&["run", "--memory", "64m", "--image", TINY, "true"]);
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("needs a cgroup"),
+        "{}",
+        text(&o)
+    );
+    let o = in_cgroup(&[
+        "run",
+        "--allow-no-cgroup",
+        "--memory",
+        "64m",
+        "--image",
+        TINY,
+        "dd if=/dev/zero bs=100M count=1 | sleep 30",
+    ]);
+    assert_eq!(o.status.code(), Some(137), "{}", text(&o));
+}
+
+/// A cgroup tree the test made, removed (deepest first) when the test ends, failed or not.
+struct RemovedTree(PathBuf);
+
+impl Drop for RemovedTree {
+    fn drop(&mut self) {
+        let mut dirs = vec![];
+        let mut stack = vec![self.0.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+            dirs.push(d);
+        }
+        for d in dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
 }

@@ -4,10 +4,12 @@
 //! mount and a cgroup namespace in which `/sys/fs/cgroup` is a fresh cgroup2 mount of the
 //! monitor's own cgroup. libcontainer, run from inside, takes itself for rootless (its
 //! `rootless_required`): device nodes are bound from the host, and its cgroup v2 manager goes on
-//! where it may not write. Where the user owns that cgroup (a delegated v2 subtree: a systemd
-//! user slice, a Slurm job's cgroup) the run gets one of its own with its limits; where not
-//! (cgroup v1 like this host, no delegation) the run has no cgroup, and a limit asked for fails
-//! the run with a message saying so rather than being dropped.
+//! where it may not write. Where the user owns that cgroup and can enable the memory and pids
+//! controllers below it the run gets one of its own with its limits; where not (cgroup v1 like
+//! this host, a hybrid host's cgroup2 without controllers, and — cgroup v2 enabling controllers
+//! only below a cgroup without processes — the monitor's own cgroup) the run has no cgroup, and
+//! a limit asked for fails the run with a message saying so rather than being dropped, unless
+//! the run accepts its memory being sampled instead (`crate::sample`).
 //!
 //! Namespaces the container gets afterwards (pid, ipc, uts, mount, cgroup, and network for
 //! `none`/`private`, which the monitor makes after this one) belong to this user namespace, so
@@ -19,6 +21,7 @@ use crate::request::{Limits, RunRequest, DEFAULT_PIDS_LIMIT};
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use std::fs;
+use std::path::Path;
 
 /// Whether runs started by this process need a user namespace: it is not root on the host.
 pub fn needed() -> bool {
@@ -103,11 +106,53 @@ pub fn enter() -> Result<Entered> {
     )
     .map_err(|e| Error::Host(format!("mounting cgroup2 on /sys/fs/cgroup: {e}")))?;
     let probe = format!("/sys/fs/cgroup/.cw-probe-{}", std::process::id());
-    let cgroup = fs::create_dir(&probe).is_ok();
-    if cgroup {
+    let writable = fs::create_dir(&probe).is_ok();
+    if writable {
         let _ = fs::remove_dir(&probe);
     }
-    Ok(Entered { cgroup })
+    Ok(Entered {
+        cgroup: writable && controllers_usable(Path::new("/sys/fs/cgroup")),
+    })
+}
+
+/// The controllers a run's cgroup needs (memory for its limit and accounting, pids for its
+/// process limit).
+const NEEDED: [&str; 2] = ["memory", "pids"];
+
+/// Whether a cgroup the user may write (`dir`, the root of the monitor's cgroup view) can give
+/// a run's cgroup below it the controllers it needs: they must be available to it (a hybrid
+/// host's cgroup2 mount has none: its controllers are v1's) and enabled for its children, which
+/// cgroup v2 refuses (EBUSY) while the cgroup holds processes, as the monitor's own does. Either
+/// way it is said why, and the run is one without a cgroup.
+fn controllers_usable(dir: &Path) -> bool {
+    let have = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    let missing: Vec<&str> = NEEDED
+        .into_iter()
+        .filter(|c| !have.split_whitespace().any(|h| h == *c))
+        .collect();
+    if !missing.is_empty() {
+        tracing::info!(
+            "the cgroup this user may write lacks the {} controller(s) (a hybrid host's cgroup2 has none): the run has no cgroup",
+            missing.join(", ")
+        );
+        return false;
+    }
+    let enabled = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+    if NEEDED
+        .iter()
+        .all(|c| enabled.split_whitespace().any(|h| h == *c))
+    {
+        return true;
+    }
+    match fs::write(dir.join("cgroup.subtree_control"), "+memory +pids") {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::info!(
+                "the memory and pids controllers cannot be enabled below this user's cgroup ({e}: cgroup v2 gives them only to a cgroup without processes of its own): the run has no cgroup"
+            );
+            false
+        }
+    }
 }
 
 /// The limits a run asked for that need a cgroup (the default pids limit is a default, not a
@@ -147,7 +192,7 @@ pub fn check(req: &RunRequest, e: Entered) -> Result<RunRequest> {
         let asked = asked_limits(&req.limits);
         if !asked.is_empty() && !req.limits.without_cgroup_ok {
             return Err(Error::Request(format!(
-                "{} needs a cgroup, and a run without root has none here (cgroup v1, or a cgroup v2 directory this user does not own: a systemd user slice with delegation or a Slurm job's cgroup gives one); --allow-no-cgroup runs it with the memory limit sampled instead",
+                "{} needs a cgroup, and a run without root has none here (cgroup v1, or no cgroup v2 directory of this user's whose memory and pids controllers can be enabled below it); --allow-no-cgroup runs it with the memory limit sampled instead",
                 asked.join(", ")
             )));
         }
