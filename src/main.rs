@@ -383,7 +383,7 @@ fn run(cli: Cli) -> Result<()> {
                     if cw_runtime::userns::needed() && u == Default::default() {
                         // a run without a cgroup: its processes' memory, as its monitor samples it
                         if let Some(pid) = rd.state().and_then(|s| s.pid) {
-                            u.memory_current = cw_runtime::sample::Sampler::new(pid).sample();
+                            u.memory_current = cw_runtime::sample::Sampler::new(pid).sample(None);
                         }
                     }
                     serde_json::json!({"status": st.to_string(), "usage": u})

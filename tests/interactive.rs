@@ -584,4 +584,23 @@ fn an_ordinary_users_interactive_shell_in_a_terminal() {
     assert_eq!(t.exit_code(20), 3);
     assert!(same_termios(&before, &termios(t.slave.as_raw_fd())));
     assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
+    // a detached terminal run, attached by the user, left with the detach keys and ended
+    let o = as_user(&["run", "-dit", "--name", "ud", TINY, "sh"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut t = Term::spawn(as_user(&["attach", "ud"]), 24, 80);
+    t.send(b"echo first-$((40+2))\r");
+    t.expect("first-42", 10);
+    t.send(b"\x10\x11");
+    assert_eq!(t.exit_code(10), 0);
+    // cw exec cannot join a user's run yet, and says so
+    let o = as_user(&["exec", "ud", "true"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not available yet"));
+    let mut t = Term::spawn(as_user(&["attach", "ud"]), 24, 80);
+    t.send(b"exit 4\r");
+    assert_eq!(t.exit_code(10), 4);
+    let o = as_user(&["rm", "ud"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -10,6 +10,12 @@
 //! inode: the seccomp filter lets none of them make another. A sample is no hard limit: a run
 //! can allocate faster than one interval, and page cache is not counted; the kill follows within
 //! an interval of the first sample over the limit.
+//!
+//! Cost, on a node shared by many runs and processes: a pid's namespace is read once (the pids
+//! in /proc are listed each time, those seen before are known; every [`RECHECK`] samples all
+//! are read again, for a pid reused by another process meanwhile), and Pss (a page-table walk,
+//! milliseconds per GB) is read only when the cheap resident-set sum (counters, `statm`) comes
+//! near the limit: below [`PSS_ABOVE`] of it that sum, an upper bound of Pss, is the sample.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -17,6 +23,12 @@ use std::time::Duration;
 
 /// How often a run without a cgroup is sampled.
 pub const INTERVAL: Duration = Duration::from_millis(500);
+
+/// Every so many samples, every pid's namespace is read again.
+pub const RECHECK: u32 = 20;
+
+/// The fraction of the limit above which the resident-set sum is refined to Pss.
+pub const PSS_ABOVE: f64 = 0.8;
 
 /// Samples the run whose init is `init`.
 #[derive(Debug)]
@@ -28,6 +40,9 @@ pub struct Sampler {
     ns: Option<(u64, u64)>,
     /// Samples that could not read the namespace.
     misses: u32,
+    /// What each pid listed in /proc is known to be: in the run or not.
+    known: std::collections::HashMap<u32, bool>,
+    samples: u32,
     /// The highest sample so far.
     pub peak: u64,
 }
@@ -39,12 +54,15 @@ impl Sampler {
             init,
             ns: None,
             misses: 0,
+            known: Default::default(),
+            samples: 0,
             peak: 0,
         }
     }
 
     /// Bytes the run holds now (and the peak updated); 0 while its namespace cannot be read yet.
-    pub fn sample(&mut self) -> u64 {
+    /// `limit`: the run's memory limit, near which the sample is Pss.
+    pub fn sample(&mut self, limit: Option<u64>) -> u64 {
         let ns = match self.ns {
             Some(ns) => ns,
             None => match fs::metadata(format!("/proc/{}/ns/pid", self.init)) {
@@ -61,34 +79,62 @@ impl Sampler {
                 }
             },
         };
-        let mut total = shm_used(self.init);
+        let pids = self.pids(ns);
+        let shm = shm_used(self.init);
+        let rss: u64 = pids.iter().filter_map(|p| resident(*p)).sum::<u64>() + shm;
+        let total = match limit {
+            Some(l) if rss as f64 > l as f64 * PSS_ABOVE => {
+                pids.iter().filter_map(|p| pss(*p)).sum::<u64>() + shm
+            }
+            _ => rss,
+        };
+        self.peak = self.peak.max(total);
+        total
+    }
+
+    /// The run's processes now: the pids in /proc whose pid namespace is the run's.
+    fn pids(&mut self, ns: (u64, u64)) -> Vec<u32> {
+        self.samples += 1;
+        if self.samples % RECHECK == 0 {
+            self.known.clear();
+        }
+        let mut listed = std::collections::HashMap::with_capacity(self.known.len());
         if let Ok(rd) = fs::read_dir("/proc") {
             for e in rd.flatten() {
                 let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                     continue;
                 };
-                match fs::metadata(format!("/proc/{pid}/ns/pid")) {
-                    Ok(m) if (m.dev(), m.ino()) == ns => {}
-                    _ => continue,
-                }
-                total += process_memory(pid).unwrap_or(0);
+                let inside = match self.known.get(&pid) {
+                    Some(k) => *k,
+                    None => fs::metadata(format!("/proc/{pid}/ns/pid"))
+                        .is_ok_and(|m| (m.dev(), m.ino()) == ns),
+                };
+                listed.insert(pid, inside);
             }
         }
-        self.peak = self.peak.max(total);
-        total
+        // a pid gone from the listing is forgotten: whoever gets it next is read anew
+        self.known = listed;
+        self.known
+            .iter()
+            .filter(|(_, inside)| **inside)
+            .map(|(p, _)| *p)
+            .collect()
     }
+}
+
+/// A process's resident set from its counters (cheap: no page-table walk).
+fn resident(pid: u32) -> Option<u64> {
+    let statm = fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page_size())
 }
 
 /// A process's proportional set size, or its resident set where smaps_rollup is missing (Linux
 /// before 4.14).
-fn process_memory(pid: u32) -> Option<u64> {
+fn pss(pid: u32) -> Option<u64> {
     match fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
         Ok(s) => pss_of(&s),
-        Err(_) => {
-            let statm = fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-            let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-            Some(pages * page_size())
-        }
+        Err(_) => resident(pid),
     }
 }
 
@@ -128,19 +174,30 @@ mod tests {
     }
 
     #[test]
-    fn a_process_in_its_own_pid_namespace_is_counted_with_its_shm() {
+    fn a_process_in_its_pid_namespace_is_counted_by_rss_then_pss_near_the_limit() {
         // this test's own process stands in for a run's init: its namespace holds every process
         // of the host's, so the sample counts at least this process's memory
         let me = std::process::id() as i32;
         let mut s = Sampler::new(me);
-        let before = s.sample();
-        let own = process_memory(me as u32).unwrap();
+        let before = s.sample(None);
+        let own = resident(me as u32).unwrap();
         assert!(own > 0 && before >= own, "{before} < {own}");
+        assert!(s.known.get(&(me as u32)) == Some(&true));
         // 32 MiB touched by this process: a later sample sees at least most of it
         let v = std::hint::black_box(vec![1u8; 32 << 20]);
-        let after = s.sample();
+        let after = s.sample(None);
         assert!(after >= before + (24 << 20), "{before} -> {after}");
         assert_eq!(s.peak, after.max(before));
+        // near a limit the sample is Pss, which is at most the resident sum
+        let near = s.sample(Some(after));
+        assert!(near <= after + (8 << 20) && near > 0, "{near} vs {after}");
+        assert!(pss(me as u32).unwrap() <= resident(me as u32).unwrap() + (1 << 20));
+        // every RECHECK samples every pid is read again
+        s.known.insert(me as u32, false);
+        while s.samples % RECHECK != RECHECK - 1 {
+            s.samples += 1;
+        }
+        assert!(s.sample(None) >= own);
         drop(v);
     }
 }

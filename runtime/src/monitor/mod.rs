@@ -573,7 +573,7 @@ fn supervise(req: &RunRequest, sig_r: &OwnedFd, l: &mut Launched) -> ((i32, Opti
             kill_at = Some(now); // asked again: no more grace
         }
         if let (Some(sm), false) = (&mut l.sampler, sigkilled) {
-            let held = sm.sample();
+            let held = sm.sample(req.limits.memory);
             if let Some(limit) = req.limits.memory.filter(|m| held > *m) {
                 // a run without a cgroup over its memory limit: what the kernel's OOM killer
                 // would do to a cgroup's run, at once and to all of it
