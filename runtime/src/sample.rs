@@ -95,7 +95,7 @@ impl Sampler {
     /// The run's processes now: the pids in /proc whose pid namespace is the run's.
     fn pids(&mut self, ns: (u64, u64)) -> Vec<u32> {
         self.samples += 1;
-        if self.samples % RECHECK == 0 {
+        if self.samples.is_multiple_of(RECHECK) {
             self.known.clear();
         }
         let mut listed = std::collections::HashMap::with_capacity(self.known.len());
