@@ -614,3 +614,54 @@ impl Drop for RemovedTree {
         }
     }
 }
+
+#[test]
+fn without_a_cgroup_the_process_limit_is_the_runs_rlimit_nproc() {
+    let Some(cw) = user_cw() else { return };
+    if !cw_runtime::userns::nproc_per_user_namespace() {
+        eprintln!(
+            "NOT APPLICABLE: before Linux 5.14 RLIMIT_NPROC counts every process of the user"
+        );
+        return;
+    }
+    // the default limit holds without a cgroup, and counts the run's processes only: this
+    // user's own processes outside (the test's cw) do not use it up
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "--image",
+            TINY,
+            "grep 'Max processes' /proc/self/limits",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let limits: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(limits[2..4], ["4096", "4096"], "{}", text(&o));
+    // a fork bomb's worth of children stops at the asked limit
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "--allow-no-cgroup",
+            "--pids-limit",
+            "20",
+            "--image",
+            TINY,
+            "i=0; while [ $i -lt 40 ]; do sleep 5 & i=$((i+1)); done 2>&1 | tail -1; true",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("can't fork") || out.contains("Resource temporarily unavailable"),
+        "{}",
+        text(&o)
+    );
+    // asked for without accepting a run without a cgroup: refused, as before
+    let o = as_user_cw(&cw, &["run", "--pids-limit", "20", "--image", TINY, "true"]);
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o));
+}

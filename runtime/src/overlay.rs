@@ -8,18 +8,7 @@ use std::path::{Path, PathBuf};
 /// Whether this kernel mounts overlayfs in a user namespace (5.11 added `userxattr` and
 /// unprivileged overlay mounts).
 pub fn unprivileged_supported() -> bool {
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    if unsafe { libc::uname(&mut u) } != 0 {
-        return false;
-    }
-    let r = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }
-        .to_string_lossy()
-        .into_owned();
-    let mut it = r
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|x| x.parse::<u32>().ok());
-    let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-    (major, minor) >= (5, 11)
+    crate::userns::kernel_at_least(5, 11)
 }
 
 /// Make the directory `path` (absolute in the container) under `root` where it is missing, as

@@ -175,6 +175,13 @@ pub fn build_rootless(req: &RunRequest, cgroup: bool) -> Result<Spec> {
             *m = json!({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]});
         }
     }
+    if !cgroup {
+        // no pids controller: the process limit is RLIMIT_NPROC (per user namespace, so per
+        // run, from Linux 5.14; userns::check keeps it only where it means that or was asked)
+        if let Some(n) = req.limits.pids.filter(|n| *n > 0) {
+            v["process"]["rlimits"] = json!([{"type": "RLIMIT_NPROC", "hard": n, "soft": n}]);
+        }
+    }
     let linux = &mut v["linux"];
     if cgroup {
         if let Some(r) = linux["resources"].as_object_mut() {
@@ -401,8 +408,16 @@ mod tests {
             .any(|o| o == "gid=5"));
         assert!(mounts.iter().any(|m| m["type"] == "sysfs"));
         assert!(s["linux"].get("resources").is_none(), "{}", s["linux"]);
-        // with a cgroup: the limits, but no device cgroup
+        // without a cgroup the process limit is RLIMIT_NPROC
+        r.limits.pids = Some(30);
+        let s = j(&build_rootless(&r, false).unwrap());
+        assert_eq!(
+            s["process"]["rlimits"],
+            serde_json::json!([{"type": "RLIMIT_NPROC", "hard": 30, "soft": 30}])
+        );
+        // with a cgroup: the limits, but no device cgroup (and the pids controller, no rlimit)
         let s = j(&build_rootless(&r, true).unwrap());
+        assert!(s["process"].get("rlimits").is_none(), "{}", s["process"]);
         let res = &s["linux"]["resources"];
         assert_eq!(res["memory"]["limit"], 64 << 20);
         assert!(res.get("devices").is_none(), "{res}");

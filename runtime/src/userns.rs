@@ -23,6 +23,27 @@ use nix::sched::{unshare, CloneFlags};
 use std::fs;
 use std::path::Path;
 
+/// Whether the running kernel is at least `major.minor`.
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return false;
+    }
+    let r = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    let mut it = r
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|x| x.parse::<u32>().ok());
+    (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (major, minor)
+}
+
+/// Whether RLIMIT_NPROC counts the processes of a user namespace apart (Linux 5.14's ucounts):
+/// then it bounds one run's processes, where before it counted every process of the user.
+pub fn nproc_per_user_namespace() -> bool {
+    kernel_at_least(5, 14)
+}
+
 /// Whether runs started by this process need a user namespace: it is not root on the host.
 pub fn needed() -> bool {
     !nix::unistd::geteuid().is_root()
@@ -209,8 +230,14 @@ pub fn check(req: &RunRequest, e: Entered) -> Result<RunRequest> {
         if l.cpus.take().is_some() {
             tracing::warn!("no cgroup: the CPU quota (--cpus) is not applied");
         }
-        if l.pids.take().is_some_and(|p| p != DEFAULT_PIDS_LIMIT) {
-            tracing::warn!("no cgroup: the process limit (--pids-limit) is not applied");
+        // the process limit becomes the run's RLIMIT_NPROC (spec::build_rootless), which counts
+        // the run's own processes on a kernel that counts them per user namespace; before, it
+        // would count every process of the user's, so only an asked-for limit is kept there
+        match l.pids {
+            Some(p) if p > 0 && (nproc_per_user_namespace() || p != DEFAULT_PIDS_LIMIT) => {
+                tracing::info!("no cgroup: the process limit {p} is the run's RLIMIT_NPROC");
+            }
+            _ => l.pids = None,
         }
         l.memory_swap = None;
     }
@@ -239,8 +266,10 @@ mod tests {
     fn what_a_run_without_root_can_have() {
         let none = Entered { cgroup: false };
         let ok = check(&req(), none).unwrap();
-        // the default pids limit is a default: dropped without a cgroup, not an error
-        assert_eq!(ok.limits.pids, None);
+        // the default pids limit is a default: not an error without a cgroup, and kept as the
+        // run's RLIMIT_NPROC where the kernel counts a user namespace's processes apart
+        let kept = nproc_per_user_namespace().then_some(DEFAULT_PIDS_LIMIT);
+        assert_eq!(ok.limits.pids, kept);
         // the image root's other groups have no id in a single-id namespace
         assert_eq!(ok.additional_gids, vec![0]);
         let mut r = req();
@@ -262,7 +291,8 @@ mod tests {
         let ok = check(&r, none).unwrap();
         assert_eq!(ok.limits.memory, Some(1 << 30));
         assert_eq!(ok.limits.cpuset.as_deref(), Some("0"));
-        assert_eq!((ok.limits.pids, ok.limits.cpus), (None, None));
+        // an asked-for process limit is the run's RLIMIT_NPROC; the CPU quota is gone
+        assert_eq!((ok.limits.pids, ok.limits.cpus), (Some(10), None));
         r.limits.without_cgroup_ok = false;
         let with = check(&r, Entered { cgroup: true }).unwrap();
         assert_eq!(
