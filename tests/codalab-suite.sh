@@ -153,6 +153,21 @@ mkdir -p /tmp/codalab/link-mounts/test
 echo 'hello world!' > /tmp/codalab/link-mounts/test.txt
 echo 'hello world!' > /tmp/codalab/link-mounts/test/test.txt
 
+# A module that failed only because CodaLab 1.7.5 recorded a run `ready` that the worker ended
+# with a failure: its checkin commits the state before the failure message, and a bundle-manager
+# pass in between finishes the bundle without it (ARCHITECTURE.md). Told apart by proof, not by
+# the symptom alone: the test waited for killed/failed, got ready, and the server's own database
+# holds the worker's failure message for that bundle. Prints "<uuid>: <message>".
+server_race() {
+  local u msg
+  u=$(grep -oE "uuid 0x[0-9a-f]{32}, waited for '(killed|failed)' state, but got 'ready'" "$W/$1.out" \
+      | grep -oE '0x[0-9a-f]{32}' | tail -1)
+  [ -n "$u" ] || return 1
+  msg=$(sql "select metadata_value from bundle_metadata where bundle_uuid='$u' and metadata_key='failure_message'")
+  [ -n "$msg" ] || return 1
+  echo "$u ready with failure message '$msg'"
+}
+
 needs_worker=1
 passed=0; failed=0
 for m in "${MODULES[@]}"; do
@@ -163,9 +178,17 @@ for m in "${MODULES[@]}"; do
   fresh_accounting
   t0=$(date +%s)
   if [ "$m" = preemptible ]; then preemptible; rc=$?; else module "$m"; rc=$?; fi
+  note=""
+  if [ $rc != 0 ] && [ "$m" != preemptible ] && race=$(server_race "$m"); then
+    # CodaLab 1.7.5's own finalizing race (ARCHITECTURE.md, "The worker"): the module is run
+    # once more, and the line says so
+    note="  (again after CodaLab's finalizing race: $race)"
+    fresh_accounting
+    module "$m"; rc=$?
+  fi
   secs=$(( $(date +%s) - t0 ))
   if [ $rc = 0 ]; then
-    passed=$((passed+1)); printf '%-18s PASS  %4ds\n' "$m" "$secs"
+    passed=$((passed+1)); printf '%-18s PASS  %4ds%s\n' "$m" "$secs" "$note"
   else
     failed=$((failed+1)); printf '%-18s FAIL  %4ds  (%s)\n' "$m" "$secs" "$(grep -E 'ERROR|Error|FAIL|assert' "$W/$m.out" | tail -1 | cut -c1-150)"
   fi
