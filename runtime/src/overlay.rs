@@ -12,93 +12,15 @@ pub fn unprivileged_supported() -> bool {
 }
 
 /// Make the directory `path` (absolute in the container) under `root` where it is missing, as
-/// docker makes a missing working directory: every component resolved inside `root`
-/// (`openat2` with RESOLVE_IN_ROOT: symlinks followed, `..` clamped, no magic links), missing
-/// ones made 0755. A non-directory in the way is an error (ENOTDIR).
+/// docker makes a missing working directory: resolved inside `root` by `pathrs` (symlinks
+/// followed within it, `..` clamped; openat2 with RESOLVE_IN_ROOT where the kernel has it),
+/// missing components made 0755. A non-directory in the way is an error.
 pub fn make_dir_in_root(root: &Path, path: &str) -> io::Result<()> {
-    use std::ffi::CString;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let rootfd = std::fs::File::open(root)?;
-    let comps: Vec<&str> = path
-        .split('/')
-        .filter(|c| !c.is_empty() && *c != ".")
-        .collect();
-    #[repr(C)]
-    struct OpenHow {
-        flags: u64,
-        mode: u64,
-        resolve: u64,
-    }
-    const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
-    const RESOLVE_IN_ROOT: u64 = 0x10;
-    let open = |p: &str| -> io::Result<OwnedFd> {
-        let c = CString::new(if p.is_empty() { "." } else { p })
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let how = OpenHow {
-            flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
-            mode: 0,
-            resolve: RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
-        };
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                rootfd.as_raw_fd(),
-                c.as_ptr(),
-                &how as *const OpenHow,
-                std::mem::size_of::<OpenHow>(),
-            )
-        };
-        if fd < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-        }
-    };
-    for i in 1..=comps.len() {
-        match open(&comps[..i].join("/")) {
-            Ok(_) => continue,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                // its parent resolved a moment ago; O_PATH fds cannot be written through, so the
-                // parent is opened again for the mkdirat
-                let parent = CString::new(comps[..i - 1].join("/"))
-                    .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-                let how = OpenHow {
-                    flags: (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
-                    mode: 0,
-                    resolve: RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
-                };
-                let p = if i == 1 {
-                    CString::new(".").unwrap()
-                } else {
-                    parent
-                };
-                let fd = unsafe {
-                    libc::syscall(
-                        libc::SYS_openat2,
-                        rootfd.as_raw_fd(),
-                        p.as_ptr(),
-                        &how as *const OpenHow,
-                        std::mem::size_of::<OpenHow>(),
-                    )
-                };
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                let pfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-                let name = CString::new(comps[i - 1])
-                    .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-                if unsafe { libc::mkdirat(pfd.as_raw_fd(), name.as_ptr(), 0o755) } != 0 {
-                    let e = io::Error::last_os_error();
-                    if e.raw_os_error() != Some(libc::EEXIST) {
-                        return Err(e);
-                    }
-                }
-                open(&comps[..i].join("/"))?;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    use std::os::unix::fs::PermissionsExt;
+    let r = pathrs::Root::open(root).map_err(io::Error::other)?;
+    r.mkdir_all(path, &std::fs::Permissions::from_mode(0o755))
+        .map(|_| ())
+        .map_err(io::Error::other)
 }
 
 /// Legacy mount(2) data is one page: beyond this, the new mount API is used.
@@ -243,4 +165,34 @@ fn mount_overlay_fsconfig(
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_working_directory_is_made_inside_the_root_whatever_its_links_say() {
+        let t = tempfile::tempdir().unwrap();
+        let (root, outside) = (t.path().join("root"), t.path().join("outside"));
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(root.join("etc/passwd"), "").unwrap();
+        // a link that names the host's path of a directory outside the root, and one up
+        std::os::unix::fs::symlink(&outside, root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../..", root.join("up")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("etcl")).unwrap();
+        // the host's path means nothing inside the root: a dangling link, refused
+        assert!(make_dir_in_root(&root, "/abs/made").is_err());
+        // links resolve inside the root, `..` stops at it
+        make_dir_in_root(&root, "/etcl/made").unwrap();
+        make_dir_in_root(&root, "/up/x/y").unwrap();
+        assert!(root.join("etc/made").is_dir());
+        assert!(root.join("x/y").is_dir());
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(!t.path().join("x").exists());
+        // an existing one is left as it is; a file in the way is an error
+        make_dir_in_root(&root, "/etc").unwrap();
+        assert!(make_dir_in_root(&root, "/etc/passwd/x").is_err());
+    }
 }
