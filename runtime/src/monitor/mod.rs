@@ -494,6 +494,8 @@ fn supervise(req: &RunRequest, sig_r: &OwnedFd, l: &mut Launched) -> ((i32, Opti
     // has none to list them by, and a signal to its init, pid 1 of the run's pid namespace:
     // SIGKILL to it ends every process in that namespace
     let all = !crate::userns::inside() || cgroup::v2_dir(&req.cgroup_path()).is_dir();
+    // a run without a cgroup is sampled on its interval, not at every wake (output, terminal)
+    let mut next_sample = t0;
     let status = 'outer: loop {
         let now = Instant::now();
         let mut wake: Option<Instant> = kill_at.filter(|_| !sigkilled);
@@ -504,8 +506,7 @@ fn supervise(req: &RunRequest, sig_r: &OwnedFd, l: &mut Launched) -> ((i32, Opti
             }
         }
         if l.sampler.is_some() && !sigkilled {
-            let d = now + crate::sample::INTERVAL;
-            wake = Some(wake.map_or(d, |w| w.min(d)));
+            wake = Some(wake.map_or(next_sample, |w| w.min(next_sample)));
         }
         let timeout = wake
             .map(|w| w.saturating_duration_since(now).as_millis().min(60_000) as i32)
@@ -572,7 +573,8 @@ fn supervise(req: &RunRequest, sig_r: &OwnedFd, l: &mut Launched) -> ((i32, Opti
         } else if term_requested && !sigkilled {
             kill_at = Some(now); // asked again: no more grace
         }
-        if let (Some(sm), false) = (&mut l.sampler, sigkilled) {
+        if let (Some(sm), false, true) = (&mut l.sampler, sigkilled, now >= next_sample) {
+            next_sample = now + crate::sample::INTERVAL;
             let held = sm.sample(req.limits.memory);
             if let Some(limit) = req.limits.memory.filter(|m| held > *m) {
                 // a run without a cgroup over its memory limit: what the kernel's OOM killer
