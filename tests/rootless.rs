@@ -39,6 +39,20 @@ fn as_user_cw(cw: &Cw, args: &[&str]) -> Output {
     c.output().unwrap()
 }
 
+/// No run of `cw`'s store is left, and nothing of it is mounted on the host.
+fn assert_nothing_left(cw: &Cw) {
+    assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&cw.store().display().to_string()));
+}
+
+/// `args` run as the user: it must exit with `code`; its stdout.
+fn user_out(cw: &Cw, args: &[&str], code: i32) -> String {
+    let o = as_user_cw(cw, args);
+    assert_eq!(o.status.code(), Some(code), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 fn text(o: &Output) -> String {
     format!(
         "exit {:?}\nstdout: {}\nstderr: {}",
@@ -56,7 +70,7 @@ fn an_ordinary_user_runs_a_container_as_root_of_its_own_user_namespace() {
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&layers).unwrap().uid(), USER);
 
-    let o = as_user_cw(
+    let out = user_out(
         &cw,
         &[
             "run",
@@ -64,16 +78,15 @@ fn an_ordinary_user_runs_a_container_as_root_of_its_own_user_namespace() {
             TINY,
             "id -u; id -g; cat /proc/self/uid_map; echo hi > /tmp/x && cat /tmp/x; hostname; exit 7",
         ],
+        7,
     );
-    assert_eq!(o.status.code(), Some(7), "{}", text(&o));
-    let out = String::from_utf8_lossy(&o.stdout);
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines[0], "0", "{}", text(&o));
-    assert_eq!(lines[1], "0", "{}", text(&o));
+    assert_eq!(lines[0], "0", "{out}");
+    assert_eq!(lines[1], "0", "{out}");
     let map: Vec<&str> = lines[2].split_whitespace().collect();
-    assert_eq!(map, ["0", &USER.to_string(), "1"], "{}", text(&o));
+    assert_eq!(map, ["0", &USER.to_string(), "1"], "{out}");
     assert_eq!(lines[3], "hi");
-    // the host's network: its interfaces; private is refused, naming what works
+    // the host's network: its interfaces; none: only lo
     let ifaces = |s: &str| -> Vec<String> {
         s.lines()
             .skip(2)
@@ -129,10 +142,8 @@ fn an_ordinary_user_runs_a_container_as_root_of_its_own_user_namespace() {
     );
     // and is gone with the run
     assert_no_process_names(&cw.store());
-    // the run is gone, its directory and copy of the rootfs with it, nothing mounted
-    assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(&cw.store().display().to_string()));
+    // the run is gone, its directory with it, nothing mounted
+    assert_nothing_left(&cw);
 }
 
 #[test]
@@ -450,7 +461,7 @@ fn a_users_rootfs_is_an_overlay_mounted_in_the_runs_user_namespace_that_merges_a
     assert!(o.status.success(), "{}", text(&o));
     // the root is an overlay of the user's layers, mounted with userxattr; writes go to the
     // run's upper dir
-    let o = as_user_cw(
+    let out = user_out(
         &cw,
         &[
             "run",
@@ -458,9 +469,8 @@ fn a_users_rootfs_is_an_overlay_mounted_in_the_runs_user_namespace_that_merges_a
             TINY,
             "grep ' / / ' /proc/self/mountinfo; rm /bin/true && echo removed; echo new > /etc/new",
         ],
+        0,
     );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains(" - overlay overlay ")
             && out.contains("userxattr")
@@ -519,10 +529,8 @@ fn a_users_rootfs_is_an_overlay_mounted_in_the_runs_user_namespace_that_merges_a
         "{}",
         text(&o)
     );
-    // nothing left: no run, no mount on the host (the overlay lived in the monitor's namespace)
-    assert!(cw.entries("runs").is_empty(), "{:?}", cw.entries("runs"));
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(&cw.store().display().to_string()));
+    // nothing left (the overlay lived in the monitor's namespace)
+    assert_nothing_left(&cw);
 }
 
 #[test]
@@ -642,7 +650,7 @@ fn without_a_cgroup_the_process_limit_is_the_runs_rlimit_nproc() {
         .collect();
     assert_eq!(limits[2..4], ["4096", "4096"], "{}", text(&o));
     // a fork bomb's worth of children stops at the asked limit
-    let o = as_user_cw(
+    let out = user_out(
         &cw,
         &[
             "run",
@@ -653,9 +661,8 @@ fn without_a_cgroup_the_process_limit_is_the_runs_rlimit_nproc() {
             TINY,
             "i=0; while [ $i -lt 40 ]; do sleep 5 & i=$((i+1)); done 2>&1 | tail -1; true",
         ],
+        0,
     );
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("can't fork") || out.contains("Resource temporarily unavailable"),
         "{}",
