@@ -3,7 +3,8 @@
 //! job's cgroup with the README's `--cgroup-parent` is bounded by the job's memory limit;
 //! `scancel` of an `sbatch` job mid-run leaves no process, mount or cgroup of the run; the
 //! README's worker script as an `sbatch` job executes two `cl run`s from the local CodaLab server
-//! and exits when idle; and CodaLab's own `cl-worker-manager` (slurm-batch) starts `cw worker` and
+//! and exits when idle, submitted by root and by an ordinary user (cw without root); and
+//! CodaLab's own `cl-worker-manager` (slurm-batch) starts `cw worker` and
 //! completes a `cl run`. Skips, saying why, without root or where Slurm cannot be started.
 
 mod common;
@@ -116,7 +117,10 @@ fn cw_under_a_real_slurm() {
     let Some(slurm) = Slurm::start() else { return };
     a_jobs_memory_limit_bounds_the_run_nested_in_it(&slurm, &cw);
     scancel_of_a_batch_job_stops_its_run_and_leaves_nothing(&slurm, &cw);
-    the_readme_worker_job_runs_two_cl_runs_and_exits_when_idle(&slurm);
+    the_readme_worker_job_runs_two_cl_runs_and_exits_when_idle(&slurm, None);
+    // the same job submitted by an ordinary user: cw without root (user namespaces, no cgroup
+    // of the runs' own on this v1 host: their memory sampled)
+    the_readme_worker_job_runs_two_cl_runs_and_exits_when_idle(&slurm, Some(JOB_UID));
     codalabs_worker_manager_starts_cw_worker_through_slurm(&slurm);
     drop(slurm);
 }
@@ -355,7 +359,10 @@ fn pid_of(cmdline: &str) -> Option<i32> {
 /// scripts/slurm-worker.sbatch, the README's worker script (the README shows this file), as an
 /// `sbatch` job against the local CodaLab server: it executes two `cl run`s, nested in the job's
 /// cgroup, then leaves when idle, and the job ends COMPLETED with nothing of the runs left.
-fn the_readme_worker_job_runs_two_cl_runs_and_exits_when_idle(slurm: &Slurm) {
+/// The ordinary user tests/fixtures/slurm.sh makes for jobs submitted without root.
+const JOB_UID: u32 = 64131;
+
+fn the_readme_worker_job_runs_two_cl_runs_and_exits_when_idle(slurm: &Slurm, user: Option<u32>) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let script = root.join("scripts/slurm-worker.sbatch");
     let body = std::fs::read_to_string(&script).unwrap();
@@ -370,8 +377,25 @@ fn the_readme_worker_job_runs_two_cl_runs_and_exits_when_idle(slurm: &Slurm) {
     let second = s.run(&tag, &[], "echo two");
     let f = WorkerFiles::new("job");
     let out = f.dir.join("job.out");
-    let o = slurm
-        .cmd("sbatch")
+    let mut sbatch = slurm.cmd("sbatch");
+    if let Some(u) = user {
+        // the user's own files: the worker's dir, its password file (0600), the job's output
+        for p in [&f.dir, &f.bin, &f.password] {
+            std::os::unix::fs::lchown(p, Some(u), Some(u)).unwrap();
+        }
+        // sbatch hands the job the submitter's environment: a user's own HOME, not the test's
+        use std::os::unix::process::CommandExt;
+        sbatch
+            .uid(u)
+            .gid(u)
+            .current_dir(&f.dir)
+            .env("HOME", &f.dir)
+            .env("USER", "cwjobuser")
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("XDG_DATA_HOME");
+    }
+    let o = sbatch
         .args(["--parsable", "--mem=3000M", "--cpus-per-task=1"])
         .arg("-o")
         .arg(&out)
@@ -423,6 +447,9 @@ fn the_readme_worker_job_runs_two_cl_runs_and_exits_when_idle(slurm: &Slurm) {
     wait_job_gone(slurm, &id, 120, &log);
     assert_eq!(job_state(slurm, &id), "COMPLETED", "{}", log());
     assert!(log().contains("idle for 10s: exiting"), "{}", log());
+    if user.is_some() {
+        assert!(log().contains("running without root"), "{}", log());
+    }
     f.assert_clean();
     let t0 = Instant::now();
     while !cgroup_dirs_named(&format!("job_{id}")).is_empty() {
