@@ -316,6 +316,35 @@ fn without_a_cgroup_the_memory_limit_is_held_by_sampling_the_runs_processes() {
         let o = as_user_cw(&cw, &["rm", n]);
         assert!(o.status.success(), "{}", text(&o));
     }
+    // a live run: cw stats samples it as its monitor does
+    let o = as_user_cw(
+        &cw,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "live",
+            "--stop-timeout",
+            "1s",
+            "--image",
+            TINY,
+            "dd if=/dev/zero bs=48M count=1 | sleep 60",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let t = std::time::Instant::now();
+    loop {
+        let v = user_stats(&cw, "live");
+        let now = v["usage"]["memory_current"].as_u64().unwrap_or(0);
+        if v["status"] == "running" && now > 40 << 20 {
+            assert!(now < 200 << 20, "{v}");
+            break;
+        }
+        assert!(t.elapsed().as_secs() < 20, "no sampled memory: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let o = as_user_cw(&cw, &["rm", "-f", "live"]);
+    assert!(o.status.success(), "{}", text(&o));
 }
 
 #[test]
