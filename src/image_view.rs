@@ -9,7 +9,7 @@
 //! ends the merge there; an opaque directory at a prefix hides the layers under it. Symlinks are
 //! followed by hand inside the image, `..` clamped at its root, at most 40 of them.
 
-use crate::store::unpack::{clean_components, Tree};
+use crate::store::unpack::{clean_components, is_type as is, is_whiteout, Tree};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
@@ -37,14 +37,6 @@ fn lstat(p: &Path) -> io::Result<Option<libc::stat>> {
             e => Err(e),
         }
     }
-}
-
-fn is(st: &libc::stat, ty: libc::mode_t) -> bool {
-    st.st_mode & libc::S_IFMT == ty
-}
-
-fn is_whiteout(st: &libc::stat) -> bool {
-    is(st, libc::S_IFCHR) && st.st_rdev == 0
 }
 
 /// A directory overlayfs does not merge with the layers under it: marked for a root mount

@@ -30,8 +30,17 @@ pub struct Rootfs {
     /// A run without root: the overlay its monitor mounts at `path` inside the run's user
     /// namespace (nothing is mounted yet).
     pub deferred: Option<cw_runtime::request::Overlay>,
-    /// How the preparation reads the image.
-    pub view: View,
+}
+
+impl Rootfs {
+    /// How the preparation reads the image: the layers as the deferred overlay will merge them,
+    /// or the ready root.
+    pub fn view(&self) -> View {
+        match &self.deferred {
+            Some(o) => View::Layers(o.lower.clone()),
+            None => View::Dir(self.path.clone()),
+        }
+    }
 }
 
 fn ioe(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RootfsError {
@@ -92,7 +101,6 @@ pub fn create(
                 path: target,
                 overlay: true,
                 scratch: vec![upper.clone(), work.clone()],
-                view: View::Layers(lowers.clone()),
                 deferred: Some(cw_runtime::request::Overlay {
                     lower: lowers,
                     upper,
@@ -103,7 +111,6 @@ pub fn create(
         match cw_runtime::overlay::mount(&lowers, &upper, &work, &target, false) {
             Ok(()) => {
                 return Ok(Rootfs {
-                    view: View::Dir(target.clone()),
                     path: target,
                     overlay: true,
                     scratch: vec![upper, work],
@@ -117,7 +124,6 @@ pub fn create(
         copy_layer(&store.layer_dir(l), &target).map_err(ioe("copying layer into", &target))?;
     }
     Ok(Rootfs {
-        view: View::Dir(target.clone()),
         path: target,
         overlay: false,
         scratch: vec![],

@@ -25,6 +25,7 @@ pub fn prepare(
     let rd = RunDir::new(&dir);
     let res = (|| {
         let rf = rootfs::create(store, &id, &dir, &image.layers, o.force_copy)?;
+        let view = rf.view();
         let mut cleanup = Cleanup::default();
         if rf.overlay {
             cleanup.unmount.push(rf.path.clone());
@@ -36,7 +37,7 @@ pub fn prepare(
             .push(store.root().join("inuse").join(format!("{id}.json")));
         let user = o.user.clone().unwrap_or_else(|| image.run.user.clone());
         let (uid, gid, extra, home) =
-            rootfs::resolve_user(&rf.view, &user).map_err(anyhow::Error::msg)?;
+            rootfs::resolve_user(&view, &user).map_err(anyhow::Error::msg)?;
         let hostname = o
             .hostname
             .clone()
@@ -61,9 +62,9 @@ pub fn prepare(
         }
         // what the container's init would fail on with no path named ("failed to unix
         // syscall", "failed to prepare rootfs"): checked here, inside the rootfs, by name
-        dir_in_image(&rf.view, &cwd, "working directory", false, true)?;
+        dir_in_image(&view, &cwd, "working directory", false, true)?;
         for m in &o.mounts {
-            dir_in_image(&rf.view, &m.destination, "mount destination", true, false)?;
+            dir_in_image(&view, &m.destination, "mount destination", true, false)?;
         }
         let mut host_files = etc_files(&dir, &hostname, o.network)?;
         let mut env =
@@ -142,7 +143,7 @@ pub fn prepare(
             .first()
             .cloned()
             .unwrap_or_else(|| image.manifest.short().to_string());
-        check_executable(&rf.view, &args[0], &env, &cwd, &mounted, &image_name)?;
+        check_executable(&view, &args[0], &env, &cwd, &mounted, &image_name)?;
         Ok(RunRequest {
             id: id.clone(),
             rootfs: rf.path.clone(),

@@ -17,7 +17,7 @@ pub use budget::Budget;
 pub use compression::{decompressor, sniff};
 pub use cw_runtime::fsx::{check, cstr, fstat, is_type, list_dir, lstatat, openat, remove_all_at};
 pub use meta::{is_overlay_xattr, opaque_xattr, show_path};
-pub use tree::{clean_components, Tree};
+pub use tree::{clean_components, is_whiteout, Tree};
 
 use meta::{entry_meta, set_opaque, set_xattrs, Meta};
 use std::collections::HashSet;
@@ -26,7 +26,6 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
-use tree::is_whiteout;
 
 const WH_PREFIX: &[u8] = b".wh.";
 const WH_OPAQUE: &[u8] = b".wh..wh..opq";

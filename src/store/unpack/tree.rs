@@ -25,7 +25,8 @@ pub fn clean_components(p: &[u8]) -> Vec<&[u8]> {
     out
 }
 
-pub(super) fn is_whiteout(st: &libc::stat) -> bool {
+/// An overlayfs whiteout: a character device 0/0.
+pub fn is_whiteout(st: &libc::stat) -> bool {
     is_type(st, libc::S_IFCHR) && st.st_rdev == 0
 }
 
