@@ -55,18 +55,21 @@ pub fn inside() -> bool {
     fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| !m.contains("4294967295"))
 }
 
-/// Whether a run started by this process could have a cgroup of its own: the cgroup v2
-/// directory it is in is writable by it (a delegated subtree). [`enter`] finds the same by
-/// trying; this asks without making namespaces, for a report.
-pub fn own_cgroup_writable() -> bool {
+/// Why a run started by this process would have no cgroup of its own (None: it would have one),
+/// asked without making namespaces, for a report: the cgroup v2 directory this process is in
+/// must be the user's, and [`cgroup_refusal`] must find nothing against it. [`enter`] decides
+/// the same for the monitor's own cgroup.
+pub fn own_cgroup_refusal() -> Option<String> {
+    let none =
+        || Some("no cgroup v2 directory of this user's (cgroup v1, or no delegation)".into());
     let Some(rel) = fs::read_to_string("/proc/self/cgroup").ok().and_then(|s| {
         s.lines()
             .find_map(|l| l.strip_prefix("0::").map(str::to_string))
     }) else {
-        return false;
+        return none();
     };
     let Ok(mi) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
+        return none();
     };
     // the cgroup2 mount whose root is the hierarchy's root (field 4 is "/")
     let mount = mi.lines().find_map(|l| {
@@ -75,10 +78,11 @@ pub fn own_cgroup_writable() -> bool {
         (post.starts_with("cgroup2 ") && f.get(3) == Some(&"/"))
             .then(|| f.get(4).map(|m| m.to_string()))?
     });
-    mount.is_some_and(|m| {
-        let dir = std::path::Path::new(&m).join(rel.trim().trim_start_matches('/'));
-        nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok()
-    })
+    let dir = Path::new(&mount?).join(rel.trim().trim_start_matches('/'));
+    if nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_err() {
+        return none();
+    }
+    cgroup_refusal(&dir, false)
 }
 
 /// What [`enter`] found.
@@ -131,8 +135,16 @@ pub fn enter() -> Result<Entered> {
     if writable {
         let _ = fs::remove_dir(&probe);
     }
+    let refusal = if writable {
+        cgroup_refusal(Path::new("/sys/fs/cgroup"), true)
+    } else {
+        Some("this user may not write the cgroup it is in".into())
+    };
+    if let Some(why) = &refusal {
+        tracing::info!("{why}: the run has no cgroup");
+    }
     Ok(Entered {
-        cgroup: writable && controllers_usable(Path::new("/sys/fs/cgroup")),
+        cgroup: refusal.is_none(),
     })
 }
 
@@ -140,39 +152,47 @@ pub fn enter() -> Result<Entered> {
 /// process limit).
 const NEEDED: [&str; 2] = ["memory", "pids"];
 
-/// Whether a cgroup the user may write (`dir`, the root of the monitor's cgroup view) can give
-/// a run's cgroup below it the controllers it needs: they must be available to it (a hybrid
-/// host's cgroup2 mount has none: its controllers are v1's) and enabled for its children, which
-/// cgroup v2 refuses (EBUSY) while the cgroup holds processes, as the monitor's own does. Either
-/// way it is said why, and the run is one without a cgroup.
-fn controllers_usable(dir: &Path) -> bool {
+/// Why a cgroup the user may write (`dir`) cannot give a run's cgroup below it the controllers
+/// it needs; None when it can. They must be available to it (a hybrid host's cgroup2 mount has
+/// none: its controllers are v1's) and enabled for its children, which cgroup v2 refuses
+/// (EBUSY) while the cgroup holds processes, as the monitor's own does. `enable`: enable them
+/// where they are not yet (the monitor, in its own view); else only look (a report), where
+/// processes in `dir` are the kernel's answer already.
+fn cgroup_refusal(dir: &Path, enable: bool) -> Option<String> {
     let have = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
     let missing: Vec<&str> = NEEDED
         .into_iter()
         .filter(|c| !have.split_whitespace().any(|h| h == *c))
         .collect();
     if !missing.is_empty() {
-        tracing::info!(
-            "the cgroup this user may write lacks the {} controller(s) (a hybrid host's cgroup2 has none): the run has no cgroup",
+        return Some(format!(
+            "the cgroup this user may write lacks the {} controller(s) (a hybrid host's cgroup2 has none)",
             missing.join(", ")
-        );
-        return false;
+        ));
     }
     let enabled = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
     if NEEDED
         .iter()
         .all(|c| enabled.split_whitespace().any(|h| h == *c))
     {
-        return true;
+        return None;
+    }
+    let cannot = |e: &dyn std::fmt::Display| {
+        Some(format!(
+            "the memory and pids controllers cannot be enabled below this user's cgroup ({e}: cgroup v2 gives them only to a cgroup without processes of its own)"
+        ))
+    };
+    if !enable {
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        return if procs.trim().is_empty() {
+            None
+        } else {
+            cannot(&"it holds processes")
+        };
     }
     match fs::write(dir.join("cgroup.subtree_control"), "+memory +pids") {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::info!(
-                "the memory and pids controllers cannot be enabled below this user's cgroup ({e}: cgroup v2 gives them only to a cgroup without processes of its own): the run has no cgroup"
-            );
-            false
-        }
+        Ok(()) => None,
+        Err(e) => cannot(&e),
     }
 }
 
@@ -260,6 +280,28 @@ mod tests {
             "cleanup": {"unmount": [], "remove": []}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_cgroup_gives_a_run_memory_and_pids_only_where_v2_allows_it() {
+        let t = tempfile::tempdir().unwrap();
+        let put = |f: &str, v: &str| fs::write(t.path().join(f), v).unwrap();
+        // a hybrid host's cgroup2: no controllers at all
+        put("cgroup.controllers", "cpu io\n");
+        let why = cgroup_refusal(t.path(), false).unwrap();
+        assert!(why.contains("lacks the memory, pids"), "{why}");
+        // available, not enabled, and processes inside: the kernel would refuse them
+        put("cgroup.controllers", "cpu io memory pids\n");
+        put("cgroup.subtree_control", "\n");
+        put("cgroup.procs", "4242\n");
+        let why = cgroup_refusal(t.path(), false).unwrap();
+        assert!(why.contains("holds processes"), "{why}");
+        // no processes of its own, or already enabled: a run can have them
+        put("cgroup.procs", "");
+        assert_eq!(cgroup_refusal(t.path(), false), None);
+        put("cgroup.procs", "4242\n");
+        put("cgroup.subtree_control", "memory pids\n");
+        assert_eq!(cgroup_refusal(t.path(), false), None);
     }
 
     #[test]

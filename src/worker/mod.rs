@@ -254,9 +254,9 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
             nix::unistd::getuid(),
             nix::unistd::getgid()
         );
-        if !cw_runtime::userns::own_cgroup_writable() {
+        if let Some(why) = cw_runtime::userns::own_cgroup_refusal() {
             tracing::warn!(
-                "no cgroup this user may write (cgroup v1, or no delegated v2 subtree): bundles' memory limits are enforced by sampling their processes every {:?}, their CPUs are their affinity only, and there is no process limit",
+                "bundles get no cgroup ({why}): their memory limits are enforced by sampling their processes every {:?}, their CPUs are their affinity only, and their process limit is their RLIMIT_NPROC",
                 cw_runtime::sample::INTERVAL
             );
         }
