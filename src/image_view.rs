@@ -337,6 +337,13 @@ mod tests {
         assert!(!v.dir(&[b"nope"], true).unwrap());
         // the layers are never written
         assert!(!top.join("nope").exists() && !low.join("nope").exists());
+        // a FIFO where a file is read (an image's /etc/passwd): refused at once, never opened
+        let fifo = std::ffi::CString::new(top.join("etc/fifo").as_os_str().as_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let t0 = std::time::Instant::now();
+        let e = v.open_file("etc/fifo").unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
         // the root
         assert!(v.stat("/").unwrap().is_some());
     }
