@@ -8,7 +8,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 pkgs=(libseccomp-dev pkg-config docker-registry skopeo umoci busybox-static zstd pigz curl jq attr
       apache2-utils openssl hyperfine libcap2-bin file debootstrap ca-certificates debian-archive-keyring
-      iproute2 python3 bc runc crun passt libelf-dev zlib1g-dev libc6-dev user-mode-linux slurm-wlm munge
+      iproute2 python3 bc runc crun passt uidmap libelf-dev zlib1g-dev libc6-dev user-mode-linux slurm-wlm munge
       strace socat)
 bash scripts/apt-install.sh "${pkgs[@]}"
 

@@ -37,7 +37,7 @@ pub enum ConfigFileError {
 
 /// The config file to read: `--config`/`CW_CONFIG`, else the default for this user (may not exist).
 pub fn default_path() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
+    if cw_runtime::userns::host_root() {
         PathBuf::from("/etc/cw/config.toml")
     } else {
         let base = std::env::var_os("XDG_CONFIG_HOME")

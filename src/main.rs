@@ -210,6 +210,25 @@ fn main() {
         .with_target(false)
         .with_ansi(ansi)
         .init();
+    // a user with subordinate ids: the commands that write or remove the store's trees, or
+    // start runs, do it inside a user namespace holding those ids (layers keep the image's
+    // owners, and only there can the user remove them again); before any thread exists
+    if matches!(
+        cli.cmd,
+        Cmd::Pull(_)
+            | Cmd::Load { .. }
+            | Cmd::Run(_)
+            | Cmd::Rm { .. }
+            | Cmd::Rmi { .. }
+            | Cmd::Prune { .. }
+            | Cmd::Kill { .. }
+            | Cmd::Worker(_)
+    ) {
+        if let Err(e) = cw_runtime::userns::enter_subordinate() {
+            eprintln!("cw: error: {e}");
+            std::process::exit(125);
+        }
+    }
     if let Err(e) = run(cli) {
         eprintln!("cw: error: {}", chain(&e));
         // docker's codes: 126/127 when the command cannot run, 125 for cw's own errors

@@ -1,6 +1,7 @@
 //! `cw pull` and `cw run` by an ordinary user (no root, nothing setuid of cw's): a user
-//! namespace with a single-id mapping (the user is root inside and the only id), the user's own
-//! store, no cgroup on this cgroup v1 host. The test runs as root and drops to a uid with no
+//! namespace with a single-id mapping (the user is root inside and the only id), or, for a user
+//! with subordinate ids in /etc/subuid and /etc/subgid, one holding those too (the image's
+//! owners kept); the user's own store, no cgroup on this cgroup v1 host. The test runs as root and drops to a uid with no
 //! privileges for every cw command; what it checks from outside it checks as root.
 
 mod common;
@@ -31,9 +32,13 @@ fn chown(p: &Path) {
 }
 
 fn as_user_cw(cw: &Cw, args: &[&str]) -> Output {
+    as_uid_cw(cw, USER, args)
+}
+
+fn as_uid_cw(cw: &Cw, uid: u32, args: &[&str]) -> Output {
     let mut c = cw.cmd(args);
-    c.uid(USER)
-        .gid(USER)
+    c.uid(uid)
+        .gid(uid)
         .env("HOME", cw.dir.path())
         .env_remove("XDG_DATA_HOME");
     c.output().unwrap()
@@ -700,4 +705,229 @@ fn without_a_cgroup_the_process_limit_is_the_runs_rlimit_nproc() {
     // asked for without accepting a run without a cgroup: refused, as before
     let o = as_user_cw(&cw, &["run", "--pids-limit", "20", "--image", TINY, "true"]);
     assert_eq!(o.status.code(), Some(125), "{}", text(&o));
+}
+
+// ---- with subordinate ids (newuidmap/newgidmap, /etc/subuid and /etc/subgid)
+
+/// A user with 4,000,000 subordinate ids from 10,000,000: enough for the edge image's uid
+/// 3,000,000.
+const SUBUSER: u32 = 64_128;
+const SUBSTART: u32 = 10_000_000;
+/// A user with the usual 65,536.
+const SMALLUSER: u32 = 64_129;
+const SMALLSTART: u32 = 14_000_000;
+const EDGE: &str = "127.0.0.1:5000/edge:latest";
+
+/// A cw whose store and home belong to `uid`, who has `count` subordinate ids from `start`;
+/// None (skipped) without newuidmap.
+fn subid_cw(uid: u32, start: u32, count: u32) -> Option<Cw> {
+    if !is_root() {
+        skip("the rootless tests start as root to become an ordinary user");
+        return None;
+    }
+    if !Path::new("/usr/bin/newuidmap").exists() {
+        skip("newuidmap (package uidmap) is not installed");
+        return None;
+    }
+    subid_user(uid, start, count);
+    let cw = Cw::new();
+    std::os::unix::fs::chown(cw.dir.path(), Some(uid), Some(uid)).unwrap();
+    Some(cw)
+}
+
+fn out_of(o: &Output, code: i32) -> String {
+    assert_eq!(o.status.code(), Some(code), "{}", text(o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The edge image's owners and modes, as `ls -lnR` shows them (owners included).
+const TREE: &str = "ls -lnR /opt/edge | awk 'NF > 2 {print $1, $3, $4, $5, $9}'";
+
+#[test]
+fn a_user_with_subordinate_ids_keeps_the_images_owners_and_runs_its_users() {
+    let Some(cw) = subid_cw(SUBUSER, SUBSTART, 4_000_000) else {
+        return;
+    };
+    let o = as_uid_cw(&cw, SUBUSER, &["--log", "info", "pull", "-q", EDGE]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{}", text(&o));
+    // the mapping chosen is said at --log info
+    assert!(
+        err.contains("ids 1-4000000 are your subordinate uids 10000000-13999999"),
+        "{err}"
+    );
+    // on the host, the layers' files belong to the subordinate ids the image's owners map to:
+    // 0 is the user, n > 0 is start + n - 1
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::BTreeSet::new();
+    for l in cw.entries("layers") {
+        let d = cw.store().join("layers").join(&l).join("opt/edge/owned");
+        for (f, want) in [
+            ("by-1000", SUBSTART + 999),
+            ("by-nobody", SUBSTART + 65533),
+            ("by-3000000", SUBSTART + 2_999_999),
+        ] {
+            if let Ok(m) = std::fs::symlink_metadata(d.join(f)) {
+                assert_eq!((m.uid(), m.gid()), (want, want), "{f}");
+                seen.insert(f);
+            }
+        }
+        if let Ok(m) = std::fs::symlink_metadata(d) {
+            assert_eq!(m.uid(), SUBSTART + 999);
+            let top = std::fs::symlink_metadata(cw.store().join("layers").join(&l)).unwrap();
+            assert_eq!(top.uid(), SUBUSER, "a layer's own dir is the user's");
+        }
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+
+    // inside, the tree is what a root run of the same image shows: owners, setuid modes, sizes
+    let root = Cw::new();
+    root.ok(&["pull", "-q", EDGE]);
+    let want = root.ok(&["run", "--image", EDGE, TREE]);
+    assert!(want.contains(" 3000000 3000000 "), "{want}");
+    let got = out_of(&as_uid_cw(&cw, SUBUSER, &["run", "--image", EDGE, TREE]), 0);
+    assert_eq!(got, want);
+
+    // the image's users run as themselves; what they write in the run is theirs; root of the
+    // run is still the user outside and holds no capability over the host
+    let o = as_uid_cw(
+        &cw,
+        SUBUSER,
+        &[
+            "run",
+            "-u",
+            "1000:1000",
+            "--image",
+            EDGE,
+            "id -u; id -g; touch /tmp/f; stat -c '%u %g' /tmp/f; cat /opt/edge/owned/by-1000; echo x > /opt/edge/regular.txt; echo w=$?",
+        ],
+    );
+    let out = out_of(&o, 0);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["1000", "1000", "1000 1000", "uid/gid 1000", "w=1"],
+        "{}",
+        text(&o)
+    );
+    let out = out_of(
+        &as_uid_cw(
+            &cw,
+            SUBUSER,
+            &[
+                "run",
+                "--image",
+                EDGE,
+                "cat /proc/self/uid_map | tr -s ' ' | sed 's/^ //'; chown 4000001 /tmp; echo c=$?",
+            ],
+        ),
+        0,
+    );
+    // the run's namespace nests in cw's with the same ids; beyond them nothing can be owned
+    assert!(out.starts_with("0 0 1\n1 1 4000000\n"), "{out}");
+    assert!(out.contains("c=1"), "{out}");
+
+    // a detached run of an image user, stopped by the user; private network through pasta
+    let o = as_uid_cw(
+        &cw,
+        SUBUSER,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "sub",
+            "-u",
+            "1000",
+            "--image",
+            EDGE,
+            "sleep 300",
+        ],
+    );
+    out_of(&o, 0);
+    out_of(&as_uid_cw(&cw, SUBUSER, &["kill", "sub"]), 0);
+    let o = as_uid_cw(&cw, SUBUSER, &["rm", "-f", "sub"]);
+    out_of(&o, 0);
+    let probe = "ip -4 addr | grep -c 'inet '; ip route | grep -c default";
+    let out = out_of(
+        &as_uid_cw(
+            &cw,
+            SUBUSER,
+            &[
+                "run",
+                "--network",
+                "private",
+                "-u",
+                "1000",
+                "--image",
+                EDGE,
+                probe,
+            ],
+        ),
+        0,
+    );
+    assert_eq!(out, "2\n1\n");
+    assert_nothing_left(&cw);
+    // the user removes what belongs to their subordinate ids: the image and its layers
+    out_of(&as_uid_cw(&cw, SUBUSER, &["rmi", EDGE]), 0);
+    out_of(&as_uid_cw(&cw, SUBUSER, &["prune"]), 0);
+    assert!(
+        cw.entries("layers").is_empty(),
+        "{:?}",
+        cw.entries("layers")
+    );
+}
+
+#[test]
+fn an_image_owner_beyond_the_users_subordinate_ids_fails_its_pull_by_name() {
+    let Some(cw) = subid_cw(SMALLUSER, SMALLSTART, 65_536) else {
+        return;
+    };
+    // tiny: its owners are in range
+    out_of(
+        &as_uid_cw(&cw, SMALLUSER, &["pull", "-q", "127.0.0.1:5000/tiny:amd64"]),
+        0,
+    );
+    let o = as_uid_cw(&cw, SMALLUSER, &["pull", "-q", EDGE]);
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        (err.contains("\"opt/edge/owned/by-3000000\"") || err.contains("\"opt/gnu/big-uid\""))
+            && err.contains("owner 3000000:3000000 has no id in this user namespace")
+            && err.contains("/etc/subuid"),
+        "{err}"
+    );
+    // nothing of the failed layer is left behind for the user to remove
+    assert!(cw.entries("tmp").is_empty(), "{:?}", cw.entries("tmp"));
+    // an image user beyond the ids is refused by name
+    let o = as_uid_cw(
+        &cw,
+        SMALLUSER,
+        &[
+            "run",
+            "-u",
+            "70000",
+            "--image",
+            "127.0.0.1:5000/tiny:amd64",
+            "true",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("uids 0-65536"),
+        "{}",
+        text(&o)
+    );
+    // and a user without subordinate ids gets the single-id mapping, said at --log info
+    let single = Cw::new();
+    chown(single.dir.path());
+    let o = as_user_cw(
+        &single,
+        &["--log", "info", "pull", "-q", "127.0.0.1:5000/tiny:amd64"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains(&format!("single-id mapping (the image's files and processes all belong to root inside, which is you): no subordinate uids for uid {USER} in /etc/subuid")),
+        "{}",
+        text(&o)
+    );
 }

@@ -285,14 +285,41 @@ fn an_ordinary_users_worker_runs_bundles_and_holds_their_memory_limit() {
     }
     // a uid with no privileges and no file on this machine: the worker and its runs have only
     // what that user has (no cgroup here, on cgroup v1: the memory limit is sampled)
-    const USER: u32 = 64_124;
+    users_worker(
+        64_124,
+        "user",
+        "root is this user (64124:64124) and the only id",
+    );
+}
+
+/// The same for a user with subordinate ids: the worker runs inside the user namespace that
+/// holds them, and each bundle's nests in it.
+#[test]
+fn a_worker_of_a_user_with_subordinate_ids_runs_bundles_in_a_namespace_nested_in_its_own() {
+    if !need_root() {
+        return;
+    }
+    if !Path::new("/usr/bin/newuidmap").exists() {
+        skip("newuidmap (package uidmap) is not installed");
+        return;
+    }
+    subid_user(64_132, 15_000_000, 65_536);
+    users_worker(
+        64_132,
+        "subuser",
+        "root is this user, and ids 1-65536 its subordinate ids",
+    );
+}
+
+fn users_worker(user: u32, tag_name: &str, said: &str) {
     let s = server();
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("hello.txt"), "hello dep\n").unwrap();
     let dep = s.cl(&["upload", src.path().join("hello.txt").to_str().unwrap()]);
-    let t = tag("user");
-    let w = Worker::start_as_user(&t, USER);
+    let t = tag(tag_name);
+    let w = Worker::start_as_user(&t, user);
     assert!(w.log().contains("running without root"), "{}", w.log());
+    assert!(w.log().contains(said), "{}", w.log());
     let h = format!("h.txt:{dep}");
     // cl runs ask for network by default: pasta's, from outside the run's user namespace
     let ok = s.run(
@@ -324,7 +351,7 @@ fn an_ordinary_users_worker_runs_bundles_and_holds_their_memory_limit() {
     // what the runs made is the user's, and nothing of theirs is left
     use std::os::unix::fs::MetadataExt;
     let store = std::fs::metadata(w.dir.join("store")).unwrap();
-    assert_eq!((store.uid(), store.mode() & 0o777), (USER, 0o700));
+    assert_eq!((store.uid(), store.mode() & 0o777), (user, 0o700));
     w.assert_clean();
 }
 

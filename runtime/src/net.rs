@@ -141,6 +141,12 @@ impl RootlessPasta {
             argv.push(cstr(a.as_bytes())?);
         }
         argv.push(cstr(pidfile.as_os_str().as_bytes())?);
+        if nix::unistd::geteuid().is_root() {
+            // root of the user's subordinate-id namespace: pasta would otherwise change to
+            // "nobody" there, a subordinate id that may not join the run's namespaces
+            argv.push(cstr(b"--runas")?);
+            argv.push(cstr(b"0")?);
+        }
         argv.push(cstr(me.as_bytes())?);
         let host = |e: nix::errno::Errno| Error::Host(format!("starting pasta's helper: {e}"));
         let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(host)?;

@@ -44,9 +44,240 @@ pub fn nproc_per_user_namespace() -> bool {
     kernel_at_least(5, 14)
 }
 
+/// Whether this process is root on the host: euid 0 outside every user namespace. A user's cw
+/// that entered its subordinate ids' namespace ([`enter_subordinate`]) is root there, not here.
+pub fn host_root() -> bool {
+    nix::unistd::geteuid().is_root() && !inside()
+}
+
 /// Whether runs started by this process need a user namespace: it is not root on the host.
 pub fn needed() -> bool {
-    !nix::unistd::geteuid().is_root()
+    !host_root()
+}
+
+/// A user's range of subordinate ids (a line `name-or-uid:start:count` of /etc/subuid or
+/// /etc/subgid, as `useradd` and `usermod --add-subuids` write them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubRange {
+    pub start: u32,
+    pub count: u32,
+}
+
+/// The first range in `text` (/etc/subuid's format) for the user named `name` or numbered `id`.
+/// Malformed lines are skipped, as shadow's own tools skip them; a range that would pass 2^32-1
+/// or that holds the host's root is no range.
+pub fn parse_subids(text: &str, name: Option<&str>, id: u32) -> Option<SubRange> {
+    let id = id.to_string();
+    text.lines().find_map(|l| {
+        let mut f = l.trim().split(':');
+        let (who, start, count) = (f.next()?, f.next()?, f.next()?);
+        if f.next().is_some() || !(Some(who) == name || who == id) {
+            return None;
+        }
+        let (start, count) = (start.parse::<u32>().ok()?, count.parse::<u32>().ok()?);
+        (start > 0 && count > 0 && start.checked_add(count).is_some())
+            .then_some(SubRange { start, count })
+    })
+}
+
+/// Where the setuid helpers are (PATH, then /usr/bin).
+fn helper_path(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([std::path::PathBuf::from("/usr/bin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// This user's subordinate ids and the helpers that map them, or why a run gets a single-id
+/// mapping instead.
+pub fn subordinate_ids(
+) -> std::result::Result<(SubRange, SubRange, [std::path::PathBuf; 2]), String> {
+    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let read = |f: &str| fs::read_to_string(f).unwrap_or_default();
+    let u = parse_subids(&read("/etc/subuid"), name.as_deref(), uid.as_raw())
+        .ok_or_else(|| format!("no subordinate uids for uid {uid} in /etc/subuid"))?;
+    let g = parse_subids(&read("/etc/subgid"), name.as_deref(), uid.as_raw())
+        .ok_or_else(|| format!("no subordinate gids for uid {uid} in /etc/subgid"))?;
+    let _ = gid;
+    if name.is_none() {
+        return Err(format!(
+            "uid {uid} has no name in the user database, which newuidmap needs"
+        ));
+    }
+    let nu = helper_path("newuidmap")
+        .ok_or("newuidmap is not installed (Debian/Ubuntu package uidmap)")?;
+    let ng = helper_path("newgidmap")
+        .ok_or("newgidmap is not installed (Debian/Ubuntu package uidmap)")?;
+    Ok((u, g, [nu, ng]))
+}
+
+/// unshare(CLONE_NEWUSER), the new namespace's maps written by a child forked before it: the
+/// child stays in the namespace we leave, where writing maps of more than one id is allowed
+/// (newuidmap's setuid, or CAP_SETUID there). `write` runs in that child with our pid. The
+/// caller must be single-threaded.
+fn unshare_mapped_by_helper(
+    write: impl FnOnce(i32) -> std::result::Result<(), String>,
+) -> Result<()> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let me = std::process::id() as i32;
+    let host = |e: nix::errno::Errno| Error::Host(format!("starting the id-mapping helper: {e}"));
+    let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(host)?;
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(host)?;
+    match unsafe { nix::unistd::fork() }.map_err(host)? {
+        nix::unistd::ForkResult::Child => {
+            drop(go_w);
+            drop(err_r);
+            let mut b = [0u8; 1];
+            let n = unsafe { libc::read(go_r.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+            let code = if n != 1 {
+                1
+            } else if let Err(m) = write(me) {
+                let _ = nix::unistd::write(&err_w, m.as_bytes());
+                1
+            } else {
+                0
+            };
+            unsafe { libc::_exit(code) };
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(go_r);
+            drop(err_w);
+            let un = unshare(CloneFlags::CLONE_NEWUSER);
+            if un.is_ok() {
+                let _ = nix::unistd::write(&go_w, b"g");
+            }
+            drop(go_w);
+            let mut msg = String::new();
+            let _ = fs::File::from(err_r).read_to_string(&mut msg);
+            let st = nix::sys::wait::waitpid(child, None);
+            un.map_err(|e| {
+                Error::Host(format!(
+                    "creating a user namespace for a run without root: {e} (the kernel must allow unprivileged user namespaces: user.max_user_namespaces, kernel.unprivileged_userns_clone, AppArmor's restrict_unprivileged_userns)"
+                ))
+            })?;
+            match st {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
+                st => Err(Error::Host(format!(
+                    "mapping the user namespace's ids failed ({st:?}): {}",
+                    msg.trim()
+                ))),
+            }
+        }
+    }
+}
+
+/// For a user with subordinate ids (and newuidmap/newgidmap): move this process into a user
+/// namespace where 0 is the user and 1..=N their subordinate ids, as rootless podman does. Run
+/// first thing by the cw commands that write or remove the store's trees or start runs, so that
+/// layers keep the image's owners (subordinate ids on the host) and the trees can be removed
+/// again; the monitors they start nest each run's namespace inside it with the same ids. Does
+/// nothing as root, inside a namespace already, or without subordinate ids (then every run has
+/// a single-id mapping); says which at `--log info`. Must be called before any thread exists.
+pub fn enter_subordinate() -> Result<()> {
+    if host_root() || inside() {
+        return Ok(());
+    }
+    let (u, g, [nu, ng]) = match subordinate_ids() {
+        Ok(x) => x,
+        Err(why) => {
+            tracing::info!(
+                "user namespace: single-id mapping (the image's files and processes all belong to root inside, which is you): {why}"
+            );
+            return Ok(());
+        }
+    };
+    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+    let run = move |me: i32| -> std::result::Result<(), String> {
+        for (tool, id, r) in [(&nu, uid.as_raw(), u), (&ng, gid.as_raw(), g)] {
+            let out = std::process::Command::new(tool)
+                .args([me, 0, id as i32, 1, 1].map(|x| x.to_string()))
+                .args([r.start.to_string(), r.count.to_string()])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .map_err(|e| format!("{}: {e}", tool.display()))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "{} ({}): {}",
+                    tool.display(),
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        Ok(())
+    };
+    unshare_mapped_by_helper(run).map_err(|e| {
+        e.context(format!(
+            "entering the user namespace of uid {uid}'s subordinate ids (/etc/subuid {}:{}, /etc/subgid {}:{})",
+            u.start, u.count, g.start, g.count
+        ))
+    })?;
+    tracing::info!(
+        "user namespace: root inside is you (uid {uid}, gid {gid}); ids 1-{} are your subordinate uids {}-{} and gids {}-{}",
+        u.count.min(g.count),
+        u.start,
+        u.start as u64 + u.count as u64 - 1,
+        g.start,
+        g.start as u64 + g.count as u64 - 1
+    );
+    Ok(())
+}
+
+/// The ranges of ids this process's user namespace has, as (first id inside, count), from
+/// `/proc/self/{uid,gid}_map`.
+fn own_ranges(which: &str) -> Vec<(u32, u32)> {
+    fs::read_to_string(format!("/proc/self/{which}_map"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<u32> = l
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            (f.len() == 3).then(|| (f[0], f[2]))
+        })
+        .collect()
+}
+
+/// How many ids from 0 up this process's namespace maps without a gap (1 in a single-id one).
+fn contiguous(ranges: &[(u32, u32)]) -> u32 {
+    let mut r = ranges.to_vec();
+    r.sort();
+    let mut n: u32 = 0;
+    for (first, count) in r {
+        if first != n {
+            break;
+        }
+        n = n.saturating_add(count);
+    }
+    n
+}
+
+/// What a user's runs are, for a report: "root is this user and the only id" or the subordinate
+/// ids they have.
+pub fn describe() -> String {
+    let (u, g) = (own_ranges("uid"), own_ranges("gid"));
+    let (nu, ng) = (contiguous(&u), contiguous(&g));
+    if inside() && nu > 1 {
+        format!(
+            "root is this user, and ids 1-{} its subordinate ids",
+            nu.min(ng) - 1
+        )
+    } else {
+        format!(
+            "root is this user ({}:{}) and the only id",
+            nix::unistd::getuid(),
+            nix::unistd::getgid()
+        )
+    }
 }
 
 /// Whether this process is inside a user namespace that is not the host's (its uid map does
@@ -90,23 +321,48 @@ pub fn own_cgroup_refusal() -> Option<String> {
 pub struct Entered {
     /// The run can have a cgroup of its own (the user owns the monitor's cgroup v2 directory).
     pub cgroup: bool,
+    /// How many uids and gids (from 0) the run has: 1 in a single-id mapping, 1 + the
+    /// subordinate ids where cw entered them ([`enter_subordinate`]).
+    pub ids: (u32, u32),
 }
 
 /// Enter the user, mount and cgroup namespaces described above. The monitor must be
-/// single-threaded (the kernel refuses CLONE_NEWUSER otherwise).
+/// single-threaded (the kernel refuses CLONE_NEWUSER otherwise). Started by a cw inside its
+/// subordinate ids' namespace, the run's namespace nests in it with the same ids (written by a
+/// helper left outside: a namespace cannot map more than its creator's own id from inside);
+/// started from the host's, it maps the user alone.
 pub fn enter() -> Result<Entered> {
     let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
-    unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| {
-        Error::Host(format!(
-            "creating a user namespace for a run without root: {e} (the kernel must allow unprivileged user namespaces: user.max_user_namespaces, kernel.unprivileged_userns_clone, AppArmor's restrict_unprivileged_userns)"
-        ))
-    })?;
-    let write = |f: &str, s: String| {
-        fs::write(f, &s).map_err(|e| Error::Host(format!("writing {s:?} to {f}: {e}")))
+    let (ur, gr) = (own_ranges("uid"), own_ranges("gid"));
+    let ids = if inside() && contiguous(&ur) > 1 {
+        let lines = |r: &[(u32, u32)]| {
+            r.iter()
+                .map(|(first, n)| format!("{first} {first} {n}\n"))
+                .collect::<String>()
+        };
+        let (um, gm) = (lines(&ur), lines(&gr));
+        unshare_mapped_by_helper(move |pid| {
+            for (f, m) in [("uid_map", &um), ("gid_map", &gm)] {
+                let f = format!("/proc/{pid}/{f}");
+                fs::write(&f, m).map_err(|e| format!("writing {m:?} to {f}: {e}"))?;
+            }
+            Ok(())
+        })?;
+        (contiguous(&ur), contiguous(&gr))
+    } else {
+        unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| {
+            Error::Host(format!(
+                "creating a user namespace for a run without root: {e} (the kernel must allow unprivileged user namespaces: user.max_user_namespaces, kernel.unprivileged_userns_clone, AppArmor's restrict_unprivileged_userns)"
+            ))
+        })?;
+        let write = |f: &str, s: String| {
+            fs::write(f, &s).map_err(|e| Error::Host(format!("writing {s:?} to {f}: {e}")))
+        };
+        write("/proc/self/setgroups", "deny".into())?;
+        write("/proc/self/uid_map", format!("0 {uid} 1"))?;
+        write("/proc/self/gid_map", format!("0 {gid} 1"))?;
+        (1, 1)
     };
-    write("/proc/self/setgroups", "deny".into())?;
-    write("/proc/self/uid_map", format!("0 {uid} 1"))?;
-    write("/proc/self/gid_map", format!("0 {gid} 1"))?;
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWCGROUP).map_err(|e| {
         Error::Host(format!(
             "creating the run's mount and cgroup namespaces: {e}"
@@ -145,6 +401,7 @@ pub fn enter() -> Result<Entered> {
     }
     Ok(Entered {
         cgroup: refusal.is_none(),
+        ids,
     })
 }
 
@@ -221,14 +478,25 @@ pub fn asked_limits(l: &Limits) -> Vec<&'static str> {
 /// (the affinity); what it loses is logged.
 pub fn check(req: &RunRequest, e: Entered) -> Result<RunRequest> {
     let mut req = req.clone();
-    if req.uid != 0 || req.gid != 0 {
-        return Err(Error::Request(format!(
-            "the image's user {}:{} has no id in a run without root: with a single-id user namespace only root (the caller) exists inside",
-            req.uid, req.gid
-        )));
+    let (nu, ng) = e.ids;
+    if req.uid >= nu || req.gid >= ng {
+        return Err(Error::Request(if (nu, ng) == (1, 1) {
+            format!(
+                "the image's user {}:{} has no id in a run without root: with a single-id user namespace only root (the caller) exists inside (subordinate ids in /etc/subuid and /etc/subgid, with newuidmap and newgidmap installed, give runs the image's users)",
+                req.uid, req.gid
+            )
+        } else {
+            format!(
+                "the image's user {}:{} has no id in this run: its user namespace has uids 0-{} and gids 0-{} (this user's subordinate ids)",
+                req.uid,
+                req.gid,
+                nu - 1,
+                ng - 1
+            )
+        }));
     }
-    // the image's root may belong to other groups: they have no id here
-    req.additional_gids.retain(|g| *g == 0);
+    // groups the user belongs to in the image that have no id here are dropped
+    req.additional_gids.retain(|g| *g < ng);
     if !e.cgroup {
         let asked = asked_limits(&req.limits);
         if !asked.is_empty() && !req.limits.without_cgroup_ok {
@@ -283,6 +551,32 @@ mod tests {
     }
 
     #[test]
+    fn subordinate_ids_are_found_by_name_or_uid_and_bad_lines_are_no_range() {
+        let t = "# comment\nalice:100000:65536\n1001:165536:65536\nbob:x:1\ncarol:0:65536\n\
+                 dave:4294967295:2\neve:200000:0\nalice:300000:10\n";
+        let r = |start, count| Some(SubRange { start, count });
+        // the first line for the name wins
+        assert_eq!(parse_subids(t, Some("alice"), 1000), r(100000, 65536));
+        // a numeric line for a user whose name is elsewhere
+        assert_eq!(parse_subids(t, Some("frank"), 1001), r(165536, 65536));
+        assert_eq!(parse_subids(t, None, 1001), r(165536, 65536));
+        // not a number; a range holding the host's root; past 2^32-1; empty
+        for who in ["bob", "carol", "dave", "eve"] {
+            assert_eq!(parse_subids(t, Some(who), 4242), None, "{who}");
+        }
+        assert_eq!(parse_subids(t, Some("zed"), 1000), None);
+    }
+
+    #[test]
+    fn a_namespace_counts_its_ids_from_zero_up_to_the_first_gap() {
+        assert_eq!(contiguous(&[(0, 1)]), 1);
+        assert_eq!(contiguous(&[(1, 65536), (0, 1)]), 65537);
+        assert_eq!(contiguous(&[(0, 1), (2, 10)]), 1);
+        assert_eq!(contiguous(&[(5, 10)]), 0);
+        assert_eq!(contiguous(&[(0, 4294967295)]), 4294967295);
+    }
+
+    #[test]
     fn a_cgroup_gives_a_run_memory_and_pids_only_where_v2_allows_it() {
         let t = tempfile::tempdir().unwrap();
         let put = |f: &str, v: &str| fs::write(t.path().join(f), v).unwrap();
@@ -306,7 +600,10 @@ mod tests {
 
     #[test]
     fn what_a_run_without_root_can_have() {
-        let none = Entered { cgroup: false };
+        let none = Entered {
+            cgroup: false,
+            ids: (1, 1),
+        };
         let ok = check(&req(), none).unwrap();
         // the default pids limit is a default: not an error without a cgroup, and kept as the
         // run's RLIMIT_NPROC where the kernel counts a user namespace's processes apart
@@ -336,14 +633,39 @@ mod tests {
         // an asked-for process limit is the run's RLIMIT_NPROC; the CPU quota is gone
         assert_eq!((ok.limits.pids, ok.limits.cpus), (Some(10), None));
         r.limits.without_cgroup_ok = false;
-        let with = check(&r, Entered { cgroup: true }).unwrap();
+        let with = check(
+            &r,
+            Entered {
+                cgroup: true,
+                ids: (1, 1),
+            },
+        )
+        .unwrap();
         assert_eq!(
             (with.limits.memory, with.limits.pids),
             (Some(1 << 30), Some(10))
         );
         let mut r = req();
         r.uid = 1000;
-        let e = check(&r, Entered { cgroup: true }).unwrap_err();
+        let single = Entered {
+            cgroup: true,
+            ids: (1, 1),
+        };
+        let e = check(&r, single).unwrap_err();
         assert!(e.to_string().contains("1000:0"), "{e}");
+        assert!(e.to_string().contains("/etc/subuid"), "{e}");
+        // with subordinate ids: the image's users and groups inside the range are theirs
+        let mapped = Entered {
+            cgroup: true,
+            ids: (65537, 65537),
+        };
+        r.gid = 1000;
+        r.additional_gids = vec![0, 10, 65536, 65537, 70000];
+        let ok = check(&r, mapped).unwrap();
+        assert_eq!((ok.uid, ok.gid), (1000, 1000));
+        assert_eq!(ok.additional_gids, vec![0, 10, 65536]);
+        r.uid = 65537;
+        let e = check(&r, mapped).unwrap_err();
+        assert!(e.to_string().contains("uids 0-65536"), "{e}");
     }
 }

@@ -123,7 +123,7 @@ pub struct Store {
 }
 
 pub fn default_root() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
+    if cw_runtime::userns::host_root() {
         PathBuf::from("/var/lib/cw")
     } else if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
         PathBuf::from(x).join("cw")

@@ -250,9 +250,8 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
     let rootless = cw_runtime::userns::needed();
     if rootless {
         tracing::info!(
-            "running without root: each bundle runs in a user namespace of its own where root is this user ({}:{}) and the only id",
-            nix::unistd::getuid(),
-            nix::unistd::getgid()
+            "running without root: each bundle runs in a user namespace of its own where {}",
+            cw_runtime::userns::describe()
         );
         if let Some(why) = cw_runtime::userns::own_cgroup_refusal() {
             tracing::warn!(

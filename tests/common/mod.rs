@@ -819,3 +819,68 @@ pub fn assert_no_process_names(p: &Path) {
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+/// Make `uid` a user with `count` subordinate ids from `start` (a name in the user database,
+/// which newuidmap needs, and its lines in /etc/subuid and /etc/subgid), once.
+pub fn subid_user(uid: u32, start: u32, count: u32) {
+    let name = format!("cwsub{uid}");
+    let have = std::process::Command::new("getent")
+        .args(["passwd", &uid.to_string()])
+        .output()
+        .unwrap();
+    if !have.status.success() {
+        // a system user (useradd gives it no subordinate ids of its own) whose group is its
+        // uid, as the tests run it (newuidmap checks the process's gid against the passwd one)
+        let id = uid.to_string();
+        for (tool, args) in [
+            ("groupadd", vec!["--system", "--gid", &id, &name]),
+            (
+                "useradd",
+                vec![
+                    "--system",
+                    "--no-create-home",
+                    "--gid",
+                    &id,
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    "--uid",
+                    &id,
+                    &name,
+                ],
+            ),
+        ] {
+            let o = std::process::Command::new(tool)
+                .args(args)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                o.status.success() || err.contains("already"),
+                "{tool}: {err}"
+            );
+        }
+    }
+    add_subids(uid, start, count);
+}
+
+/// `uid`'s line in /etc/subuid and /etc/subgid (added once; the tests of this file share them).
+pub fn add_subids(uid: u32, start: u32, count: u32) {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = LOCK.lock().unwrap();
+    for f in ["/etc/subuid", "/etc/subgid"] {
+        let have = std::fs::read_to_string(f).unwrap_or_default();
+        let line = format!("{uid}:{start}:{count}");
+        if !have.lines().any(|l| l == line) {
+            assert!(
+                !have.lines().any(|l| l.starts_with(&format!("{uid}:"))),
+                "{f} has another range for {uid}"
+            );
+            let mut o = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(f)
+                .unwrap();
+            std::io::Write::write_all(&mut o, format!("{line}\n").as_bytes()).unwrap();
+        }
+    }
+}

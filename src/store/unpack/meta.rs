@@ -156,7 +156,7 @@ pub(super) fn set_xattrs(
 /// store; `user.overlay.opaque` in a user's (trusted.* needs CAP_SYS_ADMIN; a user's overlay is
 /// mounted with `userxattr` inside the run's user namespace, where overlayfs reads user.*).
 pub fn opaque_xattr() -> &'static str {
-    if nix::unistd::geteuid().is_root() {
+    if cw_runtime::userns::host_root() {
         "trusted.overlay.opaque"
     } else {
         "user.overlay.opaque"

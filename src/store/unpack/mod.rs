@@ -100,6 +100,21 @@ struct Unpacker {
     buf: Vec<u8>,
 }
 
+/// chown's EINVAL: the owner has no id in this user namespace (a user's cw holds its
+/// subordinate ids only), said as such.
+fn unmapped_owner(e: io::Error, m: &Meta) -> io::Error {
+    if e.raw_os_error() != Some(libc::EINVAL) {
+        return e;
+    }
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "owner {}:{} has no id in this user namespace (a user's cw has uids/gids up to its count of subordinate ids in /etc/subuid and /etc/subgid)",
+            m.uid, m.gid
+        ),
+    )
+}
+
 impl Unpacker {
     fn chown_at(&self, dir: RawFd, name: &[u8], m: &Meta) -> io::Result<()> {
         if !self.opts.chown {
@@ -114,8 +129,9 @@ impl Unpacker {
                 m.gid as libc::gid_t,
                 libc::AT_SYMLINK_NOFOLLOW,
             )
-        })?;
-        Ok(())
+        })
+        .map(drop)
+        .map_err(|e| unmapped_owner(e, m))
     }
 
     /// Make room for a new entry `name`: returns true when an existing directory is kept.
@@ -297,6 +313,7 @@ impl Unpacker {
                     check(unsafe {
                         libc::fchown(fdr, meta.uid as libc::uid_t, meta.gid as libc::gid_t)
                     })
+                    .map_err(|e| unmapped_owner(e, &meta))
                     .map_err(err("chown"))?;
                 }
                 check(unsafe { libc::fchmod(fdr, meta.mode) }).map_err(err("chmod"))?;
