@@ -916,18 +916,31 @@ fn an_image_owner_beyond_the_users_subordinate_ids_fails_its_pull_by_name() {
         "{}",
         text(&o)
     );
-    // and a user without subordinate ids gets the single-id mapping, said at --log info
-    let single = Cw::new();
-    chown(single.dir.path());
-    let o = as_user_cw(
-        &single,
-        &["--log", "info", "pull", "-q", "127.0.0.1:5000/tiny:amd64"],
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr)
-            .contains(&format!("single-id mapping (the image's files and processes all belong to root inside, which is you): no subordinate uids for uid {USER} in /etc/subuid")),
-        "{}",
-        text(&o)
-    );
+    // and a user without subordinate ids gets the single-id mapping, said at --log info with
+    // the reason: nobody (a name, no range), and a uid without a name (newuidmap needs one)
+    for (uid, why) in [
+        (
+            65_534,
+            "no subordinate uids for nobody (getsubids nobody)".to_string(),
+        ),
+        (
+            USER,
+            format!("uid {USER} has no name in the user database, which newuidmap needs"),
+        ),
+    ] {
+        let single = Cw::new();
+        std::os::unix::fs::chown(single.dir.path(), Some(uid), Some(uid)).unwrap();
+        let o = as_uid_cw(
+            &single,
+            uid,
+            &["--log", "info", "pull", "-q", "127.0.0.1:5000/tiny:amd64"],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        let want = format!("single-id mapping (the image's files and processes all belong to root inside, which is you): {why}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(&want),
+            "{want}\n{}",
+            text(&o)
+        );
+    }
 }

@@ -91,26 +91,61 @@ fn helper_path(name: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The first range in `getsubids`'s output (`0: alice 100000 65536`).
+pub fn parse_getsubids(out: &str) -> Option<SubRange> {
+    let f: Vec<&str> = out.lines().next()?.split_whitespace().collect();
+    let [_, _, start, count] = f[..] else {
+        return None;
+    };
+    let (start, count) = (start.parse::<u32>().ok()?, count.parse::<u32>().ok()?);
+    (start > 0 && count > 0 && start.checked_add(count).is_some())
+        .then_some(SubRange { start, count })
+}
+
 /// This user's subordinate ids and the helpers that map them, or why a run gets a single-id
-/// mapping instead.
+/// mapping instead. Asked of shadow's `getsubids` where it is installed (libsubid: the sources
+/// /etc/nsswitch.conf names for `subid`, e.g. a site's directory through sssd, which newuidmap
+/// itself checks), else read from /etc/subuid and /etc/subgid.
 pub fn subordinate_ids(
 ) -> std::result::Result<(SubRange, SubRange, [std::path::PathBuf; 2]), String> {
-    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
-    let name = nix::unistd::User::from_uid(uid)
+    let uid = nix::unistd::getuid();
+    let Some(name) = nix::unistd::User::from_uid(uid)
         .ok()
         .flatten()
-        .map(|u| u.name);
-    let read = |f: &str| fs::read_to_string(f).unwrap_or_default();
-    let u = parse_subids(&read("/etc/subuid"), name.as_deref(), uid.as_raw())
-        .ok_or_else(|| format!("no subordinate uids for uid {uid} in /etc/subuid"))?;
-    let g = parse_subids(&read("/etc/subgid"), name.as_deref(), uid.as_raw())
-        .ok_or_else(|| format!("no subordinate gids for uid {uid} in /etc/subgid"))?;
-    let _ = gid;
-    if name.is_none() {
+        .map(|u| u.name)
+    else {
         return Err(format!(
             "uid {uid} has no name in the user database, which newuidmap needs"
         ));
-    }
+    };
+    let (u, g) = match helper_path("getsubids") {
+        Some(gs) => {
+            let ask = |flag: Option<&str>| {
+                std::process::Command::new(&gs)
+                    .args(flag)
+                    .arg(&name)
+                    .stdin(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())
+                    .and_then(|o| parse_getsubids(&String::from_utf8_lossy(&o.stdout)))
+            };
+            let u = ask(None)
+                .ok_or_else(|| format!("no subordinate uids for {name} (getsubids {name})"))?;
+            let g = ask(Some("-g"))
+                .ok_or_else(|| format!("no subordinate gids for {name} (getsubids -g {name})"))?;
+            (u, g)
+        }
+        None => {
+            let read = |f: &str| fs::read_to_string(f).unwrap_or_default();
+            let u = parse_subids(&read("/etc/subuid"), Some(&name), uid.as_raw())
+                .ok_or_else(|| format!("no subordinate uids for {name} in /etc/subuid"))?;
+            let g = parse_subids(&read("/etc/subgid"), Some(&name), uid.as_raw())
+                .ok_or_else(|| format!("no subordinate gids for {name} in /etc/subgid"))?;
+            (u, g)
+        }
+    };
     let nu = helper_path("newuidmap")
         .ok_or("newuidmap is not installed (Debian/Ubuntu package uidmap)")?;
     let ng = helper_path("newgidmap")
@@ -565,6 +600,21 @@ mod tests {
             assert_eq!(parse_subids(t, Some(who), 4242), None, "{who}");
         }
         assert_eq!(parse_subids(t, Some("zed"), 1000), None);
+    }
+
+    #[test]
+    fn getsubids_output_gives_the_first_range() {
+        let r = parse_getsubids("0: alice 100000 65536\n1: alice 300000 10\n");
+        assert_eq!(
+            r,
+            Some(SubRange {
+                start: 100000,
+                count: 65536
+            })
+        );
+        assert_eq!(parse_getsubids(""), None);
+        assert_eq!(parse_getsubids("0: alice 0 65536\n"), None);
+        assert_eq!(parse_getsubids("Error fetching ranges\n"), None);
     }
 
     #[test]
