@@ -944,3 +944,104 @@ fn an_image_owner_beyond_the_users_subordinate_ids_fails_its_pull_by_name() {
         );
     }
 }
+
+/// The run suite's subset for a user with subordinate ids, the run's processes as the image's
+/// users: the image's USER, workdir and env, the exit code, a bind mount, the sampled memory
+/// limit and the time limit.
+#[test]
+fn a_user_with_subordinate_ids_runs_as_the_images_user_under_its_limits() {
+    let Some(cw) = subid_cw(SMALLUSER, SMALLSTART, 65_536) else {
+        return;
+    };
+    const CONFIGURED: &str = "127.0.0.1:5000/tiny:config";
+    out_of(&as_uid_cw(&cw, SMALLUSER, &["pull", "-q", CONFIGURED]), 0);
+    // its USER is 65534, its workdir /tmp; 65534 is in a 65,536-id range
+    let o = as_uid_cw(
+        &cw,
+        SMALLUSER,
+        &[
+            "run",
+            "--image",
+            CONFIGURED,
+            "id -u; id -g; pwd; echo $CW_IMAGE_ENV; exit 7",
+        ],
+    );
+    assert_eq!(out_of(&o, 7), "65534\n65534\n/tmp\nfrom-image\n");
+    // a bind mount: what the image's user writes there belongs on the host to the subordinate
+    // id it maps to, what the run's root writes to the user
+    let vol = tempfile::tempdir_in(cw.dir.path()).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::fs::set_permissions(vol.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let v = format!("{}:/v", vol.path().display());
+    let o = as_uid_cw(
+        &cw,
+        SMALLUSER,
+        &[
+            "run",
+            "-v",
+            &v,
+            "--image",
+            CONFIGURED,
+            "echo a > /v/by-image-user",
+        ],
+    );
+    out_of(&o, 0);
+    let o = as_uid_cw(
+        &cw,
+        SMALLUSER,
+        &[
+            "run",
+            "-u",
+            "0",
+            "-v",
+            &v,
+            "--image",
+            CONFIGURED,
+            "echo b > /v/by-root",
+        ],
+    );
+    out_of(&o, 0);
+    let owner = |f: &str| std::fs::metadata(vol.path().join(f)).unwrap().uid();
+    assert_eq!(owner("by-image-user"), SMALLSTART + 65_533);
+    assert_eq!(owner("by-root"), SMALLUSER);
+    // the memory limit, sampled, holds for the image user's processes
+    let o = as_uid_cw(
+        &cw,
+        SMALLUSER,
+        &[
+            "run",
+            "--allow-no-cgroup",
+            "--memory",
+            "64m",
+            "--image",
+            CONFIGURED,
+            "dd if=/dev/zero bs=100M count=1 | sleep 30",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(137), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("more than its memory limit"),
+        "{}",
+        text(&o)
+    );
+    // the time limit
+    let t = std::time::Instant::now();
+    let o = as_uid_cw(
+        &cw,
+        SMALLUSER,
+        &[
+            "run",
+            "--time-limit",
+            "1s",
+            "--stop-timeout",
+            "1s",
+            "--image",
+            CONFIGURED,
+            "sleep",
+            "60",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(137), "{}", text(&o));
+    assert!(t.elapsed().as_secs() < 20);
+    assert_nothing_left(&cw);
+}
