@@ -787,6 +787,13 @@ fn a_user_with_subordinate_ids_keeps_the_images_owners_and_runs_its_users() {
     assert!(want.contains(" 3000000 3000000 "), "{want}");
     let got = out_of(&as_uid_cw(&cw, SUBUSER, &["run", "--image", EDGE, TREE]), 0);
     assert_eq!(got, want);
+    // the same from a copy of the layers (root of the namespace may read the image's mode-000
+    // files, which stop a single-id user's copy)
+    let got = out_of(
+        &as_uid_cw(&cw, SUBUSER, &["run", "--no-overlay", "--image", EDGE, TREE]),
+        0,
+    );
+    assert_eq!(got, want);
 
     // the image's users run as themselves; what they write in the run is theirs; root of the
     // run is still the user outside and holds no capability over the host
