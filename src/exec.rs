@@ -28,11 +28,6 @@ pub fn exec(rd: &RunDir, id: &str, a: &ExecArgs) -> Result<i32> {
             rd.status()
         );
     }
-    if cw_runtime::userns::needed() {
-        // the run's namespaces hang below its monitor's user namespace, and its root is mounted
-        // only in the monitor's mount namespace: joining them is not built yet
-        bail!("cw exec into a run without root is not available yet: run the command with `cw run`, or `cw attach {id}` to a run started with -it");
-    }
     let req = rd.request().context("reading the run's request")?;
     let mut env = Vec::new();
     for e in &a.env {
@@ -42,11 +37,20 @@ pub fn exec(rd: &RunDir, id: &str, a: &ExecArgs) -> Result<i32> {
             env.push(format!("{k}={v}"));
         }
     }
+    // the run's root as cw reads it: a user's run has its overlay mounted only in its monitor's
+    // namespace, so its upper dir over its layers, merged as overlayfs merges them
+    let view = match &req.overlay {
+        Some(o) => crate::image_view::View::Layers(
+            std::iter::once(o.upper.clone())
+                .chain(o.lower.iter().cloned())
+                .collect(),
+        ),
+        None => crate::image_view::View::Dir(req.rootfs.clone()),
+    };
     let user = match &a.user {
         Some(u) => {
-            let (uid, gid, extra, home) =
-                crate::rootfs::resolve_user(&crate::image_view::View::Dir(req.rootfs.clone()), u)
-                    .map_err(|e| anyhow::anyhow!("-u {u}: {e}"))?;
+            let (uid, gid, extra, home) = crate::rootfs::resolve_user(&view, u)
+                .map_err(|e| anyhow::anyhow!("-u {u}: {e}"))?;
             if !env.iter().any(|e| e.starts_with("HOME=")) {
                 env.insert(0, format!("HOME={home}"));
             }
@@ -70,7 +74,7 @@ pub fn exec(rd: &RunDir, id: &str, a: &ExecArgs) -> Result<i32> {
         .and_then(|m| m["image"].as_str().map(str::to_string))
         .unwrap_or_else(|| format!("of run {id}"));
     crate::run::check_executable(
-        &crate::image_view::View::Dir(req.rootfs.clone()),
+        &view,
         &a.command[0],
         &cw_runtime::exec::merge_env(&req.env, &env),
         a.workdir.as_deref().unwrap_or(&req.cwd),

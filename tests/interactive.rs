@@ -594,10 +594,45 @@ fn an_ordinary_users_interactive_shell_in_a_terminal() {
     t.expect("first-42", 10);
     t.send(b"\x10\x11");
     assert_eq!(t.exit_code(10), 0);
-    // cw exec cannot join a user's run yet, and says so
-    let o = as_user(&["exec", "ud", "true"]).output().unwrap();
-    assert_eq!(o.status.code(), Some(125));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not available yet"));
+    // cw exec joins the user's run: its user namespace (root is the user), its processes, its
+    // root, and no more than the run's init has
+    let exec = |args: &[&str]| {
+        let mut a = vec!["exec", "ud"];
+        a.extend_from_slice(args);
+        let o = as_user(&a).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let map: Vec<String> = exec(&["cat", "/proc/self/uid_map"])
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(map, ["0", &USER.to_string(), "1"]);
+    assert!(exec(&["ps"]).contains(" sh"), "{}", exec(&["ps"]));
+    // the run's pid namespace (its pid 1 is the run's sh) and its root (the image's busybox)
+    assert_eq!(
+        exec(&[
+            "sh",
+            "-c",
+            "cat /proc/1/comm; test -x /bin/busybox && echo image"
+        ]),
+        "sh\nimage\n"
+    );
+    let init = exec(&["cat", "/proc/1/status"]);
+    let mine = exec(&["cat", "/proc/self/status"]);
+    assert_eq!(status_lines(&init), status_lines(&mine));
+    assert!(
+        mine.contains("Seccomp:\t2") && mine.contains("NoNewPrivs:\t1"),
+        "{mine}"
+    );
+    let o = as_user(&["exec", "ud", "sh", "-c", "exit 5"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(5));
     let mut t = Term::spawn(as_user(&["attach", "ud"]), 24, 80);
     t.send(b"exit 4\r");
     assert_eq!(t.exit_code(10), 4);

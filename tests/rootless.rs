@@ -790,7 +790,11 @@ fn a_user_with_subordinate_ids_keeps_the_images_owners_and_runs_its_users() {
     // the same from a copy of the layers (root of the namespace may read the image's mode-000
     // files, which stop a single-id user's copy)
     let got = out_of(
-        &as_uid_cw(&cw, SUBUSER, &["run", "--no-overlay", "--image", EDGE, TREE]),
+        &as_uid_cw(
+            &cw,
+            SUBUSER,
+            &["run", "--no-overlay", "--image", EDGE, TREE],
+        ),
         0,
     );
     assert_eq!(got, want);
@@ -850,6 +854,20 @@ fn a_user_with_subordinate_ids_keeps_the_images_owners_and_runs_its_users() {
         ],
     );
     out_of(&o, 0);
+    // cw exec joins it: as the image's user by default (the run's), as its root with -u 0
+    let id = |args: &[&str]| {
+        let mut a = vec!["exec"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&[
+            "sub",
+            "sh",
+            "-c",
+            "id -u; cat /proc/1/comm; stat -c %u /opt/edge/owned/by-1000",
+        ]);
+        out_of(&as_uid_cw(&cw, SUBUSER, &a), 0)
+    };
+    assert_eq!(id(&[]), "1000\nsleep\n1000\n");
+    assert_eq!(id(&["-u", "0"]), "0\nsleep\n1000\n");
     out_of(&as_uid_cw(&cw, SUBUSER, &["kill", "sub"]), 0);
     let o = as_uid_cw(&cw, SUBUSER, &["rm", "-f", "sub"]);
     out_of(&o, 0);
@@ -1031,6 +1049,48 @@ fn a_user_with_subordinate_ids_runs_as_the_images_user_under_its_limits() {
         "{}",
         text(&o)
     );
+    // what cw exec starts in the run counts too: the run is stopped for it
+    let o = as_uid_cw(
+        &cw,
+        SMALLUSER,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "m",
+            "--allow-no-cgroup",
+            "--memory",
+            "64m",
+            "--image",
+            CONFIGURED,
+            "sleep 60",
+        ],
+    );
+    out_of(&o, 0);
+    let o = as_uid_cw(
+        &cw,
+        SMALLUSER,
+        &[
+            "exec",
+            "m",
+            "sh",
+            "-c",
+            "dd if=/dev/zero bs=100M count=1 | sleep 30",
+        ],
+    );
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    // the exec's end may come a moment before the run's record
+    let t = std::time::Instant::now();
+    let v = loop {
+        let o = as_uid_cw(&cw, SMALLUSER, &["stats", "m"]);
+        let v: serde_json::Value = serde_json::from_str(&out_of(&o, 0)).unwrap();
+        if !v["exit"].is_null() || t.elapsed().as_secs() > 15 {
+            break v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(v["exit"]["reason"], "memory_limit", "{v}");
+    out_of(&as_uid_cw(&cw, SMALLUSER, &["rm", "m"]), 0);
     // the time limit
     let t = std::time::Instant::now();
     let o = as_uid_cw(

@@ -136,6 +136,9 @@ pub fn exec(rd: &RunDir, o: &ExecOptions) -> Result<i32> {
         f.write_all(&serde_json::to_vec(&p).map_err(|e| Error::Host(e.to_string()))?)
             .map_err(|e| Error::Host(format!("writing {}: {e}", pfile.display())))?;
     }
+    if crate::userns::needed() {
+        join_the_runs_user_namespace(rd)?;
+    }
     let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
     let built = (|| -> Result<i32> {
         let b = ContainerBuilder::new(req.id.clone(), SyscallType::default())
@@ -167,6 +170,60 @@ pub fn exec(rd: &RunDir, o: &ExecOptions) -> Result<i32> {
     })();
     let _ = std::fs::remove_file(&pfile);
     built.map_err(|e| e.context(format_args!("exec in run {}", req.id)))
+}
+
+/// A run without root: the namespaces its monitor made before the container (not in the
+/// run's spec, so libcontainer would not join them), joined here through the run's init: the
+/// user namespace first (only from inside it may this process join the others), the network
+/// namespace, and a cgroup2 view of the run's cgroup namespace on /sys/fs/cgroup in a mount
+/// namespace of our own, as the monitor made for libcontainer; libcontainer then joins the
+/// run's mount namespace and the rest. The init's /proc entries, not the monitor's: the monitor
+/// runs from a sealed copy, is not dumpable, and its memory is the host's user namespace's.
+fn join_the_runs_user_namespace(rd: &RunDir) -> Result<()> {
+    let pid = rd
+        .state()
+        .and_then(|s| s.pid)
+        .ok_or_else(|| Error::Request("the run has no process".into()))?;
+    use nix::sched::CloneFlags as F;
+    // all opened first: once inside the user namespace this process may read less of /proc
+    let mut fds = Vec::new();
+    for (ns, flag) in [
+        ("user", F::CLONE_NEWUSER),
+        ("net", F::CLONE_NEWNET),
+        ("cgroup", F::CLONE_NEWCGROUP),
+    ] {
+        let p = format!("/proc/{pid}/ns/{ns}");
+        let f = File::open(&p).map_err(|e| Error::Host(format!("opening {p}: {e}")))?;
+        fds.push((p, f, flag));
+    }
+    for (p, f, flag) in fds {
+        nix::sched::setns(&f, flag)
+            .map_err(|e| Error::Host(format!("joining the run's namespace {p}: {e}")))?;
+    }
+    nix::sched::unshare(F::CLONE_NEWNS)
+        .map_err(|e| Error::Host(format!("a mount namespace for cw exec: {e}")))?;
+    use nix::mount::{mount, MsFlags};
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| Error::Host(format!("making cw exec's mounts private: {e}")))?;
+    mount(
+        Some("cgroup2"),
+        "/sys/fs/cgroup",
+        Some("cgroup2"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        Error::Host(format!(
+            "mounting cgroup2 on /sys/fs/cgroup for cw exec: {e}"
+        ))
+    })?;
+    Ok(())
 }
 
 /// Wait for the exec'd child; shell convention (128+signal).
