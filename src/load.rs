@@ -47,6 +47,11 @@ impl Drop for Source {
 }
 
 impl Source {
+    /// Whether the top-level entry `name` exists (of whatever type: reading it says more).
+    fn present(&self, name: &str) -> bool {
+        std::fs::symlink_metadata(self.root.join(name)).is_ok()
+    }
+
     fn read(&mut self, rel: &str, limit: usize) -> Result<Vec<u8>, LoadError> {
         let mut f = self
             .tree
@@ -208,7 +213,10 @@ pub fn load(
         max_unpacked,
         &format!("the images in {}", input.display()),
     );
-    if let Ok(m) = src.read("manifest.json", manifest::MAX_MANIFEST_BYTES) {
+    // which kind is told by which file is there; one that is there but cannot be read is an
+    // error of its own (e.g. umoci's index.json is 0600: another user cannot load the layout)
+    if src.present("manifest.json") {
+        let m = src.read("manifest.json", manifest::MAX_MANIFEST_BYTES)?;
         let entries: Vec<DockerSaveEntry> = serde_json::from_slice(&m)
             .map_err(|e| bad(&input.join("manifest.json"), e.to_string()))?;
         let mut out = Vec::new();
@@ -245,14 +253,13 @@ pub fn load(
         }
         return Ok(out);
     }
-    let idx_bytes = src
-        .read("index.json", manifest::MAX_MANIFEST_BYTES)
-        .map_err(|_| {
-            bad(
-                input,
-                "neither a docker save archive (manifest.json) nor an OCI layout (index.json)",
-            )
-        })?;
+    if !src.present("index.json") {
+        return Err(bad(
+            input,
+            "neither a docker save archive (manifest.json) nor an OCI layout (index.json)",
+        ));
+    }
+    let idx_bytes = src.read("index.json", manifest::MAX_MANIFEST_BYTES)?;
     let Parsed::Index(entries) =
         manifest::parse(&idx_bytes, Some(manifest::OCI_INDEX)).map_err(PullError::from)?
     else {

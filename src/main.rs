@@ -398,10 +398,15 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 _ => {
                     let req = rd.request()?;
-                    let mut u = cw_runtime::cgroup::read(&req.cgroup_path());
+                    let pid = rd.state().and_then(|s| s.pid);
+                    let mut u = match pid.and_then(cw_runtime::cgroup::v2_dir_of) {
+                        // a user's run below a delegated cgroup: where its init is
+                        Some(d) if cw_runtime::userns::needed() => cw_runtime::cgroup::read_v2(&d),
+                        _ => cw_runtime::cgroup::read(&req.cgroup_path()),
+                    };
                     if cw_runtime::userns::needed() && u == Default::default() {
                         // a run without a cgroup: its processes' memory, as its monitor samples it
-                        if let Some(pid) = rd.state().and_then(|s| s.pid) {
+                        if let Some(pid) = pid {
                             u.memory_current = cw_runtime::sample::Sampler::new(pid).sample(None);
                         }
                     }

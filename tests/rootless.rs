@@ -208,6 +208,48 @@ fn a_user_namespace_gives_no_more_than_the_user_had() {
     assert!(out.contains("keys=0"), "{}", text(&o));
 }
 
+/// A layout the user may not read (umoci writes index.json 0600): `cw load` names the file and
+/// the reason, not "neither a docker save archive nor an OCI layout".
+#[test]
+fn an_unreadable_layout_fails_its_load_by_name() {
+    let Some(cw) = user_cw() else { return };
+    let layout = fixtures_root().join("work/oci-tiny");
+    if !layout.join("index.json").exists() {
+        skip("no fixture layout");
+        return;
+    }
+    let copy = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(layout.join("."))
+        .arg(copy.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    // all of it readable (umoci writes its files 0600), then index.json root's alone again
+    let o = std::process::Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(copy.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    use std::os::unix::fs::PermissionsExt;
+    let idx = copy.path().join("index.json");
+    std::fs::set_permissions(&idx, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let o = as_user_cw(&cw, &["load", "-i", copy.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(125), "{}", text(&o));
+    let want = format!("{}: cannot open: Permission denied", idx.display());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(&want),
+        "{}",
+        text(&o)
+    );
+    // readable, it loads
+    std::fs::set_permissions(&idx, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = as_user_cw(&cw, &["load", "-i", copy.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
 #[test]
 fn a_limit_without_a_cgroup_fails_with_the_reason() {
     let Some(cw) = user_cw() else { return };

@@ -47,6 +47,59 @@ pub fn v2_dir(cgroup_path: &str) -> PathBuf {
     Path::new(cgroups_rs::hierarchies::UNIFIED_MOUNTPOINT).join(cgroup_path.trim_start_matches('/'))
 }
 
+/// The cgroup v2 directory process `pid` is in, as this process's cgroup namespace shows it;
+/// None on a host whose memory controller is v1's, or at the top.
+pub fn v2_dir_of(pid: i32) -> Option<PathBuf> {
+    if version() != Version::V2 {
+        return None;
+    }
+    let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let rel = s.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+    let rel = rel.trim_start_matches('/');
+    (!rel.is_empty() && !rel.starts_with("..")).then(|| v2_dir(rel))
+}
+
+/// A user's run below a delegated cgroup v2 subtree: its limits written to its cgroup's files,
+/// as libcontainer writes a root run's (the same values: memory.swap.max is the swap part of
+/// memory plus swap). libcontainer is given no resources for such a run: with any, it also
+/// loads the device cgroup's eBPF program, which needs the host's CAP_SYS_ADMIN (the
+/// container's /dev holds only the nodes bound from the host, which the user could open
+/// anyway). Called between the create and the start, while the init waits.
+pub fn write_v2_limits(cgroup_path: &str, l: &crate::request::Limits, cpuset: bool) -> Result<()> {
+    let dir = v2_dir(cgroup_path);
+    let put = |f: &str, v: String| {
+        std::fs::write(dir.join(f), &v)
+            .map_err(|e| Error::Host(format!("writing {v:?} to {}: {e}", dir.join(f).display())))
+    };
+    if let Some(m) = l.memory {
+        put("memory.max", m.to_string())?;
+        let swap = l
+            .memory_swap
+            .unwrap_or_else(|| (m as i64).saturating_mul(2));
+        let swap = if swap < 0 {
+            "max".to_string()
+        } else {
+            (swap as u64).saturating_sub(m).to_string()
+        };
+        // a kernel without swap accounting has no memory.swap.max: nothing to hold
+        if dir.join("memory.swap.max").exists() {
+            put("memory.swap.max", swap)?;
+        }
+    }
+    if let Some(c) = l.cpus {
+        let period = 100_000u64;
+        let quota = ((c * period as f64).round() as i64).max(1000);
+        put("cpu.max", format!("{quota} {period}"))?;
+    }
+    if let (Some(c), true) = (&l.cpuset, cpuset) {
+        put("cpuset.cpus", c.clone())?;
+    }
+    if let Some(p) = l.pids.filter(|p| *p > 0) {
+        put("pids.max", p.to_string())?;
+    }
+    Ok(())
+}
+
 /// Read the usage of the cgroup at `cgroup_path` (absolute within the hierarchy, e.g. `/cw/run1`).
 pub fn read(cgroup_path: &str) -> Usage {
     match version() {

@@ -182,14 +182,10 @@ pub fn build_rootless(req: &RunRequest, cgroup: bool) -> Result<Spec> {
             v["process"]["rlimits"] = json!([{"type": "RLIMIT_NPROC", "hard": n, "soft": n}]);
         }
     }
-    let linux = &mut v["linux"];
-    if cgroup {
-        if let Some(r) = linux["resources"].as_object_mut() {
-            r.remove("devices");
-        }
-    } else {
-        linux.as_object_mut().unwrap().remove("resources");
-    }
+    // no resources for libcontainer: with a cgroup (a delegated v2 subtree) the monitor writes
+    // the limits itself (`cgroup::write_v2_limits`), since libcontainer would also load the
+    // device cgroup's eBPF program, which needs the host's CAP_SYS_ADMIN
+    v["linux"].as_object_mut().unwrap().remove("resources");
     to_spec(v)
 }
 
@@ -415,12 +411,11 @@ mod tests {
             s["process"]["rlimits"],
             serde_json::json!([{"type": "RLIMIT_NPROC", "hard": 30, "soft": 30}])
         );
-        // with a cgroup: the limits, but no device cgroup (and the pids controller, no rlimit)
+        // with a cgroup: the pids controller, no rlimit; no resources for libcontainer (the
+        // monitor writes the limits: libcontainer would load a device eBPF program too)
         let s = j(&build_rootless(&r, true).unwrap());
         assert!(s["process"].get("rlimits").is_none(), "{}", s["process"]);
-        let res = &s["linux"]["resources"];
-        assert_eq!(res["memory"]["limit"], 64 << 20);
-        assert!(res.get("devices").is_none(), "{res}");
+        assert!(s["linux"].get("resources").is_none(), "{}", s["linux"]);
         // the host's network: no sysfs of its own, the host's /sys read-only
         r.network = Network::Host;
         let s = j(&build_rootless(&r, false).unwrap());

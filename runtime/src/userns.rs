@@ -1,15 +1,21 @@
 //! Runs for a user without root on the host. The monitor, started by that user, makes a user
-//! namespace of its own where the user's uid and gid are root and the only ids (a single-id
-//! mapping, as enroot and Charliecloud do: every file of the image appears owned by root), then a
-//! mount and a cgroup namespace in which `/sys/fs/cgroup` is a fresh cgroup2 mount of the
-//! monitor's own cgroup. libcontainer, run from inside, takes itself for rootless (its
-//! `rootless_required`): device nodes are bound from the host, and its cgroup v2 manager goes on
-//! where it may not write. Where the user owns that cgroup and can enable the memory and pids
-//! controllers below it the run gets one of its own with its limits; where not (cgroup v1 like
-//! this host, a hybrid host's cgroup2 without controllers, and — cgroup v2 enabling controllers
-//! only below a cgroup without processes — the monitor's own cgroup) the run has no cgroup, and
-//! a limit asked for fails the run with a message saying so rather than being dropped, unless
-//! the run accepts its memory being sampled instead (`crate::sample`).
+//! namespace of its own where the user's uid and gid are root: the only ids (a single-id
+//! mapping, as enroot and Charliecloud do: every file of the image appears owned by root), or,
+//! started by a cw inside the user's subordinate ids' namespace ([`enter_subordinate`]), those
+//! ids too. Then a mount namespace, and the run's cgroup:
+//! - on a cgroup v2 host where the cgroup above cw's is delegated to the user
+//!   ([`delegated_parent`]: systemd's `user@.service`, `systemd-run --user --scope`), that cgroup
+//!   is bound on /sys/fs/cgroup and the run gets a cgroup of its own below it with its limits,
+//!   as a root run does below /sys/fs/cgroup;
+//! - elsewhere (cgroup v1 like this host, a hybrid host's cgroup2 without controllers, no
+//!   delegation) a cgroup namespace in which `/sys/fs/cgroup` is a fresh cgroup2 mount of the
+//!   monitor's own cgroup, where libcontainer's v2 manager goes on where it may not write: the
+//!   run has no cgroup, and a limit asked for fails the run with a message saying so rather
+//!   than being dropped, unless the run accepts its memory being sampled instead
+//!   (`crate::sample`).
+//!
+//! libcontainer, run from inside, takes itself for rootless (its `rootless_required`): device
+//! nodes are bound from the host.
 //!
 //! Namespaces the container gets afterwards (pid, ipc, uts, mount, cgroup, and network for
 //! `none`/`private`, which the monitor makes after this one) belong to this user namespace, so
@@ -326,6 +332,9 @@ pub fn inside() -> bool {
 /// must be the user's, and [`cgroup_refusal`] must find nothing against it. [`enter`] decides
 /// the same for the monitor's own cgroup.
 pub fn own_cgroup_refusal() -> Option<String> {
+    if crate::cgroup::version() == crate::cgroup::Version::V2 {
+        return delegated_parent().err();
+    }
     let none =
         || Some("no cgroup v2 directory of this user's (cgroup v1, or no delegation)".into());
     let Some(rel) = fs::read_to_string("/proc/self/cgroup").ok().and_then(|s| {
@@ -368,6 +377,8 @@ pub struct Entered {
 /// started from the host's, it maps the user alone.
 pub fn enter() -> Result<Entered> {
     let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+    // asked as the user, before the user namespace: ownership as the host sees it
+    let delegated = delegated_parent();
     let (ur, gr) = (own_ranges("uid"), own_ranges("gid"));
     let ids = if inside() && contiguous(&ur) > 1 {
         let lines = |r: &[(u32, u32)]| {
@@ -398,19 +409,38 @@ pub fn enter() -> Result<Entered> {
         write("/proc/self/gid_map", format!("0 {gid} 1"))?;
         (1, 1)
     };
+    if let Ok(parent) = &delegated {
+        // the delegated parent is libcontainer's /sys/fs/cgroup: runs get cgroups of their own
+        // below it, with their limits. No cgroup namespace: from one rooted at this process's
+        // own cgroup the kernel would refuse to move the container into a sibling of it
+        unshare(CloneFlags::CLONE_NEWNS)
+            .map_err(|e| Error::Host(format!("creating the run's mount namespace: {e}")))?;
+        private_mounts()?;
+        mount(
+            Some(parent.as_path()),
+            "/sys/fs/cgroup",
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| {
+            Error::Host(format!(
+                "binding the delegated cgroup {} on /sys/fs/cgroup: {e}",
+                parent.display()
+            ))
+        })?;
+        tracing::info!(
+            "the run's cgroup is below the delegated cgroup {}",
+            parent.display()
+        );
+        return Ok(Entered { cgroup: true, ids });
+    }
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWCGROUP).map_err(|e| {
         Error::Host(format!(
             "creating the run's mount and cgroup namespaces: {e}"
         ))
     })?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| Error::Host(format!("making the mounts private: {e}")))?;
+    private_mounts()?;
     // the v1 hierarchies (and a hybrid host's v2 one) are root's: libcontainer sees only the
     // cgroup2 view of this process's own cgroup
     mount(
@@ -431,6 +461,11 @@ pub fn enter() -> Result<Entered> {
     } else {
         Some("this user may not write the cgroup it is in".into())
     };
+    // on a cgroup v2 host, the reason no delegated parent served says more
+    let refusal = match (refusal, delegated) {
+        (Some(_), Err(why)) if crate::cgroup::version() == crate::cgroup::Version::V2 => Some(why),
+        (r, _) => r,
+    };
     if let Some(why) = &refusal {
         tracing::info!("{why}: the run has no cgroup");
     }
@@ -438,6 +473,63 @@ pub fn enter() -> Result<Entered> {
         cgroup: refusal.is_none(),
         ids,
     })
+}
+
+fn private_mounts() -> Result<()> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| Error::Host(format!("making the mounts private: {e}")))
+}
+
+/// Where a user's runs get cgroups of their own, with their limits, on a cgroup v2 host: the
+/// parent of the cgroup this process is in, where the user owns it (a delegated subtree:
+/// systemd's `user@.service`, under which `systemd-run --user --scope cw …` starts cw in a
+/// scope of its own, or a site's) and it gives its children the memory and pids controllers.
+/// Not the process's own cgroup: v2 enables controllers only below a cgroup without processes,
+/// and this one holds this process (and often the user's shell); its parent holds none once
+/// its children have controllers. Err: why not, for the run's log and the worker's report.
+pub fn delegated_parent() -> std::result::Result<std::path::PathBuf, String> {
+    if crate::cgroup::version() != crate::cgroup::Version::V2 {
+        return Err("the host's memory controller is cgroup v1's (cgroup v1 or hybrid): no cgroup of a user's can have it".into());
+    }
+    let rel = fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        })
+        .ok_or("no cgroup v2 entry in /proc/self/cgroup")?;
+    let rel = rel.trim().trim_start_matches('/');
+    let own = Path::new(cgroups_rs::hierarchies::UNIFIED_MOUNTPOINT).join(rel);
+    let parent = own
+        .parent()
+        .filter(|p| rel.contains('/') && p.starts_with(cgroups_rs::hierarchies::UNIFIED_MOUNTPOINT))
+        .ok_or_else(|| format!("cw's cgroup /{rel} is at the top of the hierarchy (root's)"))?
+        .to_path_buf();
+    let not_delegated = || {
+        format!(
+            "the cgroup above cw's, {}, is not delegated to this user (systemd-run --user --scope starts cw in a scope of the user's own)",
+            parent.display()
+        )
+    };
+    use nix::unistd::{access, AccessFlags};
+    for f in ["", "cgroup.procs", "cgroup.subtree_control"] {
+        access(&parent.join(f), AccessFlags::W_OK).map_err(|_| not_delegated())?;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(&parent).map_err(|_| not_delegated())?;
+    if m.uid() != nix::unistd::getuid().as_raw() {
+        return Err(not_delegated());
+    }
+    match cgroup_refusal(&parent, true) {
+        None => Ok(parent),
+        Some(why) => Err(format!("{}: {why}", parent.display())),
+    }
 }
 
 /// The controllers a run's cgroup needs (memory for its limit and accounting, pids for its

@@ -52,6 +52,38 @@ e=$(cw $R --cgroup-parent /job -m 30m 'cat /proc/self/cgroup' 2>&1); out beside 
 out job_after "$(find $G/job -mindepth 1 -maxdepth 1 -type d | tr '\n' ' ')"
 echo $$ > $G/cgroup.procs
 
+# a user's runs on a delegated subtree, as systemd's Delegate=yes makes one (the directory and
+# its cgroup.procs, cgroup.subtree_control and cgroup.threads are the user's) with cw started in
+# a scope below it, as `systemd-run --user --scope cw …` starts it: the runs get cgroups of their
+# own below the delegated one, with their limits
+U=64133
+mkdir -p $G/deleg/scope $S/u
+echo "+memory +pids +cpu" > $G/cgroup.subtree_control
+for d in $G/deleg $G/deleg/scope; do
+  chown $U:$U $d $d/cgroup.procs $d/cgroup.subtree_control $d/cgroup.threads
+done
+chown $U:$U $S/u
+# the user's own copy of the layout (umoci writes index.json 0600, root's)
+cp -a "$LAYOUT" $S/u/layout && chown -R $U:$U $S/u/layout
+ucw() { ( echo 0 > $G/deleg/scope/cgroup.procs &&
+  exec /usr/bin/setpriv --reuid $U --regid $U --clear-groups env HOME=$S/u \
+    "$CWB" --store $S/u/store --config /dev/null "$@" ); }
+UL=$(ucw load -i $S/u/layout 2>&1)
+UIMG=$(echo "$UL" | sed -n 's/^Loaded image \(sha256:[0-9a-f]*\).*/\1/p' | head -1)
+out user_load "$UL"
+UR="run --pull never --image $UIMG"
+e=$(ucw $UR -m 20m 'head -c 60m /dev/zero | tail' 2>&1 >/dev/null); out user_oom "rc=$? $e"
+id=$(ucw $UR -d --pids-limit 10 --cpus 0.5 -m 64m sleep 30)
+sleep 2
+out user_files "pids.max=$(cat $G/deleg/cw/$id/pids.max) cpu.max=$(tr " " / < $G/deleg/cw/$id/cpu.max) memory.max=$(cat $G/deleg/cw/$id/memory.max) owner=$(stat -c %u $G/deleg/cw/$id)"
+out user_live "$(ucw stats $id | tr -d '\n ')"
+ucw rm -f $id >/dev/null
+out user_forks "$(ucw $UR --pids-limit 10 sh -c 'for i in $(seq 30); do sleep 3 & echo started $i; done' 2>/dev/null | tail -1)"
+ucw $UR --keep --name upeak -m 100m sh -c 'dd if=/dev/zero of=/dev/shm/x bs=1M count=30 2>/dev/null'
+out user_peak "$(ucw stats upeak | tr -d '\n ')"
+ucw rm upeak >/dev/null
+out user_after "$(find $G/deleg -mindepth 1 -type d | sort | tr '\n' ' ')"
+
 # cw worker on v2: against the host's CodaLab server and registry through the tap link
 # (tests/cgroup_v2.rs forwards 10.199.0.1's ports to the host's loopback). The host submits the
 # bundles, watches them end, then creates $CW_UML_SHARED/stop.

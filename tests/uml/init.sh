@@ -11,11 +11,14 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 /bin/busybox mount -t cgroup2 cgroup2 /sys/fs/cgroup
 # the kernel's own device nodes (hostfs shows the host's, which this kernel cannot open), tun
 # among them for pasta, a bundle's private network
-/bin/busybox insmod /usr/lib/uml/modules/*/kernel/drivers/net/tun.ko 2>/dev/null
+# (modules of the running kernel: Debian's package, or scripts/uml-kernel.sh's 6.12)
+M=/usr/lib/uml/modules/$(/bin/busybox uname -r)
+[ -d "$M" ] || M=/opt/cw-uml/modules/$(/bin/busybox uname -r)
+/bin/busybox insmod "$M/kernel/drivers/net/tun.ko" 2>/dev/null
 /bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
 /bin/busybox mkdir -p /dev/pts /dev/shm
 /bin/busybox mount -t devpts devpts /dev/pts 2>/dev/null
-/bin/busybox insmod /usr/lib/uml/modules/*/kernel/fs/overlayfs/overlay.ko 2>/dev/null
+/bin/busybox insmod "$M/kernel/fs/overlayfs/overlay.ko" 2>/dev/null
 /bin/busybox ip link set lo up 2>/dev/null
 # the tap link tests/cgroup_v2.rs gives the kernel (vec0), when it does
 if /bin/busybox ip link set vec0 up 2>/dev/null; then

@@ -174,7 +174,8 @@ pub fn main(dir: &Path) -> i32 {
         }
         isolate_network(dir, req, pasta)?;
         let prepared = prepare(dir, req, entered.inherited_oom_adj, rootless)?;
-        let mut launched = launch(dir, req, prepared, started)?;
+        let limits_here = rootless.is_some_and(|u| u.cgroup);
+        let mut launched = launch(dir, req, prepared, started, limits_here)?;
         if rootless.is_some_and(|u| !u.cgroup) {
             // no cgroup to account for the run or to hold its memory: its processes are sampled
             launched.sampler = Some(crate::sample::Sampler::new(launched.pid.as_raw()));
@@ -354,7 +355,13 @@ struct Launched {
 
 /// Create and start the container through libcontainer; a failure undoes what was made and
 /// names what libcontainer's init logged about it.
-fn launch(dir: &Path, req: &RunRequest, p: Prepared, started: f64) -> Result<Launched> {
+fn launch(
+    dir: &Path,
+    req: &RunRequest,
+    p: Prepared,
+    started: f64,
+    limits_here: bool,
+) -> Result<Launched> {
     let lc_root = dir.join("lc");
     let _ = fs::create_dir_all(&lc_root);
     // the parent cgroups that creating this run's cgroup will make, to be removed with it
@@ -444,6 +451,13 @@ fn launch(dir: &Path, req: &RunRequest, p: Prepared, started: f64) -> Result<Lau
         cgroup::remove_parents(&made_parents);
         Err(msg)
     };
+    if limits_here {
+        // a user's run below a delegated cgroup: its limits, before its command starts
+        let cpuset = cgroup::controller_available(&req.cgroup_parent, "cpuset");
+        if let Err(e) = cgroup::write_v2_limits(&req.cgroup_path(), &req.limits, cpuset) {
+            return undo(&mut container, e.context("the run's limits"));
+        }
+    }
     let console = match (&console_listener, req.tty) {
         (Some(l), Some(size)) => match stdio::open_console(dir, req, l, size) {
             Ok(c) => Some(c),
