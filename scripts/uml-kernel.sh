@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# A User-mode Linux kernel that boots on this CPU, for tests/cgroup_v2.rs: Debian 13's
-# user-mode-linux (6.12) with Debian 13's glibc beside it, in /opt/cw-uml.
+# A User-mode Linux kernel that boots on this CPU, for tests/cgroup_v2.rs: Debian unstable's
+# user-mode-linux (7.2) with the same suite's glibc beside it, in /opt/cw-uml.
 #
 # Why: Debian 12's UML (6.1, the package setup.sh installs) dies at init on a CPU with AMX
 # ("userspace - ptrace set fp regs failed, errno = 14": it hands ptrace a fixed-size XSTATE
-# buffer). 6.12 sizes it from the CPU. Its binary needs glibc 2.38 (bookworm has 2.36), so the
-# trixie loader and libc go beside it and the binary is pointed at them (patchelf); running it
-# through the loader instead moves its text and UML then refuses its memory layout.
+# buffer), and so does Debian 13's 6.12 (tried); 7.2 boots. Its binary needs a newer glibc than
+# bookworm's 2.36, so that suite's loader and libc go beside it and the binary is pointed at
+# them (patchelf); running it through the loader instead moves its text and UML then refuses its
+# memory layout. CW_UML_SUITE picks another suite.
 #
 # Everything downloaded is verified the way apt verifies it: InRelease against Debian's archive
 # keyring, Packages.xz against InRelease's SHA256, each .deb against Packages' SHA256.
