@@ -311,17 +311,9 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
                     }
                     std::process::exit(ex.exit_code);
                 }
-                cw_runtime::rundir::Status::Lost => {
-                    // ours to reap; the check below then reads its records once more (one it
-                    // wrote last counts) and says how it ended
-                    if let Err(e) = child.wait() {
-                        anyhow::bail!(
-                            "run {}: its monitor died before the container started ({e}){}",
-                            req.id,
-                            log_tail()
-                        )
-                    }
-                }
+                // Lost (no live monitor by its pid file) is settled below by whether our child
+                // has exited: it is ours, and a wait here would block for as long as a live one
+                // runs, should its pid file ever be read in a moment it cannot be matched
                 _ => {}
             }
             if let Ok(Some(st)) = child.try_wait() {
