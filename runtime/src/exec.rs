@@ -202,27 +202,7 @@ fn join_the_runs_user_namespace(rd: &RunDir) -> Result<()> {
     }
     nix::sched::unshare(F::CLONE_NEWNS)
         .map_err(|e| Error::Host(format!("a mount namespace for cw exec: {e}")))?;
-    use nix::mount::{mount, MsFlags};
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| Error::Host(format!("making cw exec's mounts private: {e}")))?;
-    mount(
-        Some("cgroup2"),
-        "/sys/fs/cgroup",
-        Some("cgroup2"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(|e| {
-        Error::Host(format!(
-            "mounting cgroup2 on /sys/fs/cgroup for cw exec: {e}"
-        ))
-    })?;
+    crate::userns::cgroup2_view().map_err(|e| e.context("cw exec"))?;
     Ok(())
 }
 

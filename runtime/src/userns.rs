@@ -440,17 +440,9 @@ pub fn enter() -> Result<Entered> {
             "creating the run's mount and cgroup namespaces: {e}"
         ))
     })?;
-    private_mounts()?;
     // the v1 hierarchies (and a hybrid host's v2 one) are root's: libcontainer sees only the
     // cgroup2 view of this process's own cgroup
-    mount(
-        Some("cgroup2"),
-        "/sys/fs/cgroup",
-        Some("cgroup2"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(|e| Error::Host(format!("mounting cgroup2 on /sys/fs/cgroup: {e}")))?;
+    cgroup2_view()?;
     let probe = format!("/sys/fs/cgroup/.cw-probe-{}", std::process::id());
     let writable = fs::create_dir(&probe).is_ok();
     if writable {
@@ -484,6 +476,21 @@ fn private_mounts() -> Result<()> {
         None::<&str>,
     )
     .map_err(|e| Error::Host(format!("making the mounts private: {e}")))
+}
+
+/// In a new mount namespace (and a cgroup namespace of this user namespace's), the mounts made
+/// private and a fresh cgroup2 mount on /sys/fs/cgroup: the cgroup namespace's own view, which
+/// libcontainer is given in place of the host's hierarchies (root's).
+pub(crate) fn cgroup2_view() -> Result<()> {
+    private_mounts()?;
+    mount(
+        Some("cgroup2"),
+        "/sys/fs/cgroup",
+        Some("cgroup2"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| Error::Host(format!("mounting cgroup2 on /sys/fs/cgroup: {e}")))
 }
 
 /// Where a user's runs get cgroups of their own, with their limits, on a cgroup v2 host: the

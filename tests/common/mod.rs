@@ -823,6 +823,9 @@ pub fn assert_no_process_names(p: &Path) {
 /// Make `uid` a user with `count` subordinate ids from `start` (a name in the user database,
 /// which newuidmap needs, and its lines in /etc/subuid and /etc/subgid), once.
 pub fn subid_user(uid: u32, start: u32, count: u32) {
+    // one at a time: useradd fails while another holds /etc/passwd's lock
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let name = format!("cwsub{uid}");
     let have = std::process::Command::new("getent")
         .args(["passwd", &uid.to_string()])
