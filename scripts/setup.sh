@@ -8,13 +8,16 @@ export DEBIAN_FRONTEND=noninteractive
 
 pkgs=(libseccomp-dev pkg-config docker-registry skopeo umoci busybox-static zstd pigz curl jq attr
       apache2-utils openssl hyperfine libcap2-bin file debootstrap ca-certificates debian-archive-keyring
-      iproute2 python3 bc runc crun passt uidmap patchelf libelf-dev zlib1g-dev libc6-dev user-mode-linux slurm-wlm munge
+      iproute2 python3 bc runc crun passt uidmap patchelf fuse-overlayfs libelf-dev zlib1g-dev libc6-dev user-mode-linux slurm-wlm munge
       strace socat)
 bash scripts/apt-install.sh "${pkgs[@]}"
 
 # runs without root reach the network through pasta, which opens /dev/net/tun as that user:
 # udev makes it 0666 on a Debian host (50-udev-default.rules); this sandbox's /dev has it 0600
 [ -c /dev/net/tun ] && chmod 0666 /dev/net/tun
+# and fuse-overlayfs (a user's rootfs where the kernel mounts no overlayfs in a user namespace)
+# opens /dev/fuse, 0666 on Debian too
+[ -c /dev/fuse ] && chmod 0666 /dev/fuse
 
 # a User-mode Linux kernel that boots on any x86-64 CPU (Debian 12's cannot on one with AMX),
 # for the cgroup v2 tests

@@ -76,11 +76,16 @@ pub fn create(
     // (overlayfs allows that from Linux 5.11, with `userxattr`): the preparation reads the
     // layers through a merged view meanwhile
     let rootless = cw_runtime::userns::needed();
-    let user_overlay = rootless && cw_runtime::overlay::unprivileged_supported();
-    if rootless && !force_copy && !user_overlay {
-        tracing::info!(
-            "a run without root on a kernel before 5.11: its layers are copied into its rootfs (no overlayfs in a user namespace)"
-        );
+    let chosen = rootless.then(cw_runtime::overlay::user_overlay);
+    let user_overlay = matches!(chosen, Some(Ok(_)));
+    match &chosen {
+        Some(Err(why)) if !force_copy => {
+            tracing::info!("a run without root: its layers are copied into its rootfs ({why})")
+        }
+        Some(Ok(cw_runtime::overlay::UserOverlay::Fuse)) if !force_copy => {
+            tracing::info!("a run without root: its monitor mounts its layers with fuse-overlayfs")
+        }
+        _ => {}
     }
     if !force_copy && (!rootless || user_overlay) {
         let upper = run_dir.join("upper");
@@ -105,6 +110,7 @@ pub fn create(
                     lower: lowers,
                     upper,
                     work,
+                    fuse: matches!(chosen, Some(Ok(cw_runtime::overlay::UserOverlay::Fuse))),
                 }),
             });
         }

@@ -1154,3 +1154,70 @@ fn a_user_with_subordinate_ids_runs_as_the_images_user_under_its_limits() {
     assert!(t.elapsed().as_secs() < 20);
     assert_nothing_left(&cw);
 }
+
+/// Where the kernel mounts no overlayfs in a user namespace (before 5.11): fuse-overlayfs,
+/// chosen here with `CW_USER_OVERLAY=fuse`. The run's root is its mount, merged as the kernel's
+/// overlay merges the edge image; writes stay in the run; its process goes with the run.
+#[test]
+fn a_users_rootfs_through_fuse_overlayfs_merges_as_the_kernels() {
+    let Some(cw) = user_cw() else { return };
+    if cw_runtime::overlay::fuse_overlayfs_path().is_none() {
+        skip("fuse-overlayfs is not installed");
+        return;
+    }
+    let fuse = |args: &[&str]| {
+        let mut c = cw.cmd(args);
+        c.uid(USER)
+            .gid(USER)
+            .env("HOME", cw.dir.path())
+            .env("CW_USER_OVERLAY", "fuse")
+            .env_remove("XDG_DATA_HOME");
+        c.output().unwrap()
+    };
+    const EDGE: &str = "127.0.0.1:5000/edge:latest";
+    assert!(as_user_cw(&cw, &["pull", "-q", EDGE]).status.success());
+    let o = fuse(&[
+        "--log",
+        "info",
+        "run",
+        "--image",
+        TINY,
+        "grep ' / / ' /proc/self/mountinfo; rm /bin/true && echo removed; echo new > /etc/new",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains(" - fuse.fuse-overlayfs ") && out.contains("removed"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("mounts its layers with fuse-overlayfs"),
+        "{}",
+        text(&o)
+    );
+    let o = fuse(&[
+        "run",
+        "--image",
+        TINY,
+        "test -e /bin/true && test ! -e /etc/new",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // the edge image's whiteouts, opaque dirs and names: what the kernel's overlay shows
+    let check = "test -e /etc/motd && echo motd-present; test -d /usr/share/lintian && echo lintian-present; ls /usr/share/doc | tr '\\n' ' '; echo; find / -xdev | sort | md5sum";
+    let want = user_out(&cw, &["run", "--image", EDGE, check], 0);
+    let o = fuse(&["run", "--image", EDGE, check]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), want, "{}", text(&o));
+    // a detached run: its fuse-overlayfs lives as long as it, and goes with it
+    let o = fuse(&["run", "-d", "--name", "fz", "--image", TINY, "sleep 60"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let store = cw.store();
+    let running = std::process::Command::new("pgrep")
+        .args(["-f", &format!("fuse-overlayfs .*{}", store.display())])
+        .output()
+        .unwrap();
+    assert!(running.status.success(), "no fuse-overlayfs for the run");
+    let o = fuse(&["rm", "-f", "fz"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_no_process_names(&store);
+    assert_nothing_left(&cw);
+}

@@ -11,6 +11,152 @@ pub fn unprivileged_supported() -> bool {
     crate::userns::kernel_at_least(5, 11)
 }
 
+/// How a run without root gets its overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserOverlay {
+    /// The kernel's overlayfs, mounted in the run's user namespace (Linux 5.11+).
+    Kernel,
+    /// fuse-overlayfs (Debian's package), for kernels before 5.11.
+    Fuse,
+}
+
+/// Where fuse-overlayfs is (PATH, then /usr/bin).
+pub fn fuse_overlayfs_path() -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/bin")])
+        .map(|d| d.join("fuse-overlayfs"))
+        .find(|p| p.is_file())
+}
+
+/// The overlay a run without root gets: the kernel's where it mounts one in a user namespace,
+/// else fuse-overlayfs where installed; None: its layers are copied. `CW_USER_OVERLAY=fuse` (or
+/// `kernel`) picks one (a kernel whose overlayfs in user namespaces a site has disabled).
+pub fn user_overlay() -> std::result::Result<UserOverlay, String> {
+    let fuse = || {
+        fuse_overlayfs_path()
+            .map(|_| UserOverlay::Fuse)
+            .ok_or_else(|| {
+                "fuse-overlayfs is not installed (Debian/Ubuntu package fuse-overlayfs)".to_string()
+            })
+    };
+    match std::env::var("CW_USER_OVERLAY").as_deref() {
+        Ok("fuse") => fuse(),
+        Ok("kernel") => Ok(UserOverlay::Kernel),
+        _ if unprivileged_supported() => Ok(UserOverlay::Kernel),
+        _ => fuse().map_err(|e| {
+            format!("a kernel before 5.11 mounts no overlayfs in a user namespace, and {e}")
+        }),
+    }
+}
+
+/// Mount an overlay of `lowers` (top first) with `upper` and `work` at `target` by
+/// fuse-overlayfs, from inside the run's user and mount namespaces: run in the foreground as
+/// this process's child (no daemon of its own to outlive the run), its stderr to `log`; returns
+/// its pid once the mount is there. It leaves when the mount goes ([`stop_fuse`]).
+pub fn mount_fuse(
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+    log: &Path,
+) -> io::Result<i32> {
+    let exe = fuse_overlayfs_path().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "fuse-overlayfs is not installed")
+    })?;
+    // its -o list splits at ',' and its lowerdir at ':'
+    for p in lowers.iter().map(|p| p.as_path()).chain([upper, work]) {
+        let s = p.to_string_lossy();
+        if s.contains(',') || s.contains(':') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{s}: fuse-overlayfs cannot take a path with ',' or ':'"),
+            ));
+        }
+    }
+    let lower: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    let err = std::fs::File::create(log)?;
+    let mut child = std::process::Command::new(&exe)
+        .arg("-f")
+        .arg("-o")
+        .arg(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            upper.display(),
+            work.display()
+        ))
+        .arg(target)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()?;
+    let said = || {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.contains("unknown argument ignored"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+    let t = std::time::Instant::now();
+    loop {
+        if nix::sys::statfs::statfs(target)
+            .is_ok_and(|s| s.filesystem_type().0 as i64 == FUSE_SUPER_MAGIC)
+        {
+            return Ok(child.id() as i32);
+        }
+        if let Some(st) = child.try_wait()? {
+            return Err(io::Error::other(format!(
+                "{} ({st}): {}",
+                exe.display(),
+                said()
+            )));
+        }
+        if t.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::other(format!(
+                "{}: no mount after 10 s: {}",
+                exe.display(),
+                said()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// After the run's rootfs is unmounted: fuse-overlayfs `pid` (the monitor's child, or, for a
+/// recovery by another cw, a process whose command line names `target`) leaves by itself; it is
+/// waited for up to 2 s, then killed.
+pub fn stop_fuse(pid: i32, target: &Path) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let p = nix::unistd::Pid::from_raw(pid);
+    let ours = || {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            c.split(|b| *b == 0)
+                .any(|a| a == target.as_os_str().as_encoded_bytes())
+        })
+    };
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_secs(2) {
+        match waitpid(p, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(_) => return,
+            // not our child: gone when its /proc entry no longer names the target
+            Err(_) if !ours() => return,
+            Err(_) => {}
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    if ours() {
+        let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(p, None);
+    }
+}
+
 /// Make the directory `path` (absolute in the container) under `root` where it is missing, as
 /// docker makes a missing working directory: resolved inside `root` by `pathrs` (symlinks
 /// followed within it, `..` clamped; openat2 with RESOLVE_IN_ROOT where the kernel has it),

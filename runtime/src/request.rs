@@ -142,6 +142,10 @@ pub struct Overlay {
     pub lower: Vec<PathBuf>,
     pub upper: PathBuf,
     pub work: PathBuf,
+    /// Mounted by fuse-overlayfs, not the kernel's overlayfs (a kernel before 5.11, or
+    /// `CW_USER_OVERLAY=fuse`).
+    #[serde(default)]
+    pub fuse: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Default)]

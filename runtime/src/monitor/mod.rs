@@ -36,6 +36,9 @@ use std::time::{Duration, Instant};
 /// How long teardown waits for the processes of a killed run to leave its cgroup.
 pub(crate) const RUN_CGROUP_GONE_WITHIN: Duration = Duration::from_secs(10);
 
+/// The pid of a user's run's fuse-overlayfs, in its run directory.
+const FUSE_PID: &str = "fuse-overlayfs.pid";
+
 pub(crate) fn cleanup(req: &RunRequest, dir: &Path) {
     stop_pasta(dir);
     for m in &req.cleanup.unmount {
@@ -47,6 +50,14 @@ pub(crate) fn cleanup(req: &RunRequest, dir: &Path) {
                 tracing::warn!("unmounting {}: {e}", m.display());
             }
         }
+    }
+    // fuse-overlayfs leaves with its mount; before the upper dir it serves is removed
+    if let Some(pid) = fs::read_to_string(dir.join(FUSE_PID))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        crate::overlay::stop_fuse(pid, &req.rootfs);
+        let _ = fs::remove_file(dir.join(FUSE_PID));
     }
     // what the container wrote (its upper dir, a copied rootfs) is a tree someone else made: any
     // depth, odd files, possibly a mount left behind; removed with bounded fds and stack
@@ -161,13 +172,34 @@ pub fn main(dir: &Path) -> i32 {
         let req = &req;
         if let Some(o) = &req.overlay {
             // a run without root: its overlay can only be mounted here, in its user namespace
-            crate::overlay::mount(&o.lower, &o.upper, &o.work, &req.rootfs, crate::userns::inside())
-                .map_err(|e| {
-                    Error::Host(format!(
-                        "mounting the run's overlayfs at {} in its user namespace: {e} (cw run --no-overlay copies the layers instead)",
-                        req.rootfs.display()
-                    ))
-                })?;
+            let mounted = if o.fuse {
+                crate::overlay::mount_fuse(
+                    &o.lower,
+                    &o.upper,
+                    &o.work,
+                    &req.rootfs,
+                    &dir.join("fuse-overlayfs.log"),
+                )
+                .map(|pid| {
+                    // for the teardown (cleanup), here or by whoever recovers the run
+                    let _ = replace_file(&dir.join(FUSE_PID), pid.to_string().as_bytes());
+                })
+            } else {
+                crate::overlay::mount(
+                    &o.lower,
+                    &o.upper,
+                    &o.work,
+                    &req.rootfs,
+                    crate::userns::inside(),
+                )
+            };
+            mounted.map_err(|e| {
+                Error::Host(format!(
+                    "mounting the run's {} at {} in its user namespace: {e} (cw run --no-overlay copies the layers instead)",
+                    if o.fuse { "fuse-overlayfs" } else { "overlayfs" },
+                    req.rootfs.display()
+                ))
+            })?;
             // docker makes a missing working directory; the preparation could not (no mount yet)
             crate::overlay::make_dir_in_root(&req.rootfs, &req.cwd)
                 .map_err(|e| Error::Request(format!("working directory {}: {e}", req.cwd)))?;
