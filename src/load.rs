@@ -47,9 +47,11 @@ impl Drop for Source {
 }
 
 impl Source {
-    /// Whether the top-level entry `name` exists (of whatever type: reading it says more).
+    /// Whether the top-level entry `name` exists (of whatever type: reading it says more): in
+    /// the directory given, or where an archive was unpacked.
     fn present(&self, name: &str) -> bool {
-        std::fs::symlink_metadata(self.root.join(name)).is_ok()
+        let dir = self.tmp.as_ref().unwrap_or(&self.root);
+        std::fs::symlink_metadata(dir.join(name)).is_ok()
     }
 
     fn read(&mut self, rel: &str, limit: usize) -> Result<Vec<u8>, LoadError> {
