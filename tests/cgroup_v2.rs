@@ -234,6 +234,10 @@ struct WorkerRuns {
     memory: (String, String),
     disk: (String, String),
     ok: (String, String),
+    /// The user's worker (uid 64133, below the delegated cgroup): a bundle over its memory
+    /// limit, and one that ends well with its stdout.
+    user_memory: (String, String),
+    user_ok: (String, String),
 }
 
 /// From the host, while the kernel runs: `cl run`s on the UML worker's tag, each watched to its
@@ -257,6 +261,13 @@ fn bundles_for_the_uml_worker(dir: &Path, tag: &str) -> WorkerRuns {
         &[],
         "echo ok; cat /proc/self/cgroup; grep Cpus_allowed_list /proc/self/status",
     );
+    let user_tag = format!("{tag}-user");
+    let user_memory = s.run(
+        &user_tag,
+        &["--request-memory", "50m"],
+        "echo m; x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
+    );
+    let user_ok = s.run(&user_tag, &[], "id -u; cat /proc/self/cgroup");
     let end = |uuid: &str| {
         let st = s.wait_state(uuid, &["ready", "failed", "killed"], 400);
         let msg = s.meta(uuid, "failure_message");
@@ -268,11 +279,17 @@ fn bundles_for_the_uml_worker(dir: &Path, tag: &str) -> WorkerRuns {
         memory: end(&memory),
         disk: end(&disk),
         ok: end(&ok),
+        user_memory: end(&user_memory),
+        user_ok: end(&user_ok),
     };
     assert_eq!(r.ok.0, "ready", "{}", log());
+    let user_log = || std::fs::read_to_string(dir.join("user-worker.log")).unwrap_or_default();
+    assert_eq!(r.user_ok.0, "ready", "{}", user_log());
     let out = s.cat(&format!("{ok}/stdout"));
+    let user_out = s.cat(&format!("{user_ok}/stdout"));
     WorkerRuns {
         ok: (r.ok.0.clone(), out),
+        user_ok: (r.user_ok.0.clone(), user_out),
         ..r
     }
 }
@@ -412,4 +429,11 @@ fn cw_on_a_cgroup_v2_kernel() {
     );
     assert_eq!(get("worker_exit"), "rc=0");
     assert_eq!(get("worker_cgroups"), "0");
+    // the user's worker: the kernel's OOM kill below the delegated cgroup gives cl-worker's
+    // message; a bundle runs as root of its user namespace in a cgroup namespace of its own
+    assert!(failed(&w.user_memory), "{:?}", w.user_memory);
+    assert_eq!(w.user_memory.1, "Memory limit 50m exceeded.");
+    assert_eq!(w.user_ok.1, "0\n0::/", "{:?}", w.user_ok);
+    assert_eq!(get("user_worker_exit"), "rc=0");
+    assert_eq!(get("user_worker_cgroups"), "0");
 }

@@ -93,8 +93,19 @@ if [ -n "${CW_UML_SHARED:-}" ] && ip addr show vec0 2>/dev/null | grep -q 10.199
     --ws-server ws://10.199.0.1:2901 --work-dir $S/work --id "uml-$CW_UML_TAG" \
     --tag "$CW_UML_TAG" --tag-exclusive --verbose >"$CW_UML_SHARED/worker.log" 2>&1 &
   wpid=$!
+  # and the user's worker, started in the delegated scope as the user's cw was above, on a tag
+  # of its own: its bundles' cgroups below the delegated cgroup
+  ( echo 0 > $G/deleg/scope/cgroup.procs &&
+    exec /usr/bin/setpriv --reuid $U --regid $U --clear-groups env HOME=$S/u \
+    "$CWB" --store $S/u/ws --config /dev/null --registry-mirror http://10.199.0.1:5000 \
+    --insecure-registry 10.199.0.1:5000 worker --server http://10.199.0.1:2900 \
+    --ws-server ws://10.199.0.1:2901 --work-dir $S/u/work --id "uml-user-$CW_UML_TAG" \
+    --tag "$CW_UML_TAG-user" --tag-exclusive --verbose ) >"$CW_UML_SHARED/user-worker.log" 2>&1 &
+  uwpid=$!
   i=0
   while [ ! -e "$CW_UML_SHARED/stop" ] && [ $i -lt 400 ]; do sleep 1; i=$((i+1)); done
   kill -TERM $wpid; wait $wpid; out worker_exit "rc=$?"
+  kill -TERM $uwpid; wait $uwpid; out user_worker_exit "rc=$?"
   out worker_cgroups "$(find $G/cw -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l)"
+  out user_worker_cgroups "$(find $G/deleg/cw -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l)"
 fi

@@ -16,6 +16,8 @@ M=/usr/lib/uml/modules/$(/bin/busybox uname -r)
 [ -d "$M" ] || M=/opt/cw-uml/modules/$(/bin/busybox uname -r)
 /bin/busybox insmod "$M/kernel/drivers/net/tun.ko" 2>/dev/null
 /bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# open to users, as udev makes it (pasta, for a user's bundle with network, opens it)
+/bin/busybox chmod 0666 /dev/net/tun 2>/dev/null
 /bin/busybox mkdir -p /dev/pts /dev/shm
 /bin/busybox mount -t devpts devpts /dev/pts 2>/dev/null
 /bin/busybox insmod "$M/kernel/fs/overlayfs/overlay.ko" 2>/dev/null
