@@ -400,8 +400,14 @@ fn run(cli: Cli) -> Result<()> {
                     let req = rd.request()?;
                     let pid = rd.state().and_then(|s| s.pid);
                     let mut u = match pid.and_then(cw_runtime::cgroup::v2_dir_of) {
-                        // a user's run below a delegated cgroup: where its init is
-                        Some(d) if cw_runtime::userns::needed() => cw_runtime::cgroup::read_v2(&d),
+                        // a user's run below a delegated cgroup: where its init is, when that is
+                        // the run's own (without one, the init is in its monitor's, the user's)
+                        Some(d)
+                            if cw_runtime::userns::needed()
+                                && d.ends_with(req.cgroup_path().trim_start_matches('/')) =>
+                        {
+                            cw_runtime::cgroup::read_v2(&d)
+                        }
                         _ => cw_runtime::cgroup::read(&req.cgroup_path()),
                     };
                     if cw_runtime::userns::needed() && u == Default::default() {
