@@ -29,13 +29,18 @@ pub(crate) fn loopback_up() -> io::Result<()> {
     Ok(())
 }
 
-/// Where the `pasta` binary is (PATH, then /usr/bin and /usr/local/bin).
-pub fn pasta_path() -> Option<PathBuf> {
+/// Where the program `name` is: PATH, then the directories `then`.
+pub(crate) fn find_program(name: &str, then: &[&str]) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
-        .map(|d| d.join("pasta"))
+        .chain(then.iter().map(PathBuf::from))
+        .map(|d| d.join(name))
         .find(|p| p.is_file())
+}
+
+/// Where the `pasta` binary is (PATH, then /usr/bin and /usr/local/bin).
+pub fn pasta_path() -> Option<PathBuf> {
+    find_program("pasta", &["/usr/bin", "/usr/local/bin"])
 }
 
 /// Connect this (new) network namespace to the outside with pasta, started from the host's

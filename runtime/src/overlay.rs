@@ -22,13 +22,7 @@ pub enum UserOverlay {
 
 /// Where fuse-overlayfs is (PATH, then /usr/bin).
 pub fn fuse_overlayfs_path() -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain([PathBuf::from("/usr/bin")])
-        .map(|d| d.join("fuse-overlayfs"))
-        .find(|p| p.is_file())
+    crate::net::find_program("fuse-overlayfs", &["/usr/bin"])
 }
 
 /// The overlay a run without root gets: the kernel's where it mounts one in a user namespace,

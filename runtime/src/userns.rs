@@ -88,13 +88,7 @@ pub fn parse_subids(text: &str, name: Option<&str>, id: u32) -> Option<SubRange>
 
 /// Where the setuid helpers are (PATH, then /usr/bin).
 fn helper_path(name: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain([std::path::PathBuf::from("/usr/bin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    crate::net::find_program(name, &["/usr/bin"])
 }
 
 /// The first range in `getsubids`'s output (`0: alice 100000 65536`).
