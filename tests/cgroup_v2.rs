@@ -5,7 +5,10 @@
 //! tests/uml/init.sh as its init, which runs tests/uml/checks.sh: real runs of this build's cw
 //! against the v2 files, then `cw worker` inside the kernel against the host's CodaLab server and
 //! registry (a tap link; socat forwards 10.199.0.1's ports to the host's loopback) while this
-//! side submits bundles at their time, memory and disk limits. The facts it prints are asserted
+//! side submits bundles at their time, memory and disk limits. Two ordinary users do the same
+//! below delegated cgroups of their own: uid 64133 without subordinate ids, [`SUBUSER`] with
+//! them (its name and range are the host's, which the kernel reads through hostfs), each with its
+//! own `cw worker`. The facts it prints are asserted
 //! here. Skips, saying why, without root, without `linux.uml` (package user-mode-linux), without
 //! the fixture image layout, or where no tap link can be made.
 
@@ -102,6 +105,7 @@ fn boot<T>(during: impl FnOnce(&Path, &str) -> T) -> Option<(HashMap<String, Str
         return None;
     };
     fixtures();
+    subid_user(SUBUSER, SUBSTART, 65_536);
     let layout = fixtures_root().join("work/oci-tiny");
     if !layout.join("index.json").exists() {
         skip(&format!("no fixture layout at {}", layout.display()));
@@ -141,6 +145,7 @@ fn boot<T>(during: impl FnOnce(&Path, &str) -> T) -> Option<(HashMap<String, Str
             &format!("CW_UML_LAYOUT={}", layout.display()),
             &format!("CW_UML_SHARED={}", dir.display()),
             &format!("CW_UML_TAG={tag}"),
+            &format!("CW_UML_SUBUSER={SUBUSER}"),
             "CODALAB_USERNAME=codalab",
             "CODALAB_PASSWORD=codalab",
         ])
@@ -234,11 +239,22 @@ struct WorkerRuns {
     memory: (String, String),
     disk: (String, String),
     ok: (String, String),
-    /// The user's worker (uid 64133, below the delegated cgroup): a bundle over its memory
-    /// limit, and one that ends well with its stdout.
-    user_memory: (String, String),
-    user_ok: (String, String),
+    /// Each user's worker (uid 64133 without subordinate ids, tag `<tag>-user`; [`SUBUSER`]
+    /// with them, `<tag>-sub`; each below its delegated cgroup): a bundle over its memory limit,
+    /// and one that ends well with its stdout.
+    users: Vec<UserRuns>,
 }
+
+struct UserRuns {
+    who: &'static str,
+    memory: (String, String),
+    ok: (String, String),
+}
+
+/// The user with subordinate ids whose runs and worker checks.sh checks (prefix `sub_`): a name
+/// and a range in the host's /etc/subuid and /etc/subgid, which the kernel reads through hostfs.
+const SUBUSER: u32 = 64134;
+const SUBSTART: u32 = 18_000_000;
 
 /// From the host, while the kernel runs: `cl run`s on the UML worker's tag, each watched to its
 /// end (the worker is started inside once the runtime checks are done).
@@ -261,13 +277,18 @@ fn bundles_for_the_uml_worker(dir: &Path, tag: &str) -> WorkerRuns {
         &[],
         "echo ok; cat /proc/self/cgroup; grep Cpus_allowed_list /proc/self/status",
     );
-    let user_tag = format!("{tag}-user");
-    let user_memory = s.run(
-        &user_tag,
-        &["--request-memory", "50m"],
-        "echo m; x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
-    );
-    let user_ok = s.run(&user_tag, &[], "id -u; cat /proc/self/cgroup");
+    let users: Vec<(&str, String, String)> = ["user", "sub"]
+        .into_iter()
+        .map(|who| {
+            let t = format!("{tag}-{who}");
+            let m = s.run(
+                &t,
+                &["--request-memory", "50m"],
+                "echo m; x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo survived ${#x}",
+            );
+            (who, m, s.run(&t, &[], "id -u; cat /proc/self/cgroup"))
+        })
+        .collect();
     let end = |uuid: &str| {
         let st = s.wait_state(uuid, &["ready", "failed", "killed"], 400);
         let msg = s.meta(uuid, "failure_message");
@@ -279,17 +300,25 @@ fn bundles_for_the_uml_worker(dir: &Path, tag: &str) -> WorkerRuns {
         memory: end(&memory),
         disk: end(&disk),
         ok: end(&ok),
-        user_memory: end(&user_memory),
-        user_ok: end(&user_ok),
+        users: users
+            .iter()
+            .map(|(who, m, ok)| {
+                let (memory, ok_end) = (end(m), end(ok));
+                let log = std::fs::read_to_string(dir.join(format!("{who}-worker.log")))
+                    .unwrap_or_default();
+                assert_eq!(ok_end.0, "ready", "{who}'s worker: {log}");
+                UserRuns {
+                    who,
+                    memory,
+                    ok: (ok_end.0, s.cat(&format!("{ok}/stdout"))),
+                }
+            })
+            .collect(),
     };
     assert_eq!(r.ok.0, "ready", "{}", log());
-    let user_log = || std::fs::read_to_string(dir.join("user-worker.log")).unwrap_or_default();
-    assert_eq!(r.user_ok.0, "ready", "{}", user_log());
     let out = s.cat(&format!("{ok}/stdout"));
-    let user_out = s.cat(&format!("{user_ok}/stdout"));
     WorkerRuns {
         ok: (r.ok.0.clone(), out),
-        user_ok: (r.user_ok.0.clone(), user_out),
         ..r
     }
 }
@@ -365,40 +394,14 @@ fn cw_on_a_cgroup_v2_kernel() {
         "/sys/fs/cgroup/job/worker",
         "the run's cgroup was left"
     );
-    // a user's runs below a delegated cgroup: the kernel's OOM kill, the limits in the files of
-    // a cgroup the user owns, the process limit, the peak, nothing left but the top /cw
-    let oom = get("user_oom");
+    // a user's runs below a delegated cgroup, without subordinate ids (user_) and with them
+    // (sub_): the same representative checks for each
+    user_facts(&get, "user", 64133, None);
+    user_facts(&get, "sub", SUBUSER, Some(SUBSTART + 65_533));
     assert!(
-        oom.starts_with("rc=137") && oom.contains("exceeding its memory limit"),
-        "{oom}"
-    );
-    assert_eq!(
-        get("user_files"),
-        "pids.max=10 cpu.max=50000/100000 memory.max=67108864 owner=64133"
-    );
-    // cw stats of the live run reads its cgroup (cpu time too), not a sample of its processes
-    let live: serde_json::Value = serde_json::from_str(&get("user_live")).unwrap();
-    let u = &live["usage"];
-    assert!(
-        u["cpu_user_ns"].as_u64().unwrap() + u["cpu_system_ns"].as_u64().unwrap() > 0
-            && u["memory_current"].as_u64().unwrap() > 0,
-        "{live}"
-    );
-    let forks: u32 = get("user_forks")
-        .trim_start_matches("started ")
-        .parse()
-        .unwrap_or_else(|_| panic!("user_forks: {}", get("user_forks")));
-    assert!(
-        (5..=9).contains(&forks),
-        "{forks} children under pids.max 10"
-    );
-    let peak = json_usage(&get("user_peak"))["memory_peak"]
-        .as_u64()
-        .unwrap();
-    assert!(peak >= 30 << 20, "memory peak {peak}");
-    assert_eq!(
-        get("user_after"),
-        "/sys/fs/cgroup/deleg/cw /sys/fs/cgroup/deleg/scope"
+        get("sub_load").contains("subordinate uids 18000000-18065535"),
+        "{}",
+        get("sub_load")
     );
     // cw worker on v2 with cl-worker's limit messages (CodaLab 1.7.5 sometimes records such a
     // run ready with the message; see Server::wait_failure)
@@ -429,11 +432,104 @@ fn cw_on_a_cgroup_v2_kernel() {
     );
     assert_eq!(get("worker_exit"), "rc=0");
     assert_eq!(get("worker_cgroups"), "0");
-    // the user's worker: the kernel's OOM kill below the delegated cgroup gives cl-worker's
+    // each user's worker: the kernel's OOM kill below the delegated cgroup gives cl-worker's
     // message; a bundle runs as root of its user namespace in a cgroup namespace of its own
-    assert!(failed(&w.user_memory), "{:?}", w.user_memory);
-    assert_eq!(w.user_memory.1, "Memory limit 50m exceeded.");
-    assert_eq!(w.user_ok.1, "0\n0::/", "{:?}", w.user_ok);
-    assert_eq!(get("user_worker_exit"), "rc=0");
-    assert_eq!(get("user_worker_cgroups"), "0");
+    assert_eq!(w.users.len(), 2);
+    for u in &w.users {
+        let who = u.who;
+        assert!(failed(&u.memory), "{who}: {:?}", u.memory);
+        assert_eq!(u.memory.1, "Memory limit 50m exceeded.", "{who}");
+        assert_eq!(u.ok.1, "0\n0::/", "{who}: {:?}", u.ok);
+        assert_eq!(get(&format!("{who}_worker_exit")), "rc=0", "{who}");
+        assert_eq!(get(&format!("{who}_worker_cgroups")), "0", "{who}");
+    }
+}
+
+/// The checks.sh facts of one user's runs (prefix `p`, uid `uid`) below its delegated cgroup
+/// (/sys/fs/cgroup/deleg for `user`, /sys/fs/cgroup/sub for `sub`). `image_user`: the host uid
+/// the image's user 65534 maps to, where the user has subordinate ids (without them, a run as
+/// that user is refused by name).
+fn user_facts(get: &dyn Fn(&str) -> String, p: &str, uid: u32, image_user: Option<u32>) {
+    let f = |k: &str| get(&format!("{p}_{k}"));
+    let d = if p == "user" { "deleg" } else { p };
+    // the kernel's OOM kill, the limits in the files of a cgroup the user owns, the process
+    // limit, the peak
+    let oom = f("oom");
+    assert!(
+        oom.starts_with("rc=137") && oom.contains("exceeding its memory limit"),
+        "{p}: {oom}"
+    );
+    assert_eq!(
+        f("files"),
+        format!("pids.max=10 cpu.max=50000/100000 memory.max=67108864 owner={uid}"),
+        "{p}"
+    );
+    // cw stats of the live run reads its cgroup (cpu time too), not a sample of its processes
+    let live: serde_json::Value = serde_json::from_str(&f("live")).unwrap();
+    let u = &live["usage"];
+    assert!(
+        u["cpu_user_ns"].as_u64().unwrap() + u["cpu_system_ns"].as_u64().unwrap() > 0
+            && u["memory_current"].as_u64().unwrap() > 0,
+        "{p}: {live}"
+    );
+    let forks: u32 = f("forks")
+        .trim_start_matches("started ")
+        .parse()
+        .unwrap_or_else(|_| panic!("{p}_forks: {}", f("forks")));
+    assert!(
+        (5..=9).contains(&forks),
+        "{p}: {forks} children under pids.max 10"
+    );
+    let peak = json_usage(&f("peak"))["memory_peak"].as_u64().unwrap();
+    assert!(peak >= 30 << 20, "{p}: memory peak {peak}");
+    // the image's config from the registry: its user where the user has ids for it, its
+    // workdir and env, the command's exit code
+    assert!(f("pull").starts_with("rc=0"), "{p}: {}", f("pull"));
+    let config = f("config");
+    match image_user {
+        Some(_) => assert_eq!(config, "rc=7 65534 65534 /tmp from-image", "{p}"),
+        None => assert!(
+            config.starts_with("rc=125")
+                && config.contains("65534:65534")
+                && config.contains("without root"),
+            "{p}: {config}"
+        ),
+    }
+    assert_eq!(f("config_root"), "rc=7 0 /tmp from-image", "{p}");
+    // a bind mount: the image user's file is its subordinate id's on the host, root's the user's
+    let image = image_user.map_or("none".to_string(), |u| u.to_string());
+    assert_eq!(f("bind"), format!("image={image} root={uid} text=b"), "{p}");
+    // the time limit, and a kill from another process (SIGKILL after the grace)
+    let time = f("time");
+    assert!(
+        time.starts_with("rc=137") && time.contains("time limit"),
+        "{p}: {time}"
+    );
+    let exit = |k: &str| -> (i64, String) {
+        let v: serde_json::Value =
+            serde_json::from_str(&f(k)).unwrap_or_else(|e| panic!("{p}_{k}: {e}: {}", f(k)));
+        (
+            v["exit"]["exit_code"].as_i64().unwrap_or(-1),
+            v["exit"]["reason"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    assert_eq!(exit("kill"), (137, "killed".into()), "{p}: {}", f("kill"));
+    assert_eq!(f("logs"), "hello", "{p}");
+    // a run whose monitor was killed (its processes die with it: their parent-death signal)
+    // leaves its cgroup; the user's next cw records the run lost and removes the cgroup, which
+    // only the monitor's mount namespace had a path to
+    let during = f("lost_during");
+    assert!(during.starts_with("cgroup "), "{p}: {during}");
+    assert_eq!(exit("lost"), (137, "lost".into()), "{p}: {}", f("lost"));
+    // its accounting, read from that cgroup before it went
+    let lost = json_usage(&f("lost"));
+    assert!(lost["memory_peak"].as_u64().unwrap() > 0, "{p}: {lost}");
+    assert_eq!(f("lost_after"), "gone", "{p}");
+    // nothing left but the top /cw: no cgroup, no run, no mount
+    assert_eq!(
+        f("after"),
+        format!("/sys/fs/cgroup/{d}/cw /sys/fs/cgroup/{d}/scope"),
+        "{p}"
+    );
+    assert_eq!(f("left"), "runs=0 mounts=0", "{p}");
 }

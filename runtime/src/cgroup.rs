@@ -334,8 +334,23 @@ pub fn remove_run(cgroup_path: &str, within: std::time::Duration) {
     if rel.is_empty() {
         return;
     }
+    let left: Vec<PathBuf> = mount_points().into_iter().map(|m| m.join(rel)).collect();
+    remove_dirs(left, within, || thaw(cgroup_path));
+}
+
+/// [`remove_run`] for one cgroup v2 directory named as the host names it: a user's run below a
+/// delegated cgroup, recovered by a cw outside the mount namespace its monitor bound it in.
+/// What it still holds is killed first (`cgroup.kill`, Linux 5.14; else each process).
+pub fn remove_run_dir(dir: &Path, within: std::time::Duration) {
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    let d = dir.to_path_buf();
+    remove_dirs(vec![d.clone()], within, || {
+        let _ = std::fs::write(d.join("cgroup.freeze"), "0");
+    });
+}
+
+fn remove_dirs(mut left: Vec<PathBuf>, within: std::time::Duration, thaw: impl Fn()) {
     let deadline = std::time::Instant::now() + within;
-    let mut left: Vec<PathBuf> = mount_points().into_iter().map(|m| m.join(rel)).collect();
     let mut delay = std::time::Duration::from_millis(10);
     loop {
         let mut last = None;
@@ -355,7 +370,7 @@ pub fn remove_run(cgroup_path: &str, within: std::time::Duration) {
             return;
         }
         // a frozen task takes its SIGKILL only once thawed (the freezer is its own hierarchy)
-        thaw(cgroup_path);
+        thaw();
         for dir in &left {
             for pid in procs(dir) {
                 if pid > 1 {

@@ -13,6 +13,7 @@
 //! monitor.log    libcontainer's and the monitor's log
 //! creator        the preparing cw's pid (a run whose preparer died is abandoned)
 //! cgroup-parents.json  parent cgroups the run's creation made (removed with it)
+//! cgroup.host    a user's run below a delegated cgroup: its cgroup as the host names it
 //! attach.sock    a -t run's terminal, while it runs (console.sock: libcontainer's, briefly)
 //! exec-<pid>.json / .sock   a `cw exec`'s process and terminal socket, while it starts
 //! meta.json, stdout, stderr, container.out/.err   cw's and the worker's records, the output
@@ -25,7 +26,7 @@ use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -33,6 +34,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// The parent cgroups the monitor's creating the run made (JSON list of paths), written before it
 /// creates them, when there are any.
 pub(crate) const PARENTS_FILE: &str = "cgroup-parents.json";
+
+/// A user's run below a delegated cgroup v2 subtree: its cgroup as the host names it (the
+/// monitor binds the delegated cgroup on its own /sys/fs/cgroup), written before the container
+/// is created, for whoever recovers the run.
+pub(crate) const HOST_CGROUP_FILE: &str = "cgroup.host";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -323,6 +329,13 @@ impl RunDir {
         }
         // also when the monitor died before libcontainer recorded the container
         cgroup::remove_run(&req.cgroup_path(), crate::monitor::RUN_CGROUP_GONE_WITHIN);
+        if let Some(dir) = self.host_cgroup(&req) {
+            // a user's run below a delegated cgroup, which the paths above do not reach
+            if dir.is_dir() {
+                usage = cgroup::read_v2(&dir);
+            }
+            cgroup::remove_run_dir(&dir, crate::monitor::RUN_CGROUP_GONE_WITHIN);
+        }
         let recorded: Vec<PathBuf> = fs::read(self.path.join(PARENTS_FILE))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -351,6 +364,24 @@ impl RunDir {
         }
         crate::monitor::cleanup(&req, &self.path);
         Ok(())
+    }
+
+    /// The run's cgroup as its monitor recorded it for the host ([`HOST_CGROUP_FILE`]): only a
+    /// directory of the unified hierarchy whose path ends in the run's own cgroup path.
+    fn host_cgroup(&self, req: &RunRequest) -> Option<PathBuf> {
+        let s = fs::read_to_string(self.path.join(HOST_CGROUP_FILE)).ok()?;
+        let p = PathBuf::from(s.trim());
+        let rel = req.cgroup_path();
+        let rel = rel.trim_start_matches('/');
+        let plain = p
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        (plain
+            && !rel.is_empty()
+            && p.starts_with(cgroups_rs::hierarchies::UNIFIED_MOUNTPOINT)
+            && p.ends_with(rel)
+            && p != Path::new(cgroups_rs::hierarchies::UNIFIED_MOUNTPOINT).join(rel))
+        .then_some(p)
     }
 
     /// Block until the run has ended (exit.json and cleanup), polling.
@@ -465,6 +496,43 @@ mod tests {
         let e = rd.wait(Duration::from_millis(5)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
         assert!(e.to_string().contains("was removed"), "{e}");
+    }
+
+    #[test]
+    fn a_recorded_host_cgroup_is_taken_only_as_the_runs_own_below_the_unified_hierarchy() {
+        let d = tempfile::tempdir().unwrap();
+        let rd = RunDir::new(d.path().to_path_buf());
+        let req: RunRequest = serde_json::from_value(serde_json::json!({
+            "id": "r1", "rootfs": "/r", "readonly_rootfs": false, "args": ["true"], "env": [],
+            "cwd": "/", "uid": 0, "gid": 0, "additional_gids": [], "hostname": "h",
+            "mounts": [], "limits": {"memory": null, "memory_swap": null, "cpus": null,
+            "cpuset": null, "pids": null, "shm_size": 65536}, "network": "none",
+            "time_limit": null, "kill_grace_secs": 1, "stdout": null, "stderr": null,
+            "cgroup_parent": "/cw", "devices": [], "host_files": [],
+            "cleanup": {"unmount": [], "remove": []}
+        }))
+        .unwrap();
+        let with = |s: &str| {
+            fs::write(d.path().join(HOST_CGROUP_FILE), s).unwrap();
+            rd.host_cgroup(&req)
+        };
+        assert_eq!(rd.host_cgroup(&req), None);
+        assert_eq!(
+            with("/sys/fs/cgroup/user.slice/u/cw/r1\n"),
+            Some(PathBuf::from("/sys/fs/cgroup/user.slice/u/cw/r1"))
+        );
+        for bad in [
+            // another run's, a parent, outside the hierarchy, climbing out, relative, root's own
+            "/sys/fs/cgroup/user.slice/u/cw/r2",
+            "/sys/fs/cgroup/user.slice/u",
+            "/tmp/cw/r1",
+            "/sys/fs/cgroup/../../tmp/cw/r1",
+            "/sys/fs/cgroup/a/../cw/r1",
+            "sys/fs/cgroup/u/cw/r1",
+            "/sys/fs/cgroup/cw/r1",
+        ] {
+            assert_eq!(with(bad), None, "{bad}");
+        }
     }
 
     #[test]

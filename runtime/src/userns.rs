@@ -355,10 +355,13 @@ pub fn own_cgroup_refusal() -> Option<String> {
 }
 
 /// What [`enter`] found.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct Entered {
     /// The run can have a cgroup of its own (the user owns the monitor's cgroup v2 directory).
     pub cgroup: bool,
+    /// The delegated cgroup bound on the monitor's /sys/fs/cgroup, as the host names it: the
+    /// run's cgroup is below it, where a cw outside the monitor's mount namespace finds it.
+    pub delegated: Option<std::path::PathBuf>,
     /// How many uids and gids (from 0) the run has: 1 in a single-id mapping, 1 + the
     /// subordinate ids where cw entered them ([`enter_subordinate`]).
     pub ids: (u32, u32),
@@ -427,7 +430,11 @@ pub fn enter() -> Result<Entered> {
             "the run's cgroup is below the delegated cgroup {}",
             parent.display()
         );
-        return Ok(Entered { cgroup: true, ids });
+        return Ok(Entered {
+            cgroup: true,
+            ids,
+            delegated: Some(parent.clone()),
+        });
     }
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWCGROUP).map_err(|e| {
         Error::Host(format!(
@@ -458,6 +465,7 @@ pub fn enter() -> Result<Entered> {
     Ok(Entered {
         cgroup: refusal.is_none(),
         ids,
+        delegated: None,
     })
 }
 
@@ -604,7 +612,7 @@ pub fn asked_limits(l: &Limits) -> Vec<&'static str> {
 /// request as the container gets it. A run without a cgroup that accepts that
 /// (`Limits::without_cgroup_ok`) keeps its memory limit (the monitor samples it) and its cpuset
 /// (the affinity); what it loses is logged.
-pub fn check(req: &RunRequest, e: Entered) -> Result<RunRequest> {
+pub fn check(req: &RunRequest, e: &Entered) -> Result<RunRequest> {
     let mut req = req.clone();
     let (nu, ng) = e.ids;
     if req.uid >= nu || req.gid >= ng {
@@ -746,8 +754,9 @@ mod tests {
         let none = Entered {
             cgroup: false,
             ids: (1, 1),
+            ..Default::default()
         };
-        let ok = check(&req(), none).unwrap();
+        let ok = check(&req(), &none).unwrap();
         // the default pids limit is a default: not an error without a cgroup, and kept as the
         // run's RLIMIT_NPROC where the kernel counts a user namespace's processes apart
         let kept = nproc_per_user_namespace().then_some(DEFAULT_PIDS_LIMIT);
@@ -757,7 +766,7 @@ mod tests {
         let mut r = req();
         r.limits.memory = Some(1 << 30);
         r.limits.pids = Some(10);
-        let e = check(&r, none).unwrap_err();
+        let e = check(&r, &none).unwrap_err();
         assert!(matches!(e, Error::Request(_)), "{e}");
         assert!(
             e.to_string()
@@ -770,7 +779,7 @@ mod tests {
         r.limits.cpuset = Some("0".into());
         r.limits.cpus = Some(1.5);
         r.limits.without_cgroup_ok = true;
-        let ok = check(&r, none).unwrap();
+        let ok = check(&r, &none).unwrap();
         assert_eq!(ok.limits.memory, Some(1 << 30));
         assert_eq!(ok.limits.cpuset.as_deref(), Some("0"));
         // an asked-for process limit is the run's RLIMIT_NPROC; the CPU quota is gone
@@ -778,9 +787,10 @@ mod tests {
         r.limits.without_cgroup_ok = false;
         let with = check(
             &r,
-            Entered {
+            &Entered {
                 cgroup: true,
                 ids: (1, 1),
+                ..Default::default()
             },
         )
         .unwrap();
@@ -793,22 +803,24 @@ mod tests {
         let single = Entered {
             cgroup: true,
             ids: (1, 1),
+            ..Default::default()
         };
-        let e = check(&r, single).unwrap_err();
+        let e = check(&r, &single).unwrap_err();
         assert!(e.to_string().contains("1000:0"), "{e}");
         assert!(e.to_string().contains("/etc/subuid"), "{e}");
         // with subordinate ids: the image's users and groups inside the range are theirs
         let mapped = Entered {
             cgroup: true,
             ids: (65537, 65537),
+            ..Default::default()
         };
         r.gid = 1000;
         r.additional_gids = vec![0, 10, 65536, 65537, 70000];
-        let ok = check(&r, mapped).unwrap();
+        let ok = check(&r, &mapped).unwrap();
         assert_eq!((ok.uid, ok.gid), (1000, 1000));
         assert_eq!(ok.additional_gids, vec![0, 10, 65536]);
         r.uid = 65537;
-        let e = check(&r, mapped).unwrap_err();
+        let e = check(&r, &mapped).unwrap_err();
         assert!(e.to_string().contains("uids 0-65536"), "{e}");
     }
 }

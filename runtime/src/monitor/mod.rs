@@ -165,11 +165,21 @@ pub fn main(dir: &Path) -> i32 {
         } else {
             None
         };
-        let req = match rootless {
+        let req = match &rootless {
             Some(u) => crate::userns::check(&req, u)?,
             None => req.clone(),
         };
         let req = &req;
+        if let Some(parent) = rootless.as_ref().and_then(|u| u.delegated.as_ref()) {
+            // where the run's cgroup is as the host names it: a cw that recovers the run after
+            // this monitor died is outside the mount namespace that binds `parent` here
+            let host = parent.join(req.cgroup_path().trim_start_matches('/'));
+            replace_file(
+                &dir.join(crate::rundir::HOST_CGROUP_FILE),
+                host.as_os_str().as_encoded_bytes(),
+            )
+            .map_err(|e| Error::Host(format!("recording the run's cgroup: {e}")))?;
+        }
         if let Some(o) = &req.overlay {
             // a run without root: its overlay can only be mounted here, in its user namespace
             let mounted = if o.fuse {
@@ -205,8 +215,8 @@ pub fn main(dir: &Path) -> i32 {
                 .map_err(|e| Error::Request(format!("working directory {}: {e}", req.cwd)))?;
         }
         isolate_network(dir, req, pasta)?;
-        let prepared = prepare(dir, req, entered.inherited_oom_adj, rootless)?;
-        let limits_here = rootless.is_some_and(|u| u.cgroup);
+        let prepared = prepare(dir, req, entered.inherited_oom_adj, rootless.as_ref())?;
+        let limits_here = rootless.as_ref().is_some_and(|u| u.cgroup);
         let mut launched = launch(dir, req, prepared, started, limits_here)?;
         if rootless.is_some_and(|u| !u.cgroup) {
             // no cgroup to account for the run or to hold its memory: its processes are sampled
@@ -296,7 +306,7 @@ fn prepare(
     dir: &Path,
     req: &RunRequest,
     inherited_oom_adj: i32,
-    rootless: Option<crate::userns::Entered>,
+    rootless: Option<&crate::userns::Entered>,
 ) -> Result<Prepared> {
     if !req.ldconfig_dirs.is_empty() {
         // driver libraries into the image's ld cache, before the container exists
