@@ -1221,3 +1221,74 @@ fn a_users_rootfs_through_fuse_overlayfs_merges_as_the_kernels() {
     assert_no_process_names(&store);
     assert_nothing_left(&cw);
 }
+
+/// `find`'s view of a tree: every path with its mode, owner, size and mtime.
+fn snapshot(p: &Path) -> String {
+    let o = std::process::Command::new("find")
+        .arg(p)
+        .args(["-printf", "%p %m %u:%g %s %T@\n"])
+        .output()
+        .unwrap();
+    let mut l: Vec<&str> = std::str::from_utf8(&o.stdout).unwrap().lines().collect();
+    l.sort();
+    l.join("\n")
+}
+
+/// A user's cw keeps to the user's own store: by default `~/.local/share/cw`, closed to others;
+/// root's, named with `--store`, is refused by the kernel (closed to others, 0700), the error
+/// names it, and it is left exactly as it was, by a user with subordinate ids too (root of
+/// their namespace has no power over files of the host's root).
+#[test]
+fn a_users_store_is_its_own_and_roots_is_never_touched() {
+    let Some(sub) = subid_cw(SMALLUSER, SMALLSTART, 65_536) else {
+        return;
+    };
+    let root = Cw::new();
+    root.ok(&["pull", "-q", TINY]);
+    // the store's parent open to all: what stops the user is the store's own mode
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::fs::set_permissions(root.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let before = snapshot(&root.store());
+    let store = root.store().display().to_string();
+    for uid in [USER, SMALLUSER] {
+        for args in [
+            &["images"][..],
+            &["pull", "-q", TINY],
+            &["run", "--image", TINY, "true"],
+            &["rmi", TINY],
+            &["prune", "--max-size", "1k"],
+        ] {
+            let o = std::process::Command::new(cw_bin())
+                .args(["--store", &store, "--config", "/dev/null"])
+                .args(args)
+                .uid(uid)
+                .gid(uid)
+                .env("HOME", sub.dir.path())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success(), "{uid} {args:?}: {}", text(&o));
+            assert!(
+                err.contains(&store) && err.contains("ermission denied"),
+                "{uid} {args:?}: {}",
+                text(&o)
+            );
+        }
+    }
+    assert_eq!(snapshot(&root.store()), before, "root's store changed");
+    // without --store: the user's own, under $HOME, closed to others
+    let o = std::process::Command::new(cw_bin())
+        .args(["--config", "/dev/null", "pull", "-q", TINY])
+        .uid(SMALLUSER)
+        .gid(SMALLUSER)
+        .env("HOME", sub.dir.path())
+        .env_remove("XDG_DATA_HOME")
+        .env_remove("CW_STORE")
+        .output()
+        .unwrap();
+    out_of(&o, 0);
+    let own = sub.dir.path().join(".local/share/cw");
+    let m = std::fs::metadata(&own).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (SMALLUSER, 0o700));
+    assert!(std::fs::read_dir(own.join("images")).unwrap().count() > 0);
+}

@@ -166,6 +166,31 @@ impl Store {
     /// Open (creating the layout if needed) the store at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
+        // another user's store (root's, 0700): say whose, not which subdirectory failed
+        use nix::unistd::{access, AccessFlags};
+        if let Ok(m) = fs::metadata(&root) {
+            if access(
+                &root,
+                AccessFlags::R_OK | AccessFlags::W_OK | AccessFlags::X_OK,
+            )
+            .is_err()
+            {
+                use std::os::unix::fs::MetadataExt;
+                return Err(StoreError::Io {
+                    path: root.clone(),
+                    op: "opening",
+                    source: io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!(
+                            "Permission denied: it belongs to uid {} (mode {:o}), a store is its owner's alone; use your own (--store, CW_STORE; by default {})",
+                            m.uid(),
+                            m.mode() & 0o7777,
+                            default_root().display()
+                        ),
+                    ),
+                });
+            }
+        }
         for d in ["blobs/sha256", "layers", "images", "locks", "tmp", "inuse"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err(&p, "creating directory"))?;
