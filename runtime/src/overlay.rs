@@ -94,11 +94,10 @@ pub fn mount_fuse(
             .collect::<Vec<_>>()
             .join("; ")
     };
-    const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
     let t = std::time::Instant::now();
     loop {
         if nix::sys::statfs::statfs(target)
-            .is_ok_and(|s| s.filesystem_type().0 as i64 == FUSE_SUPER_MAGIC)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC)
         {
             return Ok(child.id() as i32);
         }

@@ -303,18 +303,15 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
                 println!("{}", req.id);
                 return Ok(());
             }
-            match rd.status() {
-                cw_runtime::rundir::Status::Ended(ex) => {
-                    // the run stays, as every detached run does, for cw ps, logs and rm
-                    if let Some(msg) = cw::run::describe_exit(&ex, memory) {
-                        eprintln!("cw: {msg}");
-                    }
-                    std::process::exit(ex.exit_code);
+            // Lost (no live monitor by its pid file) is settled below by whether our child has
+            // exited: it is ours, and a wait here would block for as long as a live one runs,
+            // should its pid file ever be read in a moment it cannot be matched
+            if let cw_runtime::rundir::Status::Ended(ex) = rd.status() {
+                // the run stays, as every detached run does, for cw ps, logs and rm
+                if let Some(msg) = cw::run::describe_exit(&ex, memory) {
+                    eprintln!("cw: {msg}");
                 }
-                // Lost (no live monitor by its pid file) is settled below by whether our child
-                // has exited: it is ours, and a wait here would block for as long as a live one
-                // runs, should its pid file ever be read in a moment it cannot be matched
-                _ => {}
+                std::process::exit(ex.exit_code);
             }
             if let Ok(Some(st)) = child.try_wait() {
                 if rd.exit().is_none() && rd.state().and_then(|s| s.pid).is_none() {
