@@ -275,6 +275,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Images { quiet } => cmd_images(context(&cli.global)?, quiet),
         Cmd::Rmi { images, force } => {
             let ctx = context(&cli.global)?;
+            // a run that has just ended still holds its layers until its teardown is done
+            cw::run::settle(&ctx.store);
             each(images, "some images were not removed", |i| {
                 let lines = ctx.store.remove_image(&i, force)?;
                 lines.iter().for_each(|l| println!("{l}"));
@@ -288,6 +290,7 @@ fn run(cli: Cli) -> Result<()> {
                 .map(config::parse_size)
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
+            cw::run::settle(&ctx.store);
             let (removed, freed) = ctx.store.prune(target)?;
             for r in &removed {
                 println!("removed {r}");

@@ -225,6 +225,7 @@ fn a_tree_deeper_than_the_fd_limit_made_by_a_container_is_removed_with_its_run()
         });
     }
     let o = within(c, 180);
+    cw.settle();
     assert!(o.status.success(), "{}", out(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "deep");
     assert!(

@@ -15,6 +15,7 @@ fn runner() -> Option<Cw> {
 
 /// After a run: no mounts under the store, no cgroup, no in-use record, no run dir (unless kept).
 fn assert_no_leftovers(cw: &Cw) {
+    cw.settle();
     let store = cw.store().display().to_string();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
@@ -1127,4 +1128,75 @@ fn a_run_named_like_one_from_another_store_is_refused_and_leaves_it_running() {
     a.ok(&["rm", "-f", &name]);
     assert_no_leftovers(&a);
     assert_no_leftovers(&b);
+}
+
+/// `cw run` in the foreground returns at the run's end, with its exit code and output, and its
+/// monitor tears the run down after (unmount, cgroups, the run's directory): a run that leaves
+/// 30,000 files in its rootfs is still being removed when `cw run` is back. What comes next
+/// waits for that teardown instead of tripping over it: a run of the same name, `cw rm` of a
+/// kept run, `cw rmi` of the image. A monitor killed in the middle of it leaves the rest to the
+/// next cw, which finishes it and removes the directory.
+#[test]
+fn cw_run_returns_at_the_runs_end_and_the_teardown_follows() {
+    let Some(cw) = runner() else { return };
+    let files = "mkdir /d && cd /d && seq 30000 | xargs touch && echo made";
+    let slow = |name: &str, keep: bool| {
+        let mut args = vec!["run", "--name", name];
+        if keep {
+            args.push("--keep");
+        }
+        args.extend(["--image", TINY, "sh", "-c", files]);
+        // cw.cmd, not cw.run: that one waits for the teardown
+        let o = cw.cmd(&args).output().unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "made\n");
+        cw_runtime::rundir::RunDir::new(cw.store().join("runs").join(name))
+    };
+    let rd = slow("slow", false);
+    assert!(
+        rd.tearing_down(),
+        "cw run returned after the teardown (or it was never started): {}",
+        rd.path.display()
+    );
+    // the same name again: waits for the teardown, then runs
+    let o = cw
+        .cmd(&["run", "--name", "slow", "--image", TINY, "true"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    cw.settle();
+    assert!(!rd.path.exists());
+    // a kept run: stays, and cw rm right after its cw run waits for its monitor's teardown
+    let rd = slow("kept", true);
+    assert!(rd.tearing_down());
+    cw.ok(&["rm", "kept"]);
+    assert!(!rd.path.exists());
+    // rmi right after: the image's layers are released before it looks
+    let rd = slow("last", false);
+    assert!(rd.tearing_down());
+    cw.ok(&["rmi", TINY]);
+    assert!(!rd.path.exists());
+    assert_no_leftovers(&cw);
+    cw.ok(&["pull", "-q", TINY]);
+    // the monitor killed during its teardown: the next cw run finishes it
+    let rd = slow("cut", false);
+    let monitor = rd.monitor_pid().expect("the monitor tearing the run down");
+    kill_monitor(&rd, monitor);
+    assert!(
+        rd.path.exists(),
+        "the teardown ended before the monitor was killed"
+    );
+    cw.ok(&["run", "--image", TINY, "true"]);
+    assert!(!rd.path.exists(), "the cut teardown was not finished");
+    assert_no_leftovers(&cw);
 }

@@ -145,6 +145,41 @@ fn split_runtime(total: u64, user_samples: u64, sys_samples: u64) -> (u64, u64) 
 
 /// The hierarchies libcontainer makes a run's cgroup path in: every v1 mount point (its own
 /// listing), or the unified one on v2.
+/// Start, in a thread of this process, the wait that the container's first `cgroup.procs` write
+/// would otherwise pay on the run's critical path. Every move between cgroups takes one global
+/// lock of the kernel's (cgroup_threadgroup_rwsem), whose writer waits for an RCU grace period
+/// unless another writer came within about the last one: 5–7 ms on the development VM at rest,
+/// 0.05 ms right after another move (`bench/start.sh`'s notes in BENCHMARKS.md). Moving this
+/// process into the cgroup it is already in ("0" to its own `cgroup.procs`: nothing changes)
+/// takes that lock; done as `cw run` starts, the wait overlaps the monitor's start, and
+/// libcontainer's write a few ms later finds the lock warm. Where this process may not write its
+/// cgroup (a user's cw on cgroup v1) nothing happens; hosts that mount their cgroups with
+/// `favordynmods` (Linux 6.0+) never pay the wait.
+pub fn warm_attach() {
+    std::thread::spawn(|| {
+        let Ok(s) = std::fs::read_to_string("/proc/self/cgroup") else {
+            return;
+        };
+        let dir = match version() {
+            Version::V2 => s
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .map(|rel| v2_dir(rel.trim())),
+            // the lock is one for every hierarchy: pids' serves
+            Version::V1 => s.lines().find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, ctl, rel) = (f.next()?, f.next()?, f.next()?);
+                (ctl == "pids").then(|| {
+                    Path::new("/sys/fs/cgroup/pids").join(rel.trim().trim_start_matches('/'))
+                })
+            }),
+        };
+        if let Some(d) = dir {
+            let _ = std::fs::write(d.join("cgroup.procs"), "0");
+        }
+    });
+}
+
 fn mount_points() -> Vec<PathBuf> {
     match version() {
         Version::V1 => libcgroups::v1::util::list_subsystem_mount_points().unwrap_or_default(),

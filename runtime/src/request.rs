@@ -201,6 +201,15 @@ pub struct RunRequest {
     /// Give the container a terminal of this size (`cw run -t`), relayed by the monitor.
     #[serde(default)]
     pub tty: Option<crate::console::Size>,
+    /// The write end of a pipe the monitor inherits (`cw run` in the foreground): the exit
+    /// record goes to it, one JSON line, as soon as exit.json is written and before the
+    /// teardown, so that `cw run` returns without waiting for the unmount and the removals.
+    #[serde(default)]
+    pub exit_pipe: Option<i32>,
+    /// The monitor removes the run's directory at the end of its teardown (`cw run` without
+    /// `--keep`); a cw that finds the teardown cut short finishes it and removes the directory.
+    #[serde(default)]
+    pub remove_when_done: bool,
 }
 
 impl RunRequest {

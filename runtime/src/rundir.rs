@@ -14,6 +14,7 @@
 //! creator        the preparing cw's pid (a run whose preparer died is abandoned)
 //! cgroup-parents.json  parent cgroups the run's creation made (removed with it)
 //! cgroup.host    a user's run below a delegated cgroup: its cgroup as the host names it
+//! removing       its `cw run` took the exit record: the directory goes after the teardown
 //! attach.sock    a -t run's terminal, while it runs (console.sock: libcontainer's, briefly)
 //! exec-<pid>.json / .sock   a `cw exec`'s process and terminal socket, while it starts
 //! meta.json, stdout, stderr, container.out/.err   cw's and the worker's records, the output
@@ -26,6 +27,7 @@ use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::fd::RawFd;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +36,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// The parent cgroups the monitor's creating the run made (JSON list of paths), written before it
 /// creates them, when there are any.
 pub(crate) const PARENTS_FILE: &str = "cgroup-parents.json";
+
+/// Made by the monitor once `cw run` has taken the exit record of a run it was asked to remove
+/// ([`RunRequest::remove_when_done`]): the directory goes at the end of the teardown, by the
+/// monitor or by whoever finishes a teardown cut short.
+pub const REMOVING_FILE: &str = "removing";
 
 /// A user's run below a delegated cgroup v2 subtree: its cgroup as the host names it (the
 /// monitor binds the delegated cgroup on its own /sys/fs/cgroup), written before the container
@@ -384,6 +391,33 @@ impl RunDir {
         .then_some(p)
     }
 
+    /// The run has ended and its monitor is still tearing it down (unmount, cgroups, removals:
+    /// after `cw run` returned, or while a `cw rm` would race it); once cleaned, a monitor that
+    /// is to remove the directory ([`REMOVING_FILE`]) is still at it.
+    pub fn tearing_down(&self) -> bool {
+        self.exit().is_some()
+            && self.monitor_pid().is_some()
+            && (!self.cleaned() || self.to_be_removed())
+    }
+
+    /// The run's directory goes at the end of its teardown ([`REMOVING_FILE`]).
+    pub fn to_be_removed(&self) -> bool {
+        self.path.join(REMOVING_FILE).exists()
+    }
+
+    /// Wait (polling, at most `within`) for the teardown [`RunDir::tearing_down`] describes to
+    /// end; whether it did.
+    pub fn settle(&self, within: Duration) -> bool {
+        let t = std::time::Instant::now();
+        while self.tearing_down() {
+            if t.elapsed() >= within {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+
     /// Block until the run has ended (exit.json and cleanup), polling.
     pub fn wait(&self, poll: Duration) -> io::Result<ExitStatus> {
         loop {
@@ -444,26 +478,76 @@ pub fn monitor_exe() -> PathBuf {
     }
 }
 
-/// Start `exe __monitor <dir>` in its own session. Its stdout/stderr are the container's when the
-/// request names no files; its stdin is the container's with `stdin`, or the first client of
-/// its terminal (one end of [`crate::console::pair`]) with `tty`.
+/// The monitor's executable ([`monitor_exe`]) copied once into a sealed anonymous file
+/// (CVE-2019-5736: nothing that reaches a container's `/proc/<pid>/exe` can write the binary
+/// that made it). Monitors start from this copy, and `pentacle::ensure_sealed` finds them sealed
+/// so they do not copy themselves again: `cw run` copies once per run without first executing
+/// the file on disk, and a worker copies once for all its runs (a sealed file cannot change, so
+/// one copy serves every run; cw-monitor replaced on disk reaches the worker's runs when the
+/// worker restarts, as a new `cw` does).
+#[derive(Debug)]
+pub struct SealedMonitor {
+    memfd: File,
+    argv0: PathBuf,
+}
+
+impl SealedMonitor {
+    pub fn new() -> io::Result<SealedMonitor> {
+        let exe = monitor_exe();
+        let mut f = File::open(&exe)
+            .map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", exe.display())))?;
+        let memfd = pentacle::SealOptions::new()
+            .executable(true)
+            .copy_and_seal(&mut f)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("copying {} into a sealed memfd: {e}", exe.display()),
+                )
+            })?;
+        // the name the monitor shows in ps (/proc/self/exe: this executable's own path)
+        let argv0 = if exe == Path::new("/proc/self/exe") {
+            std::env::current_exe().unwrap_or(exe)
+        } else {
+            exe
+        };
+        Ok(SealedMonitor { memfd, argv0 })
+    }
+}
+
+/// Start `exe __monitor <dir>` in its own session. Its stdout/stderr are the container's when
+/// the request names no files; its stdin is the container's with `stdin`, or the first client of
+/// its terminal (one end of [`crate::console::pair`]) with `tty`. `exit_pipe`: a descriptor of
+/// the caller's that the monitor inherits under the same number ([`RunRequest::exit_pipe`]),
+/// the only one past its stdio.
 pub fn spawn(
-    exe: &Path,
+    exe: &SealedMonitor,
     dir: &Path,
     stdin: Stdio,
     stdout: Stdio,
     stderr: Stdio,
+    exit_pipe: Option<RawFd>,
 ) -> io::Result<Child> {
+    use std::os::unix::io::AsRawFd;
     use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(exe);
-    cmd.arg("__monitor")
+    // the child execs the copy through the descriptor it inherits (close-on-exec: the monitor
+    // does not keep it)
+    let mut cmd = Command::new(format!("/proc/self/fd/{}", exe.memfd.as_raw_fd()));
+    cmd.arg0(&exe.argv0)
+        .arg("__monitor")
         .arg(dir)
         .stdin(stdin)
         .stdout(stdout)
         .stderr(stderr);
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(io::Error::from)?;
+            if let Some(fd) = exit_pipe {
+                // this process's copy only: kept open across the exec
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }

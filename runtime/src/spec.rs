@@ -340,6 +340,8 @@ mod tests {
             cleanup: Cleanup::default(),
             stdin: false,
             tty: None,
+            exit_pipe: None,
+            remove_when_done: false,
         }
     }
 

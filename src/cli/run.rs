@@ -147,6 +147,7 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
         );
     }
     let a = a;
+    cw_runtime::cgroup::warm_attach();
     let r = Reference::parse(&image_name)?;
     cw::run::recover_lost(&ctx.store);
     let image = match (a.pull.as_str(), ctx.store.lookup(&image_name)) {
@@ -266,7 +267,8 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
         }
         rd.write_request(&req)?;
     }
-    let exe = cw_runtime::rundir::monitor_exe();
+    let exe = cw_runtime::rundir::SealedMonitor::new()
+        .map_err(|e| anyhow::anyhow!("the run's monitor: {e}"))?;
     // detached: the monitor must not hold our stdout/stderr open (a `$(cw run -d …)` would hang)
     let stdio = || {
         if a.detach {
@@ -288,8 +290,32 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
     } else {
         std::process::Stdio::null()
     };
-    let mut child = cw_runtime::rundir::spawn(&exe, &rd.path, stdin, stdio(), stdio())
-        .with_context(|| "starting the run's monitor process")?;
+    // in the foreground the monitor reports the run's end on a pipe before its teardown (the
+    // unmount, the cgroups, the removals), and removes the run's directory after it unless
+    // --keep: this process returns at the end of the run, not of its teardown
+    let exit_pipe = if a.detach {
+        None
+    } else {
+        use std::os::fd::AsRawFd;
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .context("creating the run's exit pipe")?;
+        req.exit_pipe = Some(w.as_raw_fd());
+        req.remove_when_done = !a.keep;
+        rd.write_request(&req)?;
+        Some((r, w))
+    };
+    let mut child = cw_runtime::rundir::spawn(
+        &exe,
+        &rd.path,
+        stdin,
+        stdio(),
+        stdio(),
+        exit_pipe
+            .as_ref()
+            .map(|(_, w)| std::os::fd::AsRawFd::as_raw_fd(w)),
+    )
+    .with_context(|| "starting the run's monitor process")?;
+    let exit_reader = exit_pipe.map(|(r, _)| std::fs::File::from(r));
     if a.detach {
         // as `docker run -d`: back once the container has started (so what follows can rely on
         // it: `cw exec`, its cgroup's limits), or with the error that kept it from starting
@@ -341,13 +367,34 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
             return Ok(());
         }
     }
-    let _ = child.wait();
-    let ex = rd.wait(std::time::Duration::from_millis(20))?;
+    // the exit record from the monitor's pipe; without one (the monitor died before it wrote
+    // it: end of file once it and the container are gone), from the run's directory
+    let reported = exit_reader.and_then(|f| {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(f), &mut line).ok()?;
+        serde_json::from_str::<cw_runtime::rundir::ExitStatus>(&line).ok()
+    });
+    let ex = match reported {
+        Some(ex) => {
+            // a Slurm job's end SIGKILLs what is left in its cgroup, the monitor in the middle
+            // of its teardown among them (mounts left until the next cw): there the teardown
+            // is waited for, as before
+            if std::env::var_os("SLURM_JOB_ID").is_some() {
+                let _ = child.wait();
+            }
+            ex
+        }
+        None => {
+            let _ = child.wait();
+            let ex = rd.wait(std::time::Duration::from_millis(20))?;
+            if !a.keep {
+                let _ = cw::run::remove(&ctx.store, &rd);
+            }
+            ex
+        }
+    };
     if let Some(msg) = cw::run::describe_exit(&ex, memory) {
         eprintln!("cw: {msg}");
-    }
-    if !a.keep {
-        let _ = cw::run::remove(&ctx.store, &rd);
     }
     std::process::exit(ex.exit_code);
 }

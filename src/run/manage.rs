@@ -3,7 +3,7 @@
 use super::runs_dir;
 use crate::store::Store;
 use cw_runtime::rundir::{self as monitor, ExitStatus, RunDir};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// All runs in the store, with their state.
 pub fn list(store: &Store) -> Vec<(String, RunDir)> {
@@ -34,25 +34,58 @@ pub fn recover_lost(store: &Store) {
             release_abandoned(store, &id, &rd);
             continue;
         }
-        if rd.monitor_pid().is_some() || !rd.monitor_started() || rd.cleaned() {
+        if rd.monitor_pid().is_some() || !rd.monitor_started() {
             continue;
         }
-        match rd.recover() {
-            Ok(()) => tracing::warn!("run {id}: its monitor had died; its container was stopped and its mounts and cgroups released"),
-            Err(e) => tracing::warn!("run {id}: its monitor had died; cleaning up: {e}"),
+        // a `cw run` without --keep left the directory's removal to its monitor
+        let remove = rd.exit().is_some() && rd.to_be_removed();
+        if !rd.cleaned() {
+            match rd.recover() {
+                Ok(()) => tracing::warn!("run {id}: its monitor had died; its container was stopped and its mounts and cgroups released"),
+                Err(e) => {
+                    tracing::warn!("run {id}: its monitor had died; cleaning up: {e}");
+                    continue;
+                }
+            }
+        }
+        if remove {
+            crate::store::discard(&rd.path);
         }
     }
 }
 
+/// Wait a moment (at most 10 s) for the runs that have ended and are still being torn down by
+/// their monitors (`cw run` returns before that): until then their layers are in use and their
+/// names taken.
+pub fn settle(store: &Store) {
+    for (_, rd) in list(store) {
+        rd.settle(SETTLE_WITHIN);
+    }
+}
+
+/// How long a cw waits for a run's teardown by its monitor before it goes on without it.
+const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Remove what a cw killed while it made a run's directory left (`runs/.new-…`, see
 /// `prepare::create_run_dir`): one whose creator is gone, after a minute (a live cw renames its
-/// own within microseconds of making it).
+/// own within microseconds of making it); and what a monitor killed while it removed its run's
+/// directory left (`runs/.gone-<id>-<monitor pid>`), once that monitor is gone.
 fn sweep_unplaced(store: &Store) {
     let Ok(rd) = std::fs::read_dir(runs_dir(store)) else {
         return;
     };
     for e in rd.flatten() {
-        if !e.file_name().as_encoded_bytes().starts_with(b".new-") {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(rest) = name.strip_prefix(".gone-") {
+            let remover = rest
+                .rsplit_once('-')
+                .and_then(|(_, pid)| pid.parse::<u32>().ok());
+            if remover.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                crate::store::discard(&e.path());
+            }
+            continue;
+        }
+        if !name.starts_with(".new-") {
             continue;
         }
         let old = e
@@ -101,6 +134,12 @@ pub fn remove(store: &Store, rd: &RunDir) -> anyhow::Result<()> {
         }
         let id = rd.path.file_name().unwrap_or_default().to_string_lossy();
         release_abandoned(store, &id, rd);
+        return Ok(());
+    }
+    // its monitor tearing it down (a `cw run` that returned a moment ago): its own teardown
+    // then, not a second one beside it
+    rd.settle(SETTLE_WITHIN);
+    if !rd.path.exists() {
         return Ok(());
     }
     if rd.status().is_running() {

@@ -9,7 +9,7 @@
 mod manage;
 mod prepare;
 
-pub use manage::{describe_exit, find, last_log_error, list, logs, recover_lost, remove};
+pub use manage::{describe_exit, find, last_log_error, list, logs, recover_lost, remove, settle};
 pub use prepare::{check_executable, prepare, ExecError};
 
 use crate::image::manifest::RunConfig;

@@ -170,6 +170,8 @@ pub fn prepare(
             cleanup,
             stdin: o.stdin && o.tty.is_none(),
             tty: o.tty,
+            exit_pipe: None,
+            remove_when_done: false,
         })
     })();
     match res {
@@ -330,7 +332,9 @@ fn create_run_dir(runs: &Path, id: &str) -> anyhow::Result<PathBuf> {
             dir.display()
         )
     };
-    if dir.exists() {
+    // the run of that name that has just ended, still being torn down by its monitor
+    if dir.exists() && RunDir::new(&dir).settle(std::time::Duration::from_secs(10)) && dir.exists()
+    {
         return Err(exists());
     }
     let tmp = runs.join(format!(".new-{id}-{:08x}", rand::random::<u32>()));

@@ -141,8 +141,44 @@ impl Cw {
         c
     }
 
+    /// A `cw run` returns when its run has ended, and its monitor then tears the run down
+    /// (unmount, cgroups, the run's directory): what a test checks after it, it checks once that
+    /// is done ([`Cw::settle`]).
     pub fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
+        let o = self.cmd(args).output().unwrap();
+        if args.first() == Some(&"run") {
+            self.settle();
+        }
+        o
+    }
+
+    /// Wait for the teardown of every run of the store that has ended (`RunDir::settle`).
+    pub fn settle(&self) {
+        let Ok(rd) = std::fs::read_dir(self.store().join("runs")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".gone-") {
+                // a run's directory its monitor is removing
+                let t = std::time::Instant::now();
+                while e.path().exists() {
+                    assert!(
+                        t.elapsed() < std::time::Duration::from_secs(30),
+                        "{} was not removed within 30 s",
+                        e.path().display()
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            } else if !name.starts_with('.') {
+                let r = cw_runtime::rundir::RunDir::new(e.path());
+                assert!(
+                    r.settle(std::time::Duration::from_secs(30)),
+                    "run {} was not torn down within 30 s",
+                    e.path().display()
+                );
+            }
+        }
     }
 
     /// Run and require success; returns stdout.
@@ -176,6 +212,9 @@ impl Cw {
 
     /// Names of entries in a store subdirectory.
     pub fn entries(&self, sub: &str) -> Vec<String> {
+        if sub == "runs" {
+            self.settle();
+        }
         std::fs::read_dir(self.store().join(sub))
             .map(|rd| {
                 rd.flatten()

@@ -28,7 +28,7 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -85,6 +85,70 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The pipe of [`RunRequest::exit_pipe`], once taken ([`take_exit_pipe`]).
+static EXIT_PIPE: std::sync::Mutex<Option<File>> = std::sync::Mutex::new(None);
+
+/// Take the inherited write end of `cw run`'s exit pipe: a FIFO, or nothing (a descriptor the
+/// request names that is not one is left alone). Close-on-exec from here on, so that the
+/// container's init does not keep it past its exec.
+fn take_exit_pipe(fd: Option<i32>) {
+    let Some(fd) = fd.filter(|fd| *fd > 2) else {
+        return;
+    };
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        return;
+    }
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    *EXIT_PIPE.lock().unwrap_or_else(|e| e.into_inner()) = Some(unsafe { File::from_raw_fd(fd) });
+}
+
+/// The run's end is recorded: tell `cw run` (the exit record on its pipe), and let go of the
+/// terminal or pipes the monitor shares with it (a `$(cw run …)` waits for them to close), so
+/// that what follows, the teardown, is off its critical path. Where `cw run` took the record
+/// and the request asks for it, the run's directory is marked for removal at the end of the
+/// teardown (a run whose `cw run` had died stays for `cw ps`, `attach` and `rm`, as a kept one).
+fn report_exit(dir: &Path, req: &RunRequest, ex: &ExitStatus) {
+    if let Some(mut p) = EXIT_PIPE.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let mut line = serde_json::to_vec(ex).unwrap_or_default();
+        line.push(b'\n');
+        // EPIPE where no cw reads any more (the monitor's SIGPIPE handler does nothing)
+        if p.write_all(&line).is_ok() && req.remove_when_done {
+            let _ = File::create(dir.join(crate::rundir::REMOVING_FILE));
+        }
+    }
+    if let Ok(null) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..3 {
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+/// The last of the teardown: the run's directory, where [`report_exit`] marked it. Renamed out
+/// of the way first (`runs/.gone-…`, which no cw lists), so that it vanishes at once for
+/// whoever waits for it, then removed.
+fn remove_if_asked(dir: &Path) {
+    if !dir.join(crate::rundir::REMOVING_FILE).exists() {
+        return;
+    }
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let gone = dir.with_file_name(format!(".gone-{name}-{}", std::process::id()));
+    let target = match fs::rename(dir, &gone) {
+        Ok(()) => gone,
+        Err(e) => {
+            tracing::warn!("moving the run's directory {} aside: {e}", dir.display());
+            dir.to_path_buf()
+        }
+    };
+    if let Err(e) = crate::fsx::remove_tree(&target) {
+        tracing::warn!("removing the run's directory {}: {e}", target.display());
+    }
+}
+
 fn fail(dir: &Path, req: &RunRequest, started: f64, err: Error) -> i32 {
     let msg = err.to_string();
     tracing::error!("{msg}");
@@ -102,7 +166,9 @@ fn fail(dir: &Path, req: &RunRequest, started: f64, err: Error) -> i32 {
         &dir.join("exit.json"),
         &serde_json::to_vec_pretty(&ex).unwrap(),
     );
+    report_exit(dir, req, &ex);
     cleanup(req, dir);
+    remove_if_asked(dir);
     1
 }
 
@@ -150,6 +216,7 @@ pub fn main(dir: &Path) -> i32 {
         }
     };
     let started = unix_now();
+    take_exit_pipe(req.exit_pipe);
     let run = || -> Result<()> {
         let entered = enter(dir)?;
         // without root, pasta must start from the host's network namespace, which the monitor
@@ -717,6 +784,7 @@ fn finish(
     ) {
         tracing::error!("writing exit.json: {e}");
     }
+    report_exit(dir, req, &ex);
     if let Err(e) = l.container.delete(true) {
         tracing::warn!("deleting the container: {e}");
     }
@@ -726,4 +794,5 @@ fn finish(
         cgroup::remove_parents(&l.made_parents);
     }
     cleanup(req, dir);
+    remove_if_asked(dir);
 }
