@@ -1164,17 +1164,7 @@ fn cw_run_returns_at_the_runs_end_and_the_teardown_follows() {
         rd.path.display()
     );
     // the same name again: waits for the teardown, then runs
-    let o = cw
-        .cmd(&["run", "--name", "slow", "--image", TINY, "true"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    cw.settle();
+    cw.ok(&["run", "--name", "slow", "--image", TINY, "true"]);
     assert!(!rd.path.exists());
     // a kept run: stays, and cw rm right after its cw run waits for its monitor's teardown
     let rd = slow("kept", true);

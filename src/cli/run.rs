@@ -148,6 +148,9 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
     }
     let a = a;
     cw_runtime::cgroup::warm_attach();
+    // the monitor's sealed copy (5 MB) is made while the image is looked up and the rootfs
+    // prepared (0.4 ms of 12 in an interleaved A/B of 80 runs each)
+    let sealing = std::thread::spawn(cw_runtime::rundir::SealedMonitor::new);
     let r = Reference::parse(&image_name)?;
     cw::run::recover_lost(&ctx.store);
     let image = match (a.pull.as_str(), ctx.store.lookup(&image_name)) {
@@ -267,7 +270,9 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
         }
         rd.write_request(&req)?;
     }
-    let exe = cw_runtime::rundir::SealedMonitor::new()
+    let exe = sealing
+        .join()
+        .map_err(|_| anyhow::anyhow!("the run's monitor: its copy panicked"))?
         .map_err(|e| anyhow::anyhow!("the run's monitor: {e}"))?;
     // detached: the monitor must not hold our stdout/stderr open (a `$(cw run -d …)` would hang)
     let stdio = || {

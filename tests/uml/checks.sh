@@ -6,6 +6,9 @@ S=/run/store
 mkdir -p $S && mount -t tmpfs tmpfs $S
 cw() { "$CWB" --store $S/s --config /dev/null "$@"; }
 out() { echo "CWV2 $*" | tr '\n' ' '; echo; }
+# a foreground `cw run` returns at its run's end and its monitor tears the run down after: what
+# is checked after runs is checked once a store's runs (all removed at their end) are gone
+settle() { i=0; while [ -n "$(ls -A $1/runs 2>/dev/null)" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; }
 G=/sys/fs/cgroup
 out controllers "$(cat $G/cgroup.controllers)"
 IMG=$(cw load -i "$LAYOUT" 2>&1 | sed -n 's/^Loaded image \(sha256:[0-9a-f]*\).*/\1/p' | head -1)
@@ -49,6 +52,7 @@ mkdir -p $G/job/worker
 echo "+memory +pids +cpu" > $G/cgroup.subtree_control
 echo $$ > $G/job/worker/cgroup.procs
 e=$(cw $R --cgroup-parent /job -m 30m 'cat /proc/self/cgroup' 2>&1); out beside "rc=$? $e"
+settle $S/s
 out job_after "$(find $G/job -mindepth 1 -maxdepth 1 -type d | tr '\n' ' ')"
 echo $$ > $G/cgroup.procs
 
@@ -126,6 +130,7 @@ user_checks() {
   out ${P}_lost_after "$(test -d $D/cw/$id && echo left || echo gone)"
   ucw rm lost >/dev/null
   # nothing left: no cgroup but the top /cw, no run, no mount of the user's store
+  settle $H/store
   out ${P}_after "$(find $D -mindepth 1 -type d | sort | tr '\n' ' ')"
   out ${P}_left "runs=$(ls $H/store/runs | wc -l) mounts=$(grep -c " $H/" /proc/mounts)"
 }
