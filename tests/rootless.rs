@@ -540,8 +540,8 @@ fn a_users_rootfs_is_an_overlay_mounted_in_the_runs_user_namespace_that_merges_a
     const EDGE: &str = "127.0.0.1:5000/edge:latest";
     let o = as_user_cw(&cw, &["pull", "-q", EDGE]);
     assert!(o.status.success(), "{}", text(&o));
-    // the root is an overlay of the user's layers, mounted with userxattr; writes go to the
-    // run's upper dir
+    // the root is an overlay of the user's layers, mounted with userxattr and volatile (its
+    // unmount syncs nothing); writes go to the run's upper dir
     let out = user_out(
         &cw,
         &[
@@ -555,6 +555,7 @@ fn a_users_rootfs_is_an_overlay_mounted_in_the_runs_user_namespace_that_merges_a
     assert!(
         out.contains(" - overlay overlay ")
             && out.contains("userxattr")
+            && out.contains("volatile")
             && out.contains(cw.store().join("layers").to_str().unwrap())
             && out.contains("removed"),
         "{}",
