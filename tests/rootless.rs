@@ -469,11 +469,22 @@ fn a_users_runs_are_killed_timed_out_listed_and_removed_by_that_user() {
             "1s",
             "--image",
             TINY,
-            "sleep",
-            "100",
+            "sh",
+            "-c",
+            "echo started; exec sleep 100",
         ],
     );
     assert!(o.status.success(), "{}", text(&o));
+    // its output, read by the user's cw logs (the line comes as the run starts)
+    let t = std::time::Instant::now();
+    loop {
+        let o = as_user_cw(&cw, &["logs", "r1"]);
+        if String::from_utf8_lossy(&o.stdout) == "started\n" {
+            break;
+        }
+        assert!(t.elapsed().as_secs() < 20, "cw logs r1: {}", text(&o));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let ps = as_user_cw(&cw, &["ps"]);
     let ps = String::from_utf8_lossy(&ps.stdout).into_owned();
     assert!(
