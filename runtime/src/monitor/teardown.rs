@@ -1,0 +1,124 @@
+//! The end of a run, after the container has exited: its record reported to `cw run` before the
+//! slow part, then the release of what it held on the host and, where asked, the removal of
+//! its directory. [`cleanup`] also serves a cw that finishes the teardown of a run whose monitor
+//! died.
+
+use crate::net::stop_pasta;
+use crate::request::RunRequest;
+use crate::rundir::{replace_file, ExitStatus};
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+
+/// The pid of a user's run's fuse-overlayfs, in its run directory.
+pub(super) const FUSE_PID: &str = "fuse-overlayfs.pid";
+
+/// Release what the run holds on the host (its network helper, mounts, fuse-overlayfs, upper
+/// dir or copied rootfs, libcontainer's state) and mark it `cleaned`: the end of the monitor's
+/// teardown, or of a recovery by another cw ([`crate::rundir::RunDir::recover`]).
+pub(crate) fn cleanup(req: &RunRequest, dir: &Path) {
+    stop_pasta(dir);
+    for m in &req.cleanup.unmount {
+        if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
+            // EPERM: a user's cw outside the run's user namespace, where its overlay was
+            // mounted (and went with it): nothing of the run's is mounted here
+            let not_here = e == nix::errno::Errno::EPERM && crate::userns::needed();
+            if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT && !not_here {
+                tracing::warn!("unmounting {}: {e}", m.display());
+            }
+        }
+    }
+    // fuse-overlayfs leaves with its mount; before the upper dir it serves is removed
+    if let Some(pid) = fs::read_to_string(dir.join(FUSE_PID))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        crate::overlay::stop_fuse(pid, &req.rootfs);
+        let _ = fs::remove_file(dir.join(FUSE_PID));
+    }
+    // what the container wrote (its upper dir, a copied rootfs) is a tree someone else made: any
+    // depth, odd files, possibly a mount left behind; removed with bounded fds and stack
+    for p in req.cleanup.remove.iter().chain([&dir.join("lc")]) {
+        if let Err(e) = crate::fsx::remove_tree(p) {
+            tracing::warn!("removing {}: {e}", p.display());
+        }
+    }
+    let _ = File::create(dir.join("cleaned"));
+}
+
+/// The pipe of [`RunRequest::exit_pipe`], once taken ([`take_exit_pipe`]).
+static EXIT_PIPE: std::sync::Mutex<Option<File>> = std::sync::Mutex::new(None);
+
+/// Take the inherited write end of `cw run`'s exit pipe: a FIFO, or nothing (a descriptor the
+/// request names that is not one is left alone). Close-on-exec from here on, so that the
+/// container's init does not keep it past its exec.
+pub(super) fn take_exit_pipe(fd: Option<i32>) {
+    let Some(fd) = fd.filter(|fd| *fd > 2) else {
+        return;
+    };
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        return;
+    }
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    *EXIT_PIPE.lock().unwrap_or_else(|e| e.into_inner()) = Some(unsafe { File::from_raw_fd(fd) });
+}
+
+/// The run's end is recorded: tell `cw run` (the exit record on its pipe), and let go of the
+/// terminal or pipes the monitor shares with it (a `$(cw run …)` waits for them to close), so
+/// that what follows, the teardown, is off its critical path. Where `cw run` took the record
+/// and the request asks for it, the run's directory is marked for removal at the end of the
+/// teardown (a run whose `cw run` had died stays for `cw ps`, `attach` and `rm`, as a kept one).
+fn report_exit(dir: &Path, req: &RunRequest, ex: &ExitStatus) {
+    if let Some(mut p) = EXIT_PIPE.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let mut line = serde_json::to_vec(ex).unwrap_or_default();
+        line.push(b'\n');
+        // EPIPE where no cw reads any more (the monitor's SIGPIPE handler does nothing)
+        if p.write_all(&line).is_ok() && req.remove_when_done {
+            let _ = File::create(dir.join(crate::rundir::REMOVING_FILE));
+        }
+    }
+    if let Ok(null) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..3 {
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+/// The last of the teardown: the run's directory, where [`report_exit`] marked it. Renamed out
+/// of the way first (`runs/.gone-…`, which no cw lists), so that it vanishes at once for
+/// whoever waits for it, then removed.
+pub(super) fn remove_if_asked(dir: &Path) {
+    if !dir.join(crate::rundir::REMOVING_FILE).exists() {
+        return;
+    }
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let gone = dir.with_file_name(format!(".gone-{name}-{}", std::process::id()));
+    let target = match fs::rename(dir, &gone) {
+        Ok(()) => gone,
+        Err(e) => {
+            tracing::warn!("moving the run's directory {} aside: {e}", dir.display());
+            dir.to_path_buf()
+        }
+    };
+    if let Err(e) = crate::fsx::remove_tree(&target) {
+        tracing::warn!("removing the run's directory {}: {e}", target.display());
+    }
+}
+
+/// Write the run's end to `exit.json` (atomically) and report it ([`report_exit`]): from here
+/// on the run is over for every cw, and what follows is teardown.
+pub(super) fn record_exit(dir: &Path, req: &RunRequest, ex: &ExitStatus) {
+    if let Err(e) = replace_file(
+        &dir.join("exit.json"),
+        &serde_json::to_vec_pretty(ex).unwrap(),
+    ) {
+        tracing::error!("writing exit.json: {e}");
+    }
+    report_exit(dir, req, ex);
+}
