@@ -157,26 +157,29 @@ fn split_runtime(total: u64, user_samples: u64, sys_samples: u64) -> (u64, u64) 
 /// `favordynmods` (Linux 6.0+) never pay the wait.
 pub fn warm_attach() {
     std::thread::spawn(|| {
-        let Ok(s) = std::fs::read_to_string("/proc/self/cgroup") else {
-            return;
-        };
         let dir = match version() {
-            Version::V2 => s
+            Version::V2 => v2_dir_of(std::process::id() as i32),
+            // the lock is one for every hierarchy: pids' serves. In a cgroup namespace the path
+            // may climb (`/../..`): only a plain one names this process's cgroup
+            Version::V1 => std::fs::read_to_string("/proc/self/cgroup")
+                .ok()?
                 .lines()
-                .find_map(|l| l.strip_prefix("0::"))
-                .map(|rel| v2_dir(rel.trim())),
-            // the lock is one for every hierarchy: pids' serves
-            Version::V1 => s.lines().find_map(|l| {
-                let mut f = l.splitn(3, ':');
-                let (_, ctl, rel) = (f.next()?, f.next()?, f.next()?);
-                (ctl == "pids").then(|| {
-                    Path::new("/sys/fs/cgroup/pids").join(rel.trim().trim_start_matches('/'))
-                })
-            }),
+                .find_map(|l| {
+                    let mut f = l.splitn(3, ':');
+                    let (_, ctl, rel) = (f.next()?, f.next()?, f.next()?);
+                    let rel = Path::new(rel.trim().trim_start_matches('/'));
+                    let plain = rel
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_)));
+                    (ctl == "pids" && plain).then(|| Path::new("/sys/fs/cgroup/pids").join(rel))
+                }),
         };
-        if let Some(d) = dir {
-            let _ = std::fs::write(d.join("cgroup.procs"), "0");
-        }
+        // an existing cgroup.procs only: nothing is created where the path misleads
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir?.join("cgroup.procs"));
+        let _ = procs.and_then(|mut f| std::io::Write::write_all(&mut f, b"0"));
+        Some(())
     });
 }
 
