@@ -64,7 +64,7 @@ pub fn settle(store: &Store) {
 }
 
 /// How long a cw waits for a run's teardown by its monitor before it goes on without it.
-const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Remove what a cw killed while it made a run's directory left (`runs/.new-…`, see
 /// `prepare::create_run_dir`): one whose creator is gone, after a minute (a live cw renames its

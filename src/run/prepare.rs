@@ -333,8 +333,7 @@ fn create_run_dir(runs: &Path, id: &str) -> anyhow::Result<PathBuf> {
         )
     };
     // the run of that name that has just ended, still being torn down by its monitor
-    if dir.exists() && RunDir::new(&dir).settle(std::time::Duration::from_secs(10)) && dir.exists()
-    {
+    if dir.exists() && RunDir::new(&dir).settle(super::manage::SETTLE_WITHIN) && dir.exists() {
         return Err(exists());
     }
     let tmp = runs.join(format!(".new-{id}-{:08x}", rand::random::<u32>()));
