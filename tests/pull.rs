@@ -126,6 +126,44 @@ fn shared_layers_are_fetched_once_across_images() {
     );
 }
 
+/// `lsattr -d`'s flags of `p`.
+fn chattr_flags(p: &std::path::Path) -> String {
+    let out = Command::new("lsattr").arg("-d").arg(p).output().unwrap();
+    assert!(out.status.success(), "lsattr -d {}: {:?}", p.display(), out);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn layers_are_unpacked_as_trees_of_their_own_on_ext4() {
+    // ext4's Orlov allocator places each directory made in a "top of hierarchies" directory
+    // (chattr +T) in a block group of its own: a layer does not take its inodes where a tree was
+    // just deleted (seconds of kernel CPU without a journal: BENCHMARKS.md, pull)
+    let cw = Cw::new();
+    cw.ok(&["pull", "-q", &format!("{REG}/edge:latest")]);
+    let fs = nix::sys::statfs::statfs(&cw.store())
+        .unwrap()
+        .filesystem_type();
+    if fs != nix::sys::statfs::EXT4_SUPER_MAGIC {
+        eprintln!("SKIP: the test store is not on ext4 ({fs:?}): the flag is ext4's");
+        return;
+    }
+    let tmp = chattr_flags(&cw.store().join("tmp"));
+    assert!(tmp.contains('T'), "store's tmp/ is not +T: {tmp}");
+    // the flag is not inherited: within a layer, ext4 keeps a tree's directories together
+    for l in cw
+        .entries("layers")
+        .iter()
+        .filter(|e| !e.ends_with(".json"))
+    {
+        let f = chattr_flags(&cw.store().join("layers").join(l));
+        assert!(!f.contains('T'), "layer {l} is +T: {f}");
+    }
+}
+
 #[test]
 fn docker_hub_names_through_a_mirror() {
     let cw = Cw::new();

@@ -111,7 +111,7 @@ impl Store {
         budget: &Arc<unpack::Budget>,
         layer: &Digest,
     ) -> Result<StagedLayer, IngestError> {
-        let tmp = self.tmp_dir("layer")?;
+        let tmp = self.staging_dir()?;
         let mut staged = StagedLayer {
             tmp,
             diff_id: layer.clone(),

@@ -259,6 +259,16 @@ impl Store {
         Ok(p)
     }
 
+    /// A fresh private directory under tmp/ for a layer to be unpacked into, placed by the
+    /// filesystem as the top of a tree of its own (see [`spread_trees`]).
+    pub fn staging_dir(&self) -> Result<PathBuf> {
+        let tmp = self.root.join("tmp");
+        if let Err(e) = spread_trees(&tmp) {
+            tracing::debug!("{}: not marked as a top of trees: {e}", tmp.display());
+        }
+        self.tmp_dir("layer")
+    }
+
     /// Remove leftovers of killed processes from tmp/ (entries whose creator pid is gone).
     pub fn clean_tmp(&self) {
         let Ok(rd) = fs::read_dir(self.root.join("tmp")) else {
@@ -506,6 +516,41 @@ pub use cw_runtime::fsx::remove_tree;
 /// Remove a tree cw made or was handed (a temp dir, a finished run's files) where the caller has
 /// nothing better to do on failure than to say so: the failure is logged with the path, and the
 /// next sweep of tmp/ or of the run dirs tries again.
+/// ext4's FS_TOPDIR_FL (`chattr +T`), not in libc.
+const FS_TOPDIR_FL: libc::c_int = 0x0002_0000;
+
+/// Mark `dir` as the top of directory hierarchies (`chattr +T`), so that ext4's Orlov allocator
+/// places each directory made in it, a layer being unpacked, in a block group of its own (the
+/// one with the fewest directories, from a hash of its name) instead of beside its parent. Each
+/// layer's files then take their inodes from a group of their own: three layers unpacked at
+/// once do not contend for one group, and above all a new layer does not land where a tree was
+/// just deleted. On ext4 without a journal, every inode allocation in such a group scans past
+/// each inode freed in the last minute (five while its inode table block is unwritten,
+/// `recently_deleted()` in fs/ext4/ialloc.c): after deleting a 1 GB tree, a pull of ~1 GB spent
+/// 6-9 s of kernel CPU there (BENCHMARKS.md). Other filesystems refuse or ignore the flag; the
+/// caller only logs that. Idempotent: the flag is set once.
+pub fn spread_trees(dir: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let d = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(dir)?;
+    let mut flags: libc::c_int = 0;
+    // the kernel reads and writes an int, whatever the ioctl's name says
+    if unsafe { libc::ioctl(d.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & FS_TOPDIR_FL != 0 {
+        return Ok(());
+    }
+    flags |= FS_TOPDIR_FL;
+    if unsafe { libc::ioctl(d.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn discard(p: &Path) {
     if let Err(e) = remove_tree(p) {
         tracing::warn!("removing {}: {e}", p.display());
