@@ -54,9 +54,29 @@ pub fn v2_dir_of(pid: i32) -> Option<PathBuf> {
         return None;
     }
     let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let rel = s.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
-    let rel = rel.trim_start_matches('/');
-    (!rel.is_empty() && !rel.starts_with("..")).then(|| v2_dir(rel))
+    let rel = own_cgroup(&s, None)?;
+    (!rel.as_os_str().is_empty()).then(|| v2_dir(&rel.to_string_lossy()))
+}
+
+/// A process's cgroup relative to a hierarchy's root, from its `/proc/<pid>/cgroup`: the unified
+/// hierarchy's (`0::`) for `controller` None, else the v1 hierarchy that has `controller`; empty
+/// for the root. None where there is none, and where the path climbs (`/../..`: the process is
+/// outside the root of the cgroup namespace it reads from), which names no directory below the
+/// mount point that a write may follow.
+fn own_cgroup(proc_cgroup: &str, controller: Option<&str>) -> Option<PathBuf> {
+    let rel = proc_cgroup.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctls, rel) = (f.next()?, f.next()?, f.next()?);
+        let ours = match controller {
+            None => ctls.is_empty(),
+            Some(c) => ctls.split(',').any(|x| x == c),
+        };
+        ours.then_some(rel)
+    })?;
+    let rel = Path::new(rel.trim().trim_start_matches('/'));
+    rel.components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+        .then(|| rel.to_path_buf())
 }
 
 /// A user's run below a delegated cgroup v2 subtree: its limits written to its cgroup's files,
@@ -161,18 +181,11 @@ pub fn warm_attach() {
             Version::V2 => v2_dir_of(std::process::id() as i32),
             // the lock is one for every hierarchy: pids' serves. In a cgroup namespace the path
             // may climb (`/../..`): only a plain one names this process's cgroup
-            Version::V1 => std::fs::read_to_string("/proc/self/cgroup")
-                .ok()?
-                .lines()
-                .find_map(|l| {
-                    let mut f = l.splitn(3, ':');
-                    let (_, ctl, rel) = (f.next()?, f.next()?, f.next()?);
-                    let rel = Path::new(rel.trim().trim_start_matches('/'));
-                    let plain = rel
-                        .components()
-                        .all(|c| matches!(c, std::path::Component::Normal(_)));
-                    (ctl == "pids" && plain).then(|| Path::new("/sys/fs/cgroup/pids").join(rel))
-                }),
+            Version::V1 => own_cgroup(
+                &std::fs::read_to_string("/proc/self/cgroup").ok()?,
+                Some("pids"),
+            )
+            .map(|rel| Path::new("/sys/fs/cgroup/pids").join(rel)),
         };
         // an existing cgroup.procs only: nothing is created where the path misleads
         let procs = std::fs::OpenOptions::new()
@@ -501,6 +514,35 @@ pub fn read_v2(dir: &Path) -> Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `warm_attach` writes "0" into as root, and `v2_dir_of`'s answer: a cgroup namespace
+    /// whose root is not above the process shows a climbing path, joined to the mount point it
+    /// would name a file outside the hierarchy (/sys/fs/cgroup/x/cgroup.procs).
+    #[test]
+    fn a_process_cgroup_is_only_a_plain_path_below_the_root() {
+        let v1 = "13:pids:/user.slice/u-1.slice\n4:cpu,cpuacct:/a/b\n1:name=systemd:/s\n0::/u/v\n";
+        let rel = |text: &str, c| own_cgroup(text, c).map(|p| p.display().to_string());
+        assert_eq!(
+            rel(v1, Some("pids")).as_deref(),
+            Some("user.slice/u-1.slice")
+        );
+        assert_eq!(rel(v1, Some("cpuacct")).as_deref(), Some("a/b"));
+        assert_eq!(rel(v1, None).as_deref(), Some("u/v"));
+        assert_eq!(rel(v1, Some("memory")), None);
+        assert_eq!(rel("0::/\n", None).as_deref(), Some(""));
+        assert_eq!(rel("0::/..hidden/x\n", None).as_deref(), Some("..hidden/x"));
+        for climbing in [
+            "0::/../x",
+            "0::/../../..",
+            "0::/a/../../b",
+            "0::/./x",
+            "0::..",
+        ] {
+            assert_eq!(rel(climbing, None), None, "{climbing}");
+            let v1 = climbing.replacen("0::", "12:pids:", 1);
+            assert_eq!(rel(&v1, Some("pids")), None, "{v1}");
+        }
+    }
 
     /// A run's cgroup holding a frozen process (SIGKILL cannot take effect until it is thawed:
     /// what libcontainer's delete leaves behind) is emptied and removed in every hierarchy.
