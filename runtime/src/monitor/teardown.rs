@@ -122,3 +122,54 @@ pub(super) fn record_exit(dir: &Path, req: &RunRequest, ex: &ExitStatus) {
     }
     report_exit(dir, req, ex);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::IntoRawFd;
+
+    fn cloexec(fd: i32) -> bool {
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        flags & libc::FD_CLOEXEC != 0
+    }
+
+    /// The request names the exit pipe by number: only a FIFO is taken (written to and closed
+    /// by the monitor); any other descriptor there, or stdio, is left as it was.
+    #[test]
+    fn only_a_fifo_is_taken_as_the_exit_pipe() {
+        let d = tempfile::tempdir().unwrap();
+        let file = File::create(d.path().join("not-a-pipe")).unwrap();
+        let fd = file.as_raw_fd();
+        unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+        for not in [Some(fd), Some(0), Some(2), Some(-1), Some(987_654), None] {
+            take_exit_pipe(not);
+            assert!(EXIT_PIPE.lock().unwrap().is_none(), "{not:?} was taken");
+        }
+        assert!(!cloexec(fd), "a regular file's descriptor was changed");
+        assert!(
+            unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,
+            "it was closed"
+        );
+
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let wfd = w.into_raw_fd();
+        assert!(!cloexec(wfd));
+        take_exit_pipe(Some(wfd));
+        let taken = EXIT_PIPE
+            .lock()
+            .unwrap()
+            .take()
+            .expect("the FIFO was not taken");
+        assert_eq!(taken.as_raw_fd(), wfd);
+        assert!(
+            cloexec(wfd),
+            "the exit pipe would outlive the container's exec"
+        );
+        (&taken).write_all(b"x").unwrap();
+        drop(taken);
+        let mut got = String::new();
+        File::from(r).read_to_string(&mut got).unwrap();
+        assert_eq!(got, "x");
+    }
+}
