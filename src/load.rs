@@ -208,6 +208,18 @@ pub fn load(
     platform: &Platform,
     max_unpacked: Option<u64>,
 ) -> Result<Vec<ImageRecord>, LoadError> {
+    let res = load_all(store, input, platform, max_unpacked);
+    // what it unpacked reaches the disk in the background (Store::settle_layers)
+    store.settle_in_background();
+    res
+}
+
+fn load_all(
+    store: &Store,
+    input: &Path,
+    platform: &Platform,
+    max_unpacked: Option<u64>,
+) -> Result<Vec<ImageRecord>, LoadError> {
     let mut src = open_source(store, input)?;
     store.clean_tmp();
     let budget = unpack::Budget::for_dir(

@@ -146,6 +146,9 @@ enum Cmd {
     /// Internal: the per-run monitor process
     #[command(name = "__monitor", hide = true)]
     Monitor { dir: PathBuf },
+    /// Internal: sync the layers this boot unpacked and mark them so (after a pull or load)
+    #[command(name = "__settle-store", hide = true)]
+    SettleStore,
     /// Load images from a `docker save` archive or an OCI layout (directory or tar)
     Load {
         /// Archive or directory
@@ -460,6 +463,12 @@ fn run(cli: Cli) -> Result<()> {
             cw::run::logs(&rd, follow, tail)
         }
         Cmd::Monitor { .. } => unreachable!("handled in main"),
+        Cmd::SettleStore => {
+            let ctx = context(&cli.global)?;
+            let n = ctx.store.settle_layers()?;
+            tracing::debug!("{n} layer(s) synced");
+            Ok(())
+        }
         Cmd::Worker(w) => {
             let ctx = context(&cli.global)?;
             let setup = cw::worker::Setup {

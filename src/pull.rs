@@ -331,6 +331,11 @@ pub async fn pull(
             }
         }
     }
+    // the new layers' files reach the disk in the background (a pull does not wait for it);
+    // until then a restart would leave them untrusted, to be pulled again
+    if fetched > 0 {
+        store.settle_in_background();
+    }
     if let Some(e) = first_err {
         return Err(e);
     }

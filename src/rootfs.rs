@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 pub enum RootfsError {
     #[error("layer {0} is not in the store (pull the image again)")]
     MissingLayer(Digest),
+    #[error("layer {0} was unpacked before this machine restarted and was not yet synced to disk then, so its files may be incomplete (pull the image again)")]
+    TornLayer(Digest),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -59,7 +61,10 @@ pub fn create(
     let mut lowers = Vec::new();
     for l in layers.iter().rev() {
         if store.layer(l).is_none() {
-            return Err(RootfsError::MissingLayer(l.clone()));
+            return Err(match store.layer_record(l) {
+                Some(_) => RootfsError::TornLayer(l.clone()),
+                None => RootfsError::MissingLayer(l.clone()),
+            });
         }
         lowers.push(store.layer_dir(l));
     }

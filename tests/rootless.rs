@@ -1265,6 +1265,7 @@ fn a_users_store_is_its_own_and_roots_is_never_touched() {
     // the store's parent open to all: what stops the user is the store's own mode
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     std::fs::set_permissions(root.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    root.settle_store();
     let before = snapshot(&root.store());
     let store = root.store().display().to_string();
     for uid in [USER, SMALLUSER] {

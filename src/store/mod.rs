@@ -73,6 +73,40 @@ pub struct LayerRecord {
     /// Compressed blobs known to unpack to this layer.
     pub compressed: Vec<Digest>,
     pub unpacked_at: u64,
+    /// The boot (the kernel's `boot_id`) this layer was unpacked in. Its files are written
+    /// without fsync; once [`Store::settle_layers`] has synced the filesystem, `synced`. A
+    /// record of an earlier boot that is not synced may name a torn tree ([`Self::maybe_torn`]).
+    /// Records of cw before this have neither, and are taken as synced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<String>,
+    #[serde(default)]
+    pub synced: bool,
+}
+
+impl LayerRecord {
+    /// Unpacked in an earlier boot and never synced to disk after: a power cut or a crash
+    /// before the kernel wrote its pages back leaves files without their data (ext4 and XFS
+    /// allocate at writeback) under a record that says the layer is whole. Such a layer is
+    /// pulled again rather than used.
+    pub fn maybe_torn(&self) -> bool {
+        match (&self.boot, boot_id()) {
+            (Some(then), Some(now)) => !self.synced && then != now,
+            _ => false,
+        }
+    }
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`, new at every boot), read once; None where
+/// it cannot be read.
+pub fn boot_id() -> Option<&'static str> {
+    static ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    })
+    .as_deref()
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -321,10 +355,91 @@ impl Store {
             .join(format!("{}.json", diff_id.hex()))
     }
 
+    /// A layer that is whole in the store: its record, and its tree, not possibly torn by a
+    /// restart before it was synced ([`LayerRecord::maybe_torn`]: such a layer is pulled again).
     pub fn layer(&self, diff_id: &Digest) -> Option<LayerRecord> {
+        self.layer_record(diff_id).filter(|r| !r.maybe_torn())
+    }
+
+    /// A layer's record and tree as they are, possibly torn.
+    pub fn layer_record(&self, diff_id: &Digest) -> Option<LayerRecord> {
         let p = self.layer_record_path(diff_id);
         let rec: LayerRecord = serde_json::from_slice(&fs::read(&p).ok()?).ok()?;
         self.layer_dir(diff_id).is_dir().then_some(rec)
+    }
+
+    /// Make the layers this boot unpacked durable: one `syncfs` of the store's filesystem, then
+    /// their records marked synced. Each pull or load that unpacked a layer starts it in the
+    /// background when it is done ([`Store::settle_in_background`]), so that no pull waits for
+    /// the disk; a restart before it ends leaves records that a later boot does not trust.
+    /// Only the records listed before the sync are marked. Returns how many were.
+    pub fn settle_layers(&self) -> Result<usize> {
+        let Some(now) = boot_id() else {
+            return Ok(0);
+        };
+        let dir = self.root.join("layers");
+        let listed: Vec<Digest> = fs::read_dir(&dir)
+            .map_err(io_err(&dir, "listing"))?
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let hex = n.strip_suffix(".json")?;
+                let d = Digest::parse(&format!("sha256:{hex}")).ok()?;
+                let r = self.layer_record(&d)?;
+                (r.boot.as_deref() == Some(now) && !r.synced).then_some(d)
+            })
+            .collect();
+        if listed.is_empty() {
+            return Ok(0);
+        }
+        let root = File::open(&self.root).map_err(io_err(&self.root, "opening"))?;
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)) } != 0 {
+            return Err(io_err(&self.root, "syncing")(io::Error::last_os_error()));
+        }
+        // the index lock: an rmi or prune removing one of them (they skip a layer whose own
+        // lock is held) waits for this instead, and nothing removed is written again
+        let _g = self.lock_index()?;
+        let mut marked = 0;
+        for d in listed {
+            let Some(mut r) = self.layer_record(&d) else {
+                continue;
+            };
+            if r.boot.as_deref() != Some(now) || r.synced {
+                continue;
+            }
+            r.synced = true;
+            let rp = self.layer_record_path(&d);
+            write_atomic(&rp, &serde_json::to_vec_pretty(&r).unwrap())
+                .map_err(io_err(&rp, "writing layer record"))?;
+            marked += 1;
+        }
+        Ok(marked)
+    }
+
+    /// Start [`Store::settle_layers`] in a process of its own (`cw __settle-store`), in its own
+    /// process group, with no stdio, and let it go: the caller does not wait for the disk. A
+    /// thread reaps it where the caller lives on (the worker).
+    pub fn settle_in_background(&self) {
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        let child = Command::new(exe)
+            .arg("--store")
+            .arg(&self.root)
+            .arg("__settle-store")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn();
+        match child {
+            Ok(mut c) => {
+                std::thread::spawn(move || c.wait());
+            }
+            Err(e) => tracing::debug!("syncing the store's new layers: {e}"),
+        }
     }
 
     /// Move a verified unpacked tree into place and record it.
@@ -364,7 +479,8 @@ impl Store {
                 let n = e.file_name().to_string_lossy().into_owned();
                 if let Some(hex) = n.strip_suffix(".json") {
                     if let Ok(d) = Digest::parse(&format!("sha256:{hex}")) {
-                        if let Some(r) = self.layer(&d) {
+                        // possibly torn ones too: they take disk space, and GC removes them
+                        if let Some(r) = self.layer_record(&d) {
                             out.push(r);
                         }
                     }

@@ -152,6 +152,11 @@ impl Cw {
         o
     }
 
+    /// Wait for the store's background sync of new layers ([`wait_for_settle`]).
+    pub fn settle_store(&self) {
+        wait_for_settle(&self.store());
+    }
+
     /// Wait for the teardown of every run of the store that has ended (`RunDir::settle`).
     pub fn settle(&self) {
         let Ok(rd) = std::fs::read_dir(self.store().join("runs")) else {
@@ -214,6 +219,8 @@ impl Cw {
     pub fn entries(&self, sub: &str) -> Vec<String> {
         if sub == "runs" {
             self.settle();
+        } else {
+            self.settle_store();
         }
         std::fs::read_dir(self.store().join(sub))
             .map(|rd| {
@@ -846,8 +853,33 @@ pub fn run_cgroup_file(name: &str, controller: &str, v1: &str, v2: &str) -> (Str
     }
 }
 
-/// No process's command line names `p` (a store: pasta's pid file is in its run dirs).
+/// Wait for the `cw __settle-store` a pull or load of `store` started in the background (it
+/// syncs the new layers and rewrites their records, through temp files in layers/).
+pub fn wait_for_settle(store: &Path) {
+    let store = store.display().to_string();
+    let t = std::time::Instant::now();
+    loop {
+        let busy = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                args.contains(&&b"__settle-store"[..]) && args.contains(&store.as_bytes())
+            })
+        });
+        if !busy {
+            return;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "cw __settle-store of {store} did not end within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// No process's command line names `p` (a store: pasta's pid file is in its run dirs), once
+/// the store's background sync has ended.
 pub fn assert_no_process_names(p: &Path) {
+    wait_for_settle(p);
     let o = Command::new("pgrep")
         .args(["-f", p.to_str().unwrap()])
         .output()
