@@ -105,6 +105,8 @@ impl Drop for Cw {
                 let _ = self.cmd(&["rm", "-f", &id]).output();
             }
         }
+        // and the store's background sync, which writes into layers/ as it ends
+        wait_for_settle(&self.store());
         let _ = cw_runtime::fsx::remove_tree(self.dir.path());
     }
 }
