@@ -347,9 +347,15 @@ fn describe_pid(pid: i32) -> String {
     format!("{}; cgroups:\n{cg}", keep.join("; "))
 }
 
+/// A container's process by its command line: in a pid namespace other than this test's (a
+/// `sleep 300` of someone else's on the machine is not the run's).
 fn pid_of(cmdline: &str) -> Option<i32> {
+    let ours = std::fs::read_link("/proc/self/ns/pid").ok()?;
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        if std::fs::read_link(e.path().join("ns/pid")).ok()? == ours {
+            return None;
+        }
         let c = std::fs::read(e.path().join("cmdline")).ok()?;
         let c = String::from_utf8_lossy(&c).replace('\0', " ");
         (c.trim_end() == cmdline).then_some(pid)
