@@ -1,6 +1,6 @@
 //! The `cw` command line.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use cw::config;
 use cw::progress::human;
@@ -464,8 +464,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Monitor { .. } => unreachable!("handled in main"),
         Cmd::SettleStore => {
-            let ctx = context(&cli.global)?;
-            let n = ctx.store.settle_layers()?;
+            // started with the store's path: no configuration to read (or fail on)
+            let root = cli
+                .global
+                .store
+                .clone()
+                .context("__settle-store needs --store")?;
+            let store = cw::store::Store::open(&root)?;
+            let n = store.settle_layers()?;
             tracing::debug!("{n} layer(s) synced");
             Ok(())
         }
