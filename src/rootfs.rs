@@ -60,11 +60,10 @@ pub fn create(
 ) -> Result<Rootfs, RootfsError> {
     let mut lowers = Vec::new();
     for l in layers.iter().rev() {
-        if store.layer(l).is_none() {
-            return Err(match store.layer_record(l) {
-                Some(_) => RootfsError::TornLayer(l.clone()),
-                None => RootfsError::MissingLayer(l.clone()),
-            });
+        match store.layer_record(l) {
+            Some(r) if !r.maybe_torn() => {}
+            Some(_) => return Err(RootfsError::TornLayer(l.clone())),
+            None => return Err(RootfsError::MissingLayer(l.clone())),
         }
         lowers.push(store.layer_dir(l));
     }

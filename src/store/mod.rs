@@ -377,17 +377,11 @@ impl Store {
         let Some(now) = boot_id() else {
             return Ok(0);
         };
-        let dir = self.root.join("layers");
-        let listed: Vec<Digest> = fs::read_dir(&dir)
-            .map_err(io_err(&dir, "listing"))?
-            .flatten()
-            .filter_map(|e| {
-                let n = e.file_name().to_string_lossy().into_owned();
-                let hex = n.strip_suffix(".json")?;
-                let d = Digest::parse(&format!("sha256:{hex}")).ok()?;
-                let r = self.layer_record(&d)?;
-                (r.boot.as_deref() == Some(now) && !r.synced).then_some(d)
-            })
+        let listed: Vec<Digest> = self
+            .layers()
+            .into_iter()
+            .filter(|r| r.boot.as_deref() == Some(now) && !r.synced)
+            .map(|r| r.diff_id)
             .collect();
         if listed.is_empty() {
             return Ok(0);
