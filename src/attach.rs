@@ -9,7 +9,7 @@
 //! as `docker stop` does (SIGKILL after the stop timeout), so a batch system's cancel ends it.
 
 use cw_runtime::console::{self, Size};
-use cw_runtime::rundir::RunDir;
+use cw_runtime::rundir::{ExitStatus, RunDir, RunEvent};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
@@ -108,19 +108,26 @@ pub fn container_started(pid: i32) {
     deliver_pending(pid);
 }
 
-/// Learn the container's pid from the run's state file as soon as it is written (a thread, so
-/// the caller can go on relaying or waiting).
-pub fn watch_for_start(rd: RunDir) {
-    std::thread::spawn(move || loop {
-        if let Some(pid) = rd.state().and_then(|s| s.pid) {
-            container_started(pid);
-            return;
+/// Follow a foreground run on its monitor's pipe ([`RunEvent`]), in a thread: its start goes to
+/// [`container_started`] (the signals passed on reach the init from then on), and the thread
+/// returns its exit record, or None where the pipe closed without one (the monitor died).
+pub fn follow(pipe: std::fs::File) -> std::thread::JoinHandle<Option<ExitStatus>> {
+    std::thread::spawn(move || {
+        let mut r = std::io::BufReader::new(pipe);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match std::io::BufRead::read_line(&mut r, &mut line) {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+            match RunEvent::parse(&line) {
+                Some(RunEvent::Started(pid)) => container_started(pid),
+                Some(RunEvent::Exited(ex)) => return Some(ex),
+                None => {}
+            }
         }
-        if rd.status().is_over() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    });
+    })
 }
 
 /// `cw attach`: connect to a running run's terminal until it ends (its exit code) or the user

@@ -172,8 +172,38 @@ fn argv() -> Vec<std::ffi::OsString> {
     a
 }
 
+/// The subcommand of a cw command line: its first word that is neither an option nor the value
+/// of one of the global options that take one. A guess made before the command line is parsed,
+/// for what may start early; clap has the last word.
+fn subcommand(args: &[std::ffi::OsString]) -> Option<&std::ffi::OsStr> {
+    const VALUED: [&str; 5] = [
+        "--store",
+        "--config",
+        "--registry-mirror",
+        "--insecure-registry",
+        "--log",
+    ];
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        if VALUED.iter().any(|v| a == *v) {
+            it.next();
+        } else if !a.as_encoded_bytes().starts_with(b"-") {
+            return Some(a);
+        }
+    }
+    None
+}
+
 fn main() {
-    let cli = Cli::parse_from(argv());
+    let args = argv();
+    // `cw run`: what its critical path waits for starts before anything else (the command
+    // line's parsing, the configuration, the store): the monitor's sealed copy and the cgroup
+    // lock's grace period, in threads. Only where no user namespace is entered below, which
+    // must happen before any thread exists; cmd_run starts them itself otherwise.
+    if subcommand(&args).is_some_and(|c| c == "run") && !cw_runtime::userns::enters_subordinate() {
+        cli::run::start_early();
+    }
+    let cli = Cli::parse_from(args);
     // CVE-2019-5736: a process that forks into a container runs from a sealed memfd copy of
     // itself, so the container can never overwrite the binary on the host. The monitor does
     // (normally from cw-monitor, whose copy is small; `cw __monitor` where that is not
@@ -498,5 +528,29 @@ fn run(cli: Cli) -> Result<()> {
             auto_gc(&ctx);
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subcommand;
+
+    fn sub(line: &str) -> Option<String> {
+        let args: Vec<std::ffi::OsString> = line.split(' ').map(Into::into).collect();
+        subcommand(&args).map(|s| s.to_string_lossy().into_owned())
+    }
+
+    #[test]
+    fn the_subcommand_is_found_past_global_options_and_their_values() {
+        assert_eq!(sub("cw run --image x true").as_deref(), Some("run"));
+        assert_eq!(sub("cw --store run ps").as_deref(), Some("ps"));
+        assert_eq!(sub("cw --store=/s --log debug run").as_deref(), Some("run"));
+        assert_eq!(
+            sub("cw --config c --registry-mirror m --insecure-registry r images").as_deref(),
+            Some("images")
+        );
+        assert_eq!(sub("cw -q pull run").as_deref(), Some("pull"));
+        assert_eq!(sub("cw --store /s").as_deref(), None);
+        assert_eq!(sub("cw").as_deref(), None);
     }
 }

@@ -65,6 +65,36 @@ pub enum Reason {
     Lost,
 }
 
+/// What a foreground run's monitor tells `cw run` on its pipe ([`crate::request::RunRequest::exit_pipe`]),
+/// a line each: the container's start (`started PID`), then its end (the exit record, as in
+/// `exit.json`, on one line).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEvent {
+    Started(i32),
+    Exited(ExitStatus),
+}
+
+impl RunEvent {
+    /// The line for this event, newline included.
+    pub fn line(&self) -> Vec<u8> {
+        let mut l = match self {
+            RunEvent::Started(pid) => format!("started {pid}").into_bytes(),
+            RunEvent::Exited(ex) => serde_json::to_vec(ex).unwrap_or_default(),
+        };
+        l.push(b'\n');
+        l
+    }
+
+    /// The event of a line, or None for one that is neither.
+    pub fn parse(line: &str) -> Option<RunEvent> {
+        let line = line.trim_end();
+        match line.strip_prefix("started ") {
+            Some(pid) => pid.parse().ok().filter(|p| *p > 0).map(RunEvent::Started),
+            None => serde_json::from_str(line).ok().map(RunEvent::Exited),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExitStatus {
     /// Shell convention: the exit code, or 128+signal.
@@ -557,6 +587,40 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_events_are_lines_that_read_back_and_nothing_else_is_one() {
+        let ex = ExitStatus {
+            exit_code: 3,
+            signal: None,
+            reason: Reason::Exited,
+            oom_killed: false,
+            usage: Usage::default(),
+            started_at: 1.5,
+            finished_at: 2.5,
+            error: Some("a\nb".into()),
+        };
+        for ev in [RunEvent::Started(42), RunEvent::Exited(ex)] {
+            let line = ev.line();
+            assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1, "{ev:?}");
+            assert!(line.ends_with(b"\n"));
+            assert_eq!(
+                RunEvent::parse(std::str::from_utf8(&line).unwrap()),
+                Some(ev)
+            );
+        }
+        for junk in [
+            "",
+            "started",
+            "started 0",
+            "started -1",
+            "started x",
+            "{\"exit_code\":1}",
+            "hello",
+        ] {
+            assert_eq!(RunEvent::parse(junk), None, "{junk:?}");
+        }
+    }
 
     fn ended(reason: Reason, code: i32) -> Status {
         Status::Ended(ExitStatus {

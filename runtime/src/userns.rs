@@ -56,6 +56,12 @@ pub fn host_root() -> bool {
     nix::unistd::geteuid().is_root() && !inside()
 }
 
+/// Whether [`enter_subordinate`] may enter a user namespace (and so must run before any thread
+/// exists): not as root on the host, nor inside a namespace already.
+pub fn enters_subordinate() -> bool {
+    !(host_root() || inside())
+}
+
 /// Whether runs started by this process need a user namespace: it is not root on the host.
 pub fn needed() -> bool {
     !host_root()
@@ -217,7 +223,7 @@ fn unshare_mapped_by_helper(
 /// nothing as root, inside a namespace already, or without subordinate ids (then every run has
 /// a single-id mapping); says which at `--log info`. Must be called before any thread exists.
 pub fn enter_subordinate() -> Result<()> {
-    if host_root() || inside() {
+    if !enters_subordinate() {
         return Ok(());
     }
     let (u, g, [nu, ng]) = match subordinate_ids() {

@@ -129,6 +129,23 @@ pub(crate) fn duration(s: &str, what: &str) -> Result<u64> {
         .with_context(|| format!("{what} {s:?} is not a duration like 30s, 5m, 2h"))
 }
 
+type Sealing = std::thread::JoinHandle<std::io::Result<cw_runtime::rundir::SealedMonitor>>;
+static EARLY: std::sync::Mutex<Option<Sealing>> = std::sync::Mutex::new(None);
+
+/// Start what a run's critical path waits for, in threads, as `cw run` starts: the monitor's
+/// sealed copy (5 MB, made while the command line is parsed, the image looked up and the rootfs
+/// prepared) and the grace period of the first move between cgroups
+/// ([`cw_runtime::cgroup::warm_attach`]). [`cmd_run`] takes the copy.
+pub(crate) fn start_early() {
+    cw_runtime::cgroup::warm_attach();
+    let sealing = std::thread::spawn(cw_runtime::rundir::SealedMonitor::new);
+    *EARLY.lock().unwrap_or_else(|e| e.into_inner()) = Some(sealing);
+}
+
+fn take_early() -> Option<Sealing> {
+    EARLY.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
 pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
     if a.image.is_none() {
         if a.command.is_empty() {
@@ -147,10 +164,10 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
         );
     }
     let a = a;
-    cw_runtime::cgroup::warm_attach();
-    // the monitor's sealed copy (5 MB) is made while the image is looked up and the rootfs
-    // prepared (0.4 ms of 12 in an interleaved A/B of 80 runs each)
-    let sealing = std::thread::spawn(cw_runtime::rundir::SealedMonitor::new);
+    let sealing = take_early().unwrap_or_else(|| {
+        cw_runtime::cgroup::warm_attach();
+        std::thread::spawn(cw_runtime::rundir::SealedMonitor::new)
+    });
     let r = Reference::parse(&image_name)?;
     cw::run::recover_lost(&ctx.store);
     let image = match (a.pull.as_str(), ctx.store.lookup(&image_name)) {
@@ -358,8 +375,9 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
     }
     if a.sig_proxy {
         cw::attach::proxy_signals(child.id() as i32);
-        cw::attach::watch_for_start(rd.clone());
     }
+    // the run's start (for the signals passed on) and its end, from the monitor's pipe
+    let events = exit_reader.map(cw::attach::follow);
     if let Some(sock) = client {
         let raw = a.interactive.then(cw::attach::RawMode::enter).transpose();
         let outcome = cw::attach::relay(&sock, a.interactive, detach_keys);
@@ -374,11 +392,7 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
     }
     // the exit record from the monitor's pipe; without one (the monitor died before it wrote
     // it: end of file once it and the container are gone), from the run's directory
-    let reported = exit_reader.and_then(|f| {
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(f), &mut line).ok()?;
-        serde_json::from_str::<cw_runtime::rundir::ExitStatus>(&line).ok()
-    });
+    let reported = events.and_then(|t| t.join().ok().flatten());
     let ex = match reported {
         Some(ex) => {
             // a Slurm job's end SIGKILLs what is left in its cgroup, the monitor in the middle

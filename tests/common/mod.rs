@@ -161,9 +161,17 @@ impl Cw {
 
     /// Wait for the teardown of every run of the store that has ended (`RunDir::settle`).
     pub fn settle(&self) {
+        // a run found under its own name may be renamed aside (`.gone-…`) as it is looked at:
+        // another pass then finds that
+        while self.settle_pass() {}
+    }
+
+    /// One pass of [`Cw::settle`]; whether it waited for anything.
+    fn settle_pass(&self) -> bool {
         let Ok(rd) = std::fs::read_dir(self.store().join("runs")) else {
-            return;
+            return false;
         };
+        let mut waited = false;
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with(".gone-") {
@@ -177,8 +185,10 @@ impl Cw {
                     );
                     std::thread::sleep(std::time::Duration::from_millis(2));
                 }
+                waited = true;
             } else if !name.starts_with('.') {
                 let r = cw_runtime::rundir::RunDir::new(e.path());
+                waited |= r.tearing_down() || !e.path().exists();
                 assert!(
                     r.settle(std::time::Duration::from_secs(30)),
                     "run {} was not torn down within 30 s",
@@ -186,6 +196,7 @@ impl Cw {
                 );
             }
         }
+        waited
     }
 
     /// Run and require success; returns stdout.

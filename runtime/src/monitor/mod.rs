@@ -496,6 +496,7 @@ fn launch(
         started_at: started,
     };
     let _ = replace_file(&dir.join("state.json"), &serde_json::to_vec(&st).unwrap());
+    teardown::report_start(pid.as_raw());
     Ok(Launched {
         container,
         pid,

@@ -5,7 +5,7 @@
 
 use crate::net::stop_pasta;
 use crate::request::RunRequest;
-use crate::rundir::{replace_file, ExitStatus};
+use crate::rundir::{replace_file, ExitStatus, RunEvent};
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -65,6 +65,14 @@ pub(super) fn take_exit_pipe(fd: Option<i32>) {
     *EXIT_PIPE.lock().unwrap_or_else(|e| e.into_inner()) = Some(unsafe { File::from_raw_fd(fd) });
 }
 
+/// The container has started: tell `cw run` its init's pid on the pipe, so that the signals it
+/// passes on reach the init from then on (it waits for this line, it does not poll).
+pub(super) fn report_start(pid: i32) {
+    if let Some(p) = EXIT_PIPE.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        let _ = p.write_all(&RunEvent::Started(pid).line());
+    }
+}
+
 /// The run's end is recorded: tell `cw run` (the exit record on its pipe), and let go of the
 /// terminal or pipes the monitor shares with it (a `$(cw run …)` waits for them to close), so
 /// that what follows, the teardown, is off its critical path. Where `cw run` took the record
@@ -72,8 +80,7 @@ pub(super) fn take_exit_pipe(fd: Option<i32>) {
 /// teardown (a run whose `cw run` had died stays for `cw ps`, `attach` and `rm`, as a kept one).
 fn report_exit(dir: &Path, req: &RunRequest, ex: &ExitStatus) {
     if let Some(mut p) = EXIT_PIPE.lock().unwrap_or_else(|e| e.into_inner()).take() {
-        let mut line = serde_json::to_vec(ex).unwrap_or_default();
-        line.push(b'\n');
+        let line = RunEvent::Exited(ex.clone()).line();
         // EPIPE where no cw reads any more (the monitor's SIGPIPE handler does nothing)
         if p.write_all(&line).is_ok() && req.remove_when_done {
             let _ = File::create(dir.join(crate::rundir::REMOVING_FILE));
