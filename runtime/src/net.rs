@@ -9,6 +9,17 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+/// Make a network namespace of its own for a run, loopback up, in a thread that ends with it
+/// (the namespace of this process and its other threads stays as it was): a descriptor of it,
+/// for [`crate::request::RunRequest::net_ns`].
+pub fn make_namespace() -> std::thread::JoinHandle<io::Result<OwnedFd>> {
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        loopback_up()?;
+        Ok(std::fs::File::open("/proc/thread-self/ns/net")?.into())
+    })
+}
+
 pub(crate) fn loopback_up() -> io::Result<()> {
     let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if s < 0 {

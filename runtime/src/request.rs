@@ -206,6 +206,12 @@ pub struct RunRequest {
     /// teardown, so that `cw run` returns without waiting for the unmount and the removals.
     #[serde(default)]
     pub exit_pipe: Option<i32>,
+    /// A network namespace the monitor inherits under this descriptor (`cw run` as root, with
+    /// network `none` or `private`): made by `cw run` (loopback up) while the monitor's sealed
+    /// copy is made, it is joined instead of made on the run's critical path. The monitor makes
+    /// its own where this is not a network namespace other than its own.
+    #[serde(default)]
+    pub net_ns: Option<i32>,
     /// The monitor removes the run's directory at the end of its teardown (`cw run` without
     /// `--keep`); a cw that finds the teardown cut short finishes it and removes the directory.
     #[serde(default)]

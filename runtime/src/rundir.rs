@@ -547,19 +547,20 @@ impl SealedMonitor {
 
 /// Start `exe __monitor <dir>` in its own session. Its stdout/stderr are the container's when
 /// the request names no files; its stdin is the container's with `stdin`, or the first client of
-/// its terminal (one end of [`crate::console::pair`]) with `tty`. `exit_pipe`: a descriptor of
-/// the caller's that the monitor inherits under the same number ([`RunRequest::exit_pipe`]),
-/// the only one past its stdio.
+/// its terminal (one end of [`crate::console::pair`]) with `tty`. `inherit`: descriptors of the
+/// caller's that the monitor inherits under the same numbers ([`RunRequest::exit_pipe`],
+/// [`RunRequest::net_ns`]), the only ones past its stdio.
 pub fn spawn(
     exe: &SealedMonitor,
     dir: &Path,
     stdin: Stdio,
     stdout: Stdio,
     stderr: Stdio,
-    exit_pipe: Option<RawFd>,
+    inherit: &[RawFd],
 ) -> io::Result<Child> {
     use std::os::unix::io::AsRawFd;
     use std::os::unix::process::CommandExt;
+    let inherit = inherit.to_vec();
     // the child execs the copy through the descriptor it inherits (close-on-exec: the monitor
     // does not keep it)
     let mut cmd = Command::new(format!("/proc/self/fd/{}", exe.memfd.as_raw_fd()));
@@ -572,7 +573,7 @@ pub fn spawn(
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(io::Error::from)?;
-            if let Some(fd) = exit_pipe {
+            for &fd in &inherit {
                 // this process's copy only: kept open across the exec
                 if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                     return Err(io::Error::last_os_error());

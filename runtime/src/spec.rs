@@ -297,11 +297,11 @@ fn build_json(req: &RunRequest) -> Result<Value> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::request::*;
 
-    fn req(uid: u32) -> RunRequest {
+    pub(crate) fn req(uid: u32) -> RunRequest {
         RunRequest {
             id: "t1".into(),
             rootfs: "/r".into(),
@@ -341,6 +341,7 @@ mod tests {
             stdin: false,
             tty: None,
             exit_pipe: None,
+            net_ns: None,
             remove_when_done: false,
         }
     }

@@ -171,6 +171,7 @@ pub fn prepare(
             stdin: o.stdin && o.tty.is_none(),
             tty: o.tty,
             exit_pipe: None,
+            net_ns: None,
             remove_when_done: false,
         })
     })();

@@ -207,7 +207,7 @@ pub(super) fn start_container(
         std::process::Stdio::null(),
         std::process::Stdio::null(),
         std::process::Stdio::null(),
-        None,
+        &[],
     )
     .map_err(|e| format!("starting the monitor: {e}"))?;
     let wake = ctx.wake_runs.clone();
