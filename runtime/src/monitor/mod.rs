@@ -83,8 +83,11 @@ pub fn process_main(dir: &Path) -> i32 {
         .append(true)
         .open(dir.join("monitor.log"));
     if let Ok(f) = log {
+        // libcgroups warns of every v1 controller the host has not mounted (hugetlb, net_cls…)
+        // each time it looks at the run's cgroups, in the container's creation too: only its
+        // errors are the run's business, as in cw's own log
         tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info,libcgroups=error"))
             .with_writer(std::sync::Mutex::new(f))
             .with_ansi(false)
             .init();
