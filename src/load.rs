@@ -124,7 +124,8 @@ fn open_source(store: &Store, input: &Path) -> Result<Source, LoadError> {
     })
 }
 
-/// Unpack one layer file, checking the compressed digest (when known) and the diff id.
+/// Unpack one layer file, checking the compressed digest (when known) and the diff id; counted
+/// in `unpacked` once committed.
 fn load_layer(
     store: &Store,
     src: &mut Source,
@@ -132,6 +133,7 @@ fn load_layer(
     compressed: Option<&Digest>,
     diff_id: &Digest,
     budget: &std::sync::Arc<unpack::Budget>,
+    unpacked: &std::cell::Cell<usize>,
 ) -> Result<bool, LoadError> {
     if store.layer(diff_id).is_some() {
         return Ok(false);
@@ -157,6 +159,7 @@ fn load_layer(
         }
     }
     staged.commit(store, diff_id, &blob_digest)?;
+    unpacked.set(unpacked.get() + 1);
     Ok(true)
 }
 
@@ -208,9 +211,13 @@ pub fn load(
     platform: &Platform,
     max_unpacked: Option<u64>,
 ) -> Result<Vec<ImageRecord>, LoadError> {
-    let res = load_all(store, input, platform, max_unpacked);
-    // what it unpacked reaches the disk in the background (Store::settle_layers)
-    store.settle_in_background();
+    let unpacked = std::cell::Cell::new(0);
+    let res = load_all(store, input, platform, max_unpacked, &unpacked);
+    // what it unpacked, also before an error, reaches the disk in the background
+    // (Store::settle_layers); a load of layers the store had already needs no sync
+    if unpacked.get() > 0 {
+        store.settle_in_background();
+    }
     res
 }
 
@@ -219,6 +226,7 @@ fn load_all(
     input: &Path,
     platform: &Platform,
     max_unpacked: Option<u64>,
+    unpacked: &std::cell::Cell<usize>,
 ) -> Result<Vec<ImageRecord>, LoadError> {
     let mut src = open_source(store, input)?;
     store.clean_tmp();
@@ -245,7 +253,15 @@ fn load_all(
                 let compressed = rel
                     .strip_prefix("blobs/sha256/")
                     .and_then(|h| Digest::parse(&format!("sha256:{h}")).ok());
-                load_layer(store, &mut src, rel, compressed.as_ref(), diff, &budget)?;
+                load_layer(
+                    store,
+                    &mut src,
+                    rel,
+                    compressed.as_ref(),
+                    diff,
+                    &budget,
+                    unpacked,
+                )?;
                 let size = store.layer(diff).map(|l| l.size).unwrap_or(0);
                 layers.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": diff, "size": size}));
             }
@@ -308,6 +324,7 @@ fn load_all(
                 Some(&l.digest),
                 diff,
                 &budget,
+                unpacked,
             )?;
         }
         // a bare tag like "latest" names nothing on its own: only full references become names

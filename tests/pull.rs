@@ -475,6 +475,56 @@ fn bad_references_are_named() {
     );
 }
 
+/// The programs `cw args…` and its children executed (strace -f), one execve line each.
+fn execs_of(cw: &Cw, args: &[&str]) -> String {
+    let trace = cw.dir.path().join("execs.strace");
+    let c = cw.cmd(args);
+    let o = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=execve", "-o"])
+        .arg(&trace)
+        .arg(c.get_program())
+        .args(c.get_args())
+        .envs(c.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .output()
+        .expect("strace (package strace)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read_to_string(&trace).unwrap()
+}
+
+#[test]
+fn a_load_of_layers_the_store_has_starts_no_sync() {
+    let cw = Cw::new();
+    let archive = cw.dir.path().join("tiny-docker.tar");
+    let o = std::process::Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{REG}/tiny:amd64"))
+        .arg(format!(
+            "docker-archive:{}:example.org/tiny:saved",
+            archive.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let load = ["load", "-i", archive.to_str().unwrap()];
+    // the first load unpacks the layers and starts their background sync
+    let first = execs_of(&cw, &load);
+    assert!(
+        first.contains("__settle-store"),
+        "no sync after a load:\n{first}"
+    );
+    cw.settle_store();
+    // the same archive again: nothing new, nothing to sync
+    let again = execs_of(&cw, &load);
+    assert!(
+        !again.contains("__settle-store"),
+        "a load of nothing new synced:\n{again}"
+    );
+}
+
 #[test]
 fn load_docker_archive_and_oci_layout() {
     let cw = Cw::new();
