@@ -82,24 +82,11 @@ fn warm_repull_is_one_head_and_no_get() {
     // it never waits on a disk busy with writeback (issue 18's P2)
     let used_before = cw.image_json(&name)["last_used"].as_u64().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    let trace = cw.dir.path().join("pull.strace");
-    let c = cw.cmd(&["pull", "-q", &name]);
-    let o = Command::new("strace")
-        .args([
-            "-f",
-            "-qq",
-            "-e",
-            "trace=fsync,fdatasync,syncfs,sync,sync_file_range,msync",
-        ])
-        .arg("-o")
-        .arg(&trace)
-        .arg(c.get_program())
-        .args(c.get_args())
-        .envs(c.get_envs().filter_map(|(k, v)| Some((k, v?))))
-        .output()
-        .expect("strace (package strace)");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let syncs = std::fs::read_to_string(&trace).unwrap();
+    let syncs = strace_of(
+        &cw,
+        &["pull", "-q", &name],
+        "trace=fsync,fdatasync,syncfs,sync,sync_file_range,msync",
+    );
     assert!(syncs.trim().is_empty(), "a warm re-pull synced:\n{syncs}");
     let used_after = cw.image_json(&name)["last_used"].as_u64().unwrap();
     assert!(
@@ -475,12 +462,13 @@ fn bad_references_are_named() {
     );
 }
 
-/// The programs `cw args…` and its children executed (strace -f), one execve line each.
-fn execs_of(cw: &Cw, args: &[&str]) -> String {
-    let trace = cw.dir.path().join("execs.strace");
+/// What `strace -f -e <filter>` saw of `cw args…` and its children, one line a call; `cw`
+/// must succeed.
+fn strace_of(cw: &Cw, args: &[&str], filter: &str) -> String {
+    let trace = cw.dir.path().join("cw.strace");
     let c = cw.cmd(args);
     let o = Command::new("strace")
-        .args(["-f", "-qq", "-e", "trace=execve", "-o"])
+        .args(["-f", "-qq", "-e", filter, "-o"])
         .arg(&trace)
         .arg(c.get_program())
         .args(c.get_args())
@@ -511,14 +499,14 @@ fn a_load_of_layers_the_store_has_starts_no_sync() {
     );
     let load = ["load", "-i", archive.to_str().unwrap()];
     // the first load unpacks the layers and starts their background sync
-    let first = execs_of(&cw, &load);
+    let first = strace_of(&cw, &load, "trace=execve");
     assert!(
         first.contains("__settle-store"),
         "no sync after a load:\n{first}"
     );
     cw.settle_store();
     // the same archive again: nothing new, nothing to sync
-    let again = execs_of(&cw, &load);
+    let again = strace_of(&cw, &load, "trace=execve");
     assert!(
         !again.contains("__settle-store"),
         "a load of nothing new synced:\n{again}"

@@ -778,32 +778,28 @@ mod tests {
         let req = crate::spec::tests::req(0);
         assert_eq!(req.network, Network::None);
         let host = netns_of_this_thread();
-        // namespaces are per thread: each case runs in a thread of its own
         let made = crate::net::make_namespace().join().unwrap().unwrap();
         let made_id = id(&made);
         assert_ne!(made_id, host);
-        let joined = std::thread::scope(|s| {
-            s.spawn(|| {
-                isolate_network(d.path(), &req, Some(made), None).unwrap();
-                netns_of_this_thread()
+        // namespaces are per thread: each case runs in a thread of its own
+        let isolated = |made: OwnedFd| {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    isolate_network(d.path(), &req, Some(made), None).unwrap();
+                    netns_of_this_thread()
+                })
+                .join()
+                .unwrap()
             })
-            .join()
-            .unwrap()
-        });
+        };
+        let joined = isolated(made);
         assert_eq!(
             joined, made_id,
             "the monitor did not join the namespace made for it"
         );
         // offered the namespace it is already in (the host's), it makes one of its own
         let hosts = File::open("/proc/self/ns/net").unwrap().into();
-        let own = std::thread::scope(|s| {
-            s.spawn(|| {
-                isolate_network(d.path(), &req, Some(hosts), None).unwrap();
-                netns_of_this_thread()
-            })
-            .join()
-            .unwrap()
-        });
+        let own = isolated(hosts);
         assert_ne!(own, host, "the run was given the host's network");
         assert_ne!(own, made_id);
     }
