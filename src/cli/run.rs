@@ -298,7 +298,6 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
         }
         None
     } else {
-        use std::os::fd::AsRawFd;
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .context("creating the run's exit pipe")?;
         req.exit_pipe = Some(w.as_raw_fd());
@@ -307,7 +306,7 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
     };
     // where it could not be made, the monitor makes its own
     let net_ns = net_ns.and_then(|t| t.join().ok()?.ok());
-    req.net_ns = net_ns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    req.net_ns = net_ns.as_ref().map(|f| f.as_raw_fd());
     rd.write_request(&req)?;
     let exe = sealing
         .join()
