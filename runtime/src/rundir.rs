@@ -585,6 +585,23 @@ pub fn spawn(
     cmd.spawn()
 }
 
+/// Take a descriptor the monitor inherited from [`spawn`] under the number its request names,
+/// when `is_it` says it is what the request says (a descriptor past stdio only): made
+/// close-on-exec, so that the container's init does not keep it past its exec. Any other is
+/// left alone.
+pub(crate) fn take_inherited(
+    fd: Option<RawFd>,
+    is_it: impl FnOnce(RawFd) -> bool,
+) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let fd = fd.filter(|fd| *fd > 2)?;
+    if !is_it(fd) {
+        return None;
+    }
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

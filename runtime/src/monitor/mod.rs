@@ -277,14 +277,12 @@ fn isolate_network(
 /// descriptor when it is one of a network namespace (close-on-exec from here on, so that the
 /// container does not inherit it); any other descriptor is left alone.
 fn take_net_ns(fd: Option<i32>) -> Option<OwnedFd> {
-    let fd = fd.filter(|fd| *fd > 2)?;
     // NS_GET_NSTYPE (Linux 4.11): a namespace's type, EINVAL/ENOTTY for any other file
     const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
-    if unsafe { libc::ioctl(fd, NS_GET_NSTYPE as _) } != libc::CLONE_NEWNET {
-        return None;
-    }
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    crate::rundir::take_inherited(fd, |fd| {
+        let nstype = unsafe { libc::ioctl(fd, NS_GET_NSTYPE as _) };
+        nstype == libc::CLONE_NEWNET
+    })
 }
 
 /// Whether two open files are the same file (a namespace: the same namespace).

@@ -8,7 +8,7 @@ use crate::request::RunRequest;
 use crate::rundir::{replace_file, ExitStatus, RunEvent};
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 /// The pid of a user's run's fuse-overlayfs, in its run directory.
@@ -54,15 +54,14 @@ static EXIT_PIPE: std::sync::Mutex<Option<File>> = std::sync::Mutex::new(None);
 /// request names that is not one is left alone). Close-on-exec from here on, so that the
 /// container's init does not keep it past its exec.
 pub(super) fn take_exit_pipe(fd: Option<i32>) {
-    let Some(fd) = fd.filter(|fd| *fd > 2) else {
-        return;
+    let is_fifo = |fd| {
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let stat = unsafe { libc::fstat(fd, &mut st) };
+        stat == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO
     };
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFIFO {
-        return;
+    if let Some(p) = crate::rundir::take_inherited(fd, is_fifo) {
+        *EXIT_PIPE.lock().unwrap_or_else(|e| e.into_inner()) = Some(File::from(p));
     }
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    *EXIT_PIPE.lock().unwrap_or_else(|e| e.into_inner()) = Some(unsafe { File::from_raw_fd(fd) });
 }
 
 /// The container has started: tell `cw run` its init's pid on the pipe, so that the signals it
