@@ -1,5 +1,6 @@
 //! A run's network: loopback in its own namespace, and pasta for `--network private`.
 
+use crate::request::{Network, RunRequest};
 use crate::{Error, Result};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
@@ -18,6 +19,62 @@ pub fn make_namespace() -> std::thread::JoinHandle<io::Result<OwnedFd>> {
         loopback_up()?;
         Ok(std::fs::File::open("/proc/thread-self/ns/net")?.into())
     })
+}
+
+/// The monitor's network for the run (`none` and `private`), which the container inherits (the
+/// spec asks for no namespace of its own): only loopback, and it is up; for `private`, pasta adds the way out.
+pub(crate) fn isolate_network(
+    dir: &Path,
+    req: &RunRequest,
+    made: Option<OwnedFd>,
+    rootless_pasta: Option<RootlessPasta>,
+) -> Result<()> {
+    if !matches!(req.network, Network::None | Network::Private) {
+        return Ok(());
+    }
+    let host_ns = File::open("/proc/self/ns/net")
+        .map_err(|e| Error::Host(format!("opening the host network namespace: {e}")))?;
+    // the namespace cw made for the run, never the one the monitor is in (the host's)
+    let joined = made
+        .filter(|ns| !same_file(ns, &host_ns))
+        .map(|ns| nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET));
+    if !matches!(joined, Some(Ok(()))) {
+        if let Some(Err(e)) = joined {
+            tracing::info!("joining the network namespace cw made: {e}; making one");
+        }
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| Error::Host(format!("creating a network namespace: {e}")))?;
+    }
+    loopback_up().map_err(|e| Error::Host(format!("bringing up loopback: {e}")))?;
+    if req.network == Network::Private {
+        match rootless_pasta {
+            Some(p) => p.start()?,
+            None => start_pasta(dir, &host_ns)?,
+        }
+    }
+    Ok(())
+}
+
+/// Take the network namespace `cw run` made for the run ([`RunRequest::net_ns`]): the inherited
+/// descriptor when it is one of a network namespace (close-on-exec from here on, so that the
+/// container does not inherit it); any other descriptor is left alone.
+pub(crate) fn take_net_ns(fd: Option<i32>) -> Option<OwnedFd> {
+    // NS_GET_NSTYPE (Linux 4.11): a namespace's type, EINVAL/ENOTTY for any other file
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    crate::rundir::take_inherited(fd, |fd| {
+        let nstype = unsafe { libc::ioctl(fd, NS_GET_NSTYPE as _) };
+        nstype == libc::CLONE_NEWNET
+    })
+}
+
+/// Whether two open files are the same file (a namespace: the same namespace).
+fn same_file(a: &impl AsRawFd, b: &impl AsRawFd) -> bool {
+    let st = |f: &dyn AsRawFd| {
+        nix::sys::stat::fstat(f.as_raw_fd())
+            .ok()
+            .map(|s| (s.st_dev, s.st_ino))
+    };
+    matches!((st(a), st(b)), (Some(x), Some(y)) if x == y)
 }
 
 pub(crate) fn loopback_up() -> io::Result<()> {
@@ -250,5 +307,78 @@ pub(crate) fn stop_pasta(dir: &Path) {
     if nsf.exists() {
         let _ = nix::mount::umount2(&nsf, nix::mount::MntFlags::MNT_DETACH);
         let _ = fs::remove_file(&nsf);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+
+    /// The network namespace a thread is in: (device, inode) of its nsfs file.
+    fn netns_of_this_thread() -> (u64, u64) {
+        let st = nix::sys::stat::stat("/proc/thread-self/ns/net").unwrap();
+        (st.st_dev, st.st_ino)
+    }
+
+    fn id(f: &impl AsRawFd) -> (u64, u64) {
+        let st = nix::sys::stat::fstat(f.as_raw_fd()).unwrap();
+        (st.st_dev, st.st_ino)
+    }
+
+    #[test]
+    fn only_a_network_namespace_is_taken_as_the_runs() {
+        let d = tempfile::tempdir().unwrap();
+        let file = File::create(d.path().join("not-a-namespace")).unwrap();
+        let uts = File::open("/proc/self/ns/uts").unwrap();
+        for not in [
+            Some(file.as_raw_fd()),
+            Some(uts.as_raw_fd()),
+            Some(2),
+            Some(-1),
+            None,
+        ] {
+            assert!(take_net_ns(not).is_none(), "{not:?} was taken");
+        }
+        let net = File::open("/proc/self/ns/net").unwrap();
+        let taken = take_net_ns(Some(net.into_raw_fd())).expect("a network namespace's descriptor");
+        let flags = unsafe { libc::fcntl(taken.as_raw_fd(), libc::F_GETFD) };
+        assert_ne!(flags & libc::FD_CLOEXEC, 0, "kept open for the container");
+    }
+
+    #[test]
+    fn the_monitor_joins_the_namespace_made_for_the_run_but_never_the_hosts() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: making network namespaces needs root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let req = crate::spec::tests::req(0);
+        assert_eq!(req.network, Network::None);
+        let host = netns_of_this_thread();
+        let made = crate::net::make_namespace().join().unwrap().unwrap();
+        let made_id = id(&made);
+        assert_ne!(made_id, host);
+        // namespaces are per thread: each case runs in a thread of its own
+        let isolated = |made: OwnedFd| {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    isolate_network(d.path(), &req, Some(made), None).unwrap();
+                    netns_of_this_thread()
+                })
+                .join()
+                .unwrap()
+            })
+        };
+        let joined = isolated(made);
+        assert_eq!(
+            joined, made_id,
+            "the monitor did not join the namespace made for it"
+        );
+        // offered the namespace it is already in (the host's), it makes one of its own
+        let hosts = File::open("/proc/self/ns/net").unwrap().into();
+        let own = isolated(hosts);
+        assert_ne!(own, host, "the run was given the host's network");
+        assert_ne!(own, made_id);
     }
 }

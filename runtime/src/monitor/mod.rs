@@ -18,7 +18,6 @@ pub(crate) use teardown::cleanup;
 
 use crate::cgroup::{self, Usage};
 pub use crate::net::pasta_path;
-use crate::net::{loopback_up, start_pasta};
 use crate::request::{Network, RunRequest};
 use crate::rundir::{
     proc_start_time, replace_file, unix_now, ExitStatus, Reason, RunDir, State, PARENTS_FILE,
@@ -104,7 +103,7 @@ pub fn process_main(dir: &Path) -> i32 {
 
 /// The monitor process's main. Returns its exit code (0 when the status was recorded).
 ///
-/// Phases: [`enter`] (pid record, signals, OOM score), [`isolate_network`], [`prepare`] (GPU ld
+/// Phases: [`enter`] (pid record, signals, OOM score), [`crate::net::isolate_network`], [`prepare`] (GPU ld
 /// cache, the OCI bundle, stdio), [`launch`] (libcontainer create and start, the terminal),
 /// [`supervise`] (wait, time limit, kills, the terminal's relay), [`finish`] (exit.json, then
 /// teardown). A phase that fails is the run's error, recorded by [`fail`].
@@ -122,7 +121,7 @@ pub fn main(dir: &Path) -> i32 {
     };
     let started = unix_now();
     teardown::take_exit_pipe(req.exit_pipe);
-    let mut made_net_ns = take_net_ns(req.net_ns);
+    let mut made_net_ns = crate::net::take_net_ns(req.net_ns);
     let mut run = || -> Result<()> {
         let entered = enter(dir)?;
         // without root, pasta must start from the host's network namespace, which the monitor
@@ -187,7 +186,7 @@ pub fn main(dir: &Path) -> i32 {
             crate::overlay::make_dir_in_root(&req.rootfs, &req.cwd)
                 .map_err(|e| Error::Request(format!("working directory {}: {e}", req.cwd)))?;
         }
-        isolate_network(dir, req, made_net_ns.take(), pasta)?;
+        crate::net::isolate_network(dir, req, made_net_ns.take(), pasta)?;
         let prepared = prepare(dir, req, entered.inherited_oom_adj, rootless.as_ref())?;
         let limits_here = rootless.as_ref().is_some_and(|u| u.cgroup);
         let mut launched = launch(dir, req, prepared, started, limits_here)?;
@@ -237,62 +236,6 @@ fn enter(dir: &Path) -> Result<Entered> {
         signals: sig_r,
         inherited_oom_adj,
     })
-}
-
-/// `none` and `private`: the container inherits this private namespace (the spec asks for none
-/// of its own): only loopback, and it is up; for `private`, pasta adds the way out.
-fn isolate_network(
-    dir: &Path,
-    req: &RunRequest,
-    made: Option<OwnedFd>,
-    rootless_pasta: Option<crate::net::RootlessPasta>,
-) -> Result<()> {
-    if !matches!(req.network, Network::None | Network::Private) {
-        return Ok(());
-    }
-    let host_ns = File::open("/proc/self/ns/net")
-        .map_err(|e| Error::Host(format!("opening the host network namespace: {e}")))?;
-    // the namespace cw made for the run, never the one the monitor is in (the host's)
-    let joined = made
-        .filter(|ns| !same_file(ns, &host_ns))
-        .map(|ns| nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET));
-    if !matches!(joined, Some(Ok(()))) {
-        if let Some(Err(e)) = joined {
-            tracing::info!("joining the network namespace cw made: {e}; making one");
-        }
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| Error::Host(format!("creating a network namespace: {e}")))?;
-    }
-    loopback_up().map_err(|e| Error::Host(format!("bringing up loopback: {e}")))?;
-    if req.network == Network::Private {
-        match rootless_pasta {
-            Some(p) => p.start()?,
-            None => start_pasta(dir, &host_ns)?,
-        }
-    }
-    Ok(())
-}
-
-/// Take the network namespace `cw run` made for the run ([`RunRequest::net_ns`]): the inherited
-/// descriptor when it is one of a network namespace (close-on-exec from here on, so that the
-/// container does not inherit it); any other descriptor is left alone.
-fn take_net_ns(fd: Option<i32>) -> Option<OwnedFd> {
-    // NS_GET_NSTYPE (Linux 4.11): a namespace's type, EINVAL/ENOTTY for any other file
-    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
-    crate::rundir::take_inherited(fd, |fd| {
-        let nstype = unsafe { libc::ioctl(fd, NS_GET_NSTYPE as _) };
-        nstype == libc::CLONE_NEWNET
-    })
-}
-
-/// Whether two open files are the same file (a namespace: the same namespace).
-fn same_file(a: &impl AsRawFd, b: &impl AsRawFd) -> bool {
-    let st = |f: &dyn AsRawFd| {
-        nix::sys::stat::fstat(f.as_raw_fd())
-            .ok()
-            .map(|s| (s.st_dev, s.st_ino))
-    };
-    matches!((st(a), st(b)), (Some(x), Some(y)) if x == y)
 }
 
 struct Prepared {
@@ -728,77 +671,4 @@ fn finish(
     }
     teardown::cleanup(req, dir);
     teardown::remove_if_asked(dir);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::fd::IntoRawFd;
-
-    /// The network namespace a thread is in: (device, inode) of its nsfs file.
-    fn netns_of_this_thread() -> (u64, u64) {
-        let st = nix::sys::stat::stat("/proc/thread-self/ns/net").unwrap();
-        (st.st_dev, st.st_ino)
-    }
-
-    fn id(f: &impl AsRawFd) -> (u64, u64) {
-        let st = nix::sys::stat::fstat(f.as_raw_fd()).unwrap();
-        (st.st_dev, st.st_ino)
-    }
-
-    #[test]
-    fn only_a_network_namespace_is_taken_as_the_runs() {
-        let d = tempfile::tempdir().unwrap();
-        let file = File::create(d.path().join("not-a-namespace")).unwrap();
-        let uts = File::open("/proc/self/ns/uts").unwrap();
-        for not in [
-            Some(file.as_raw_fd()),
-            Some(uts.as_raw_fd()),
-            Some(2),
-            Some(-1),
-            None,
-        ] {
-            assert!(take_net_ns(not).is_none(), "{not:?} was taken");
-        }
-        let net = File::open("/proc/self/ns/net").unwrap();
-        let taken = take_net_ns(Some(net.into_raw_fd())).expect("a network namespace's descriptor");
-        let flags = unsafe { libc::fcntl(taken.as_raw_fd(), libc::F_GETFD) };
-        assert_ne!(flags & libc::FD_CLOEXEC, 0, "kept open for the container");
-    }
-
-    #[test]
-    fn the_monitor_joins_the_namespace_made_for_the_run_but_never_the_hosts() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: making network namespaces needs root");
-            return;
-        }
-        let d = tempfile::tempdir().unwrap();
-        let req = crate::spec::tests::req(0);
-        assert_eq!(req.network, Network::None);
-        let host = netns_of_this_thread();
-        let made = crate::net::make_namespace().join().unwrap().unwrap();
-        let made_id = id(&made);
-        assert_ne!(made_id, host);
-        // namespaces are per thread: each case runs in a thread of its own
-        let isolated = |made: OwnedFd| {
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    isolate_network(d.path(), &req, Some(made), None).unwrap();
-                    netns_of_this_thread()
-                })
-                .join()
-                .unwrap()
-            })
-        };
-        let joined = isolated(made);
-        assert_eq!(
-            joined, made_id,
-            "the monitor did not join the namespace made for it"
-        );
-        // offered the namespace it is already in (the host's), it makes one of its own
-        let hosts = File::open("/proc/self/ns/net").unwrap().into();
-        let own = isolated(hosts);
-        assert_ne!(own, host, "the run was given the host's network");
-        assert_ne!(own, made_id);
-    }
 }
