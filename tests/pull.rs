@@ -479,24 +479,33 @@ fn strace_of(cw: &Cw, args: &[&str], filter: &str) -> String {
     std::fs::read_to_string(&trace).unwrap()
 }
 
-#[test]
-fn a_load_of_layers_the_store_has_starts_no_sync() {
-    let cw = Cw::new();
-    let archive = cw.dir.path().join("tiny-docker.tar");
+/// `skopeo --insecure-policy args…`, which must succeed.
+fn skopeo(args: &[&str]) {
     let o = std::process::Command::new("skopeo")
-        .args(["--insecure-policy", "copy", "--src-tls-verify=false"])
-        .arg(format!("docker://{REG}/tiny:amd64"))
-        .arg(format!(
-            "docker-archive:{}:example.org/tiny:saved",
-            archive.display()
-        ))
+        .args(["--insecure-policy"])
+        .args(args)
         .output()
         .unwrap();
     assert!(
         o.status.success(),
-        "skopeo: {}",
+        "skopeo {args:?}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+#[test]
+fn a_load_of_layers_the_store_has_starts_no_sync() {
+    let cw = Cw::new();
+    let archive = cw.dir.path().join("tiny-docker.tar");
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{REG}/tiny:amd64"),
+        &format!(
+            "docker-archive:{}:example.org/tiny:saved",
+            archive.display()
+        ),
+    ]);
     let load = ["load", "-i", archive.to_str().unwrap()];
     // the first load unpacks the layers and starts their background sync
     let first = strace_of(&cw, &load, "trace=execve");
@@ -517,21 +526,9 @@ fn a_load_of_layers_the_store_has_starts_no_sync() {
 fn load_docker_archive_and_oci_layout() {
     let cw = Cw::new();
     let d = cw.dir.path();
-    let run = |args: &[&str]| {
-        let o = std::process::Command::new("skopeo")
-            .args(["--insecure-policy"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "skopeo {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
     let src = format!("docker://{REG}/edge:latest");
     let archive = d.join("edge-docker.tar");
-    run(&[
+    skopeo(&[
         "copy",
         "--src-tls-verify=false",
         &src,
@@ -549,7 +546,7 @@ fn load_docker_archive_and_oci_layout() {
 
     let cw2 = Cw::new();
     let layout = d.join("layout");
-    run(&[
+    skopeo(&[
         "copy",
         "--src-tls-verify=false",
         &src,
@@ -558,7 +555,7 @@ fn load_docker_archive_and_oci_layout() {
     let out = cw2.ok(&["load", "-i", layout.to_str().unwrap()]);
     assert!(out.contains("example.org/edge:oci"), "{out}");
     let oci_archive = d.join("edge-oci.tar");
-    run(&[
+    skopeo(&[
         "copy",
         "--src-tls-verify=false",
         &src,

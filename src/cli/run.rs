@@ -138,9 +138,12 @@ static EARLY: std::sync::Mutex<Option<Sealing>> = std::sync::Mutex::new(None);
 /// prepared) and the grace period of the first move between cgroups
 /// ([`cw_runtime::cgroup::warm_attach`]). [`cmd_run`] takes the copy.
 pub(crate) fn start_early() {
+    *EARLY.lock().unwrap_or_else(|e| e.into_inner()) = Some(start());
+}
+
+fn start() -> Sealing {
     cw_runtime::cgroup::warm_attach();
-    let sealing = std::thread::spawn(cw_runtime::rundir::SealedMonitor::new);
-    *EARLY.lock().unwrap_or_else(|e| e.into_inner()) = Some(sealing);
+    std::thread::spawn(cw_runtime::rundir::SealedMonitor::new)
 }
 
 fn take_early() -> Option<Sealing> {
@@ -165,10 +168,7 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
         );
     }
     let a = a;
-    let sealing = take_early().unwrap_or_else(|| {
-        cw_runtime::cgroup::warm_attach();
-        std::thread::spawn(cw_runtime::rundir::SealedMonitor::new)
-    });
+    let sealing = take_early().unwrap_or_else(start);
     let network = match a.network.as_str() {
         "host" => cw_runtime::request::Network::Host,
         "private" => cw_runtime::request::Network::Private,
