@@ -3,9 +3,11 @@
 //! run's own process settings from the run's OCI bundle: its capabilities, no_new_privs, and
 //! its seccomp filter — never more than the run has.
 //!
-//! libcontainer rebuilds a tenant's `linux` section from the namespaces and the cgroup path
-//! alone, so the run's seccomp filter would be lost; [`TenantExecutor`] loads it in the new
-//! process right before its exec, after no_new_privs is set and the capabilities are dropped.
+//! The run's seccomp filter is not in its spec (the init's executor loads the one compiled when
+//! cw was built, [`crate::seccomp`]), and libcontainer rebuilds a tenant's `linux` section from
+//! the namespaces and the cgroup path alone anyway; [`TenantExecutor`] loads the same filter in
+//! the new process right before its exec, after no_new_privs is set and the capabilities are
+//! dropped.
 //!
 //! The caller must be single-threaded (libcontainer forks).
 
@@ -15,7 +17,7 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
-use oci_spec::runtime::{LinuxSeccomp, Spec};
+use oci_spec::runtime::Spec;
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
@@ -36,17 +38,12 @@ pub struct ExecOptions {
 }
 
 #[derive(Clone)]
-struct TenantExecutor {
-    seccomp: Option<LinuxSeccomp>,
-}
+struct TenantExecutor;
 
 impl Executor for TenantExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
-        if let Some(s) = &self.seccomp {
-            libcontainer::seccomp::initialize_seccomp(s).map_err(|e| {
-                ExecutorError::Other(format!("loading the run's seccomp filter: {e}"))
-            })?;
-        }
+        crate::seccomp::load()
+            .map_err(|e| ExecutorError::Other(format!("loading the run's seccomp filter: {e}")))?;
         DefaultExecutor {}.exec(spec)
     }
 
@@ -139,12 +136,11 @@ pub fn exec(rd: &RunDir, o: &ExecOptions) -> Result<i32> {
     if crate::userns::needed() {
         join_the_runs_user_namespace(rd)?;
     }
-    let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
     let built = (|| -> Result<i32> {
         let b = ContainerBuilder::new(req.id.clone(), SyscallType::default())
             .with_root_path(rd.path.join("lc"))
             .map_err(|e| Error::Container(crate::monitor::error_chain(&e)))?
-            .with_executor(TenantExecutor { seccomp })
+            .with_executor(TenantExecutor)
             .with_console_socket(o.console_socket.clone());
         let b = if o.console_socket.is_some() {
             b

@@ -18,6 +18,7 @@ pub mod overlay;
 pub mod request;
 pub mod rundir;
 pub mod sample;
+pub mod seccomp;
 pub mod spec;
 pub mod userns;
 

@@ -1,11 +1,13 @@
-//! The executor libcontainer's init runs: its default one, plus the parent-death signal.
+//! The executor libcontainer's init runs: its default one, plus the parent-death signal and the
+//! run's seccomp filter.
 
 use libcontainer::workload::default::DefaultExecutor;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use std::io;
 use std::os::fd::RawFd;
 
-/// libcontainer's default executor, and the container's init dies with its monitor: a run
+/// libcontainer's default executor with the run's seccomp filter ([`crate::seccomp`]), and the
+/// container's init dies with its monitor: a run
 /// without one is lost anyway (see [`RunDir::recover`]), and an init the monitor left behind
 /// would run on outside every accounting, and outside a batch system's reach. Under Slurm, a job
 /// step's SIGKILL reaches cw and its monitor but not a container in cgroups nested below the
@@ -45,6 +47,13 @@ impl Executor for DiesWithMonitor {
                 ));
             }
         }
+        // where libcontainer loads a spec's filter (after no_new_privs, the user and the
+        // capabilities; before the init reports ready): the one compiled when cw was built
+        crate::seccomp::load().map_err(|e| {
+            ExecutorValidationError::ArgValidationError(format!(
+                "loading the run's seccomp filter: {e}"
+            ))
+        })?;
         DefaultExecutor {}.validate(spec)
     }
 }
