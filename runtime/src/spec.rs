@@ -6,7 +6,6 @@
 
 use crate::request::{Network, RunRequest};
 use crate::Result;
-use oci_spec::runtime::Spec;
 use serde_json::{json, Value};
 
 /// Docker's default capability set, without CAP_MKNOD (runs never need to make device nodes).
@@ -48,9 +47,12 @@ const READONLY: &[&str] = &[
     "/proc/sysrq-trigger",
 ];
 
-/// Build the spec. `cgroups_path` is absolute.
-pub fn build(req: &RunRequest) -> Result<Spec> {
-    to_spec(build_json(req)?)
+/// Build the spec, as the JSON the bundle's `config.json` holds (libcontainer reads it into its
+/// types when it creates the container; this crate's tests check that every variant reads).
+/// Kept as JSON, the monitor carries no second copy of oci-spec's deserialisation (from a
+/// `Value`) beside libcontainer's (from the file). `cgroups_path` is absolute.
+pub fn build(req: &RunRequest) -> Result<Value> {
+    build_json(req)
 }
 
 /// The spec of a run without root on the host ([`crate::userns`]): the monitor is root only in
@@ -62,7 +64,7 @@ pub fn build(req: &RunRequest) -> Result<Spec> {
 ///   holds only the nodes libcontainer binds from the host, which the user could open anyway;
 /// - without a cgroup the run may write (`cgroup` false), no resources at all: the caller has
 ///   checked that none was asked for.
-pub fn build_rootless(req: &RunRequest, cgroup: bool) -> Result<Spec> {
+pub fn build_rootless(req: &RunRequest, cgroup: bool) -> Result<Value> {
     let mut v = build_json(req)?;
     for m in v["mounts"].as_array_mut().unwrap() {
         if m["type"] == "devpts" {
@@ -85,12 +87,7 @@ pub fn build_rootless(req: &RunRequest, cgroup: bool) -> Result<Spec> {
     // the limits itself (`cgroup::write_v2_limits`), since libcontainer would also load the
     // device cgroup's eBPF program, which needs the host's CAP_SYS_ADMIN
     v["linux"].as_object_mut().unwrap().remove("resources");
-    to_spec(v)
-}
-
-fn to_spec(v: Value) -> Result<Spec> {
-    serde_json::from_value(v)
-        .map_err(|e| crate::Error::Host(format!("internal error building the OCI spec: {e}")))
+    Ok(v)
 }
 
 fn build_json(req: &RunRequest) -> Result<Value> {
@@ -196,6 +193,13 @@ fn build_json(req: &RunRequest) -> Result<Value> {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    /// The spec as libcontainer reads it (its types), back as JSON: a spec that does not read
+    /// fails here.
+    fn typed(v: Result<Value>) -> Value {
+        let spec: oci_spec::runtime::Spec = serde_json::from_value(v.unwrap()).unwrap();
+        serde_json::to_value(spec).unwrap()
+    }
+
     use super::*;
     use crate::request::*;
 
@@ -246,13 +250,13 @@ pub(crate) mod tests {
 
     #[test]
     fn root_gets_default_caps_without_mknod_and_others_none() {
-        let s = serde_json::to_value(build(&req(0)).unwrap()).unwrap();
+        let s = typed(build(&req(0)));
         let caps = s["process"]["capabilities"]["bounding"].as_array().unwrap();
         assert!(caps.iter().any(|c| c == "CAP_CHOWN"));
         assert!(!caps
             .iter()
             .any(|c| c == "CAP_MKNOD" || c == "CAP_SYS_ADMIN"));
-        let s = serde_json::to_value(build(&req(1000)).unwrap()).unwrap();
+        let s = typed(build(&req(1000)));
         assert!(s["process"]["capabilities"]["bounding"]
             .as_array()
             .is_none_or(|a| a.is_empty()));
@@ -261,7 +265,7 @@ pub(crate) mod tests {
 
     #[test]
     fn limits_cgroup_and_no_cgroupfs() {
-        let s = serde_json::to_value(build(&req(0)).unwrap()).unwrap();
+        let s = typed(build(&req(0)));
         assert_eq!(s["linux"]["resources"]["memory"]["limit"], 64 << 20);
         // docker's default: as much swap again as memory
         assert_eq!(s["linux"]["resources"]["memory"]["swap"], 128 << 20);
@@ -290,9 +294,8 @@ pub(crate) mod tests {
 
     #[test]
     fn a_rootless_spec_asks_only_for_what_a_user_namespace_can_give() {
-        let j = |s: &Spec| serde_json::to_value(s).unwrap();
         let mut r = req(0);
-        let s = j(&build_rootless(&r, false).unwrap());
+        let s = typed(build_rootless(&r, false));
         let mounts = s["mounts"].as_array().unwrap();
         let devpts = mounts.iter().find(|m| m["type"] == "devpts").unwrap();
         assert!(!devpts["options"]
@@ -304,19 +307,19 @@ pub(crate) mod tests {
         assert!(s["linux"].get("resources").is_none(), "{}", s["linux"]);
         // without a cgroup the process limit is RLIMIT_NPROC
         r.limits.pids = Some(30);
-        let s = j(&build_rootless(&r, false).unwrap());
+        let s = typed(build_rootless(&r, false));
         assert_eq!(
             s["process"]["rlimits"],
             serde_json::json!([{"type": "RLIMIT_NPROC", "hard": 30, "soft": 30}])
         );
         // with a cgroup: the pids controller, no rlimit; no resources for libcontainer (the
         // monitor writes the limits: libcontainer would load a device eBPF program too)
-        let s = j(&build_rootless(&r, true).unwrap());
+        let s = typed(build_rootless(&r, true));
         assert!(s["process"].get("rlimits").is_none(), "{}", s["process"]);
         assert!(s["linux"].get("resources").is_none(), "{}", s["linux"]);
         // the host's network: no sysfs of its own, the host's /sys read-only
         r.network = Network::Host;
-        let s = j(&build_rootless(&r, false).unwrap());
+        let s = typed(build_rootless(&r, false));
         let sys = s["mounts"]
             .as_array()
             .unwrap()
@@ -327,7 +330,7 @@ pub(crate) mod tests {
         assert_eq!(sys["type"], "bind");
         assert!(sys["options"].as_array().unwrap().iter().any(|o| o == "ro"));
         // a root run keeps all of it
-        let s = j(&build(&req(0)).unwrap());
+        let s = typed(build(&req(0)));
         assert!(s["linux"]["resources"]["devices"].is_array());
     }
 }

@@ -30,7 +30,7 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -273,9 +273,7 @@ fn prepare(
         Some(u) => crate::spec::build_rootless(req, u.cgroup)?,
         None => crate::spec::build(req)?,
     };
-    if let Some(p) = spec.process_mut() {
-        p.set_oom_score_adj(Some(inherited_oom_adj));
-    }
+    spec["process"]["oomScoreAdj"] = inherited_oom_adj.into();
     if let Some(cpus) = &req.limits.cpuset {
         let no_cgroup = rootless.is_some_and(|u| !u.cgroup);
         if no_cgroup || !cgroup::controller_available(&req.cgroup_parent, "cpuset") {
@@ -283,12 +281,10 @@ fn prepare(
             // it): libcontainer would fail on cpuset.cpus. The CPUs are then this process's
             // affinity, which the container's processes inherit; they are not held to it.
             if let Some(c) = spec
-                .linux_mut()
-                .as_mut()
-                .and_then(|l| l.resources_mut().as_mut())
-                .and_then(|r| r.cpu_mut().as_mut())
+                .pointer_mut("/linux/resources/cpu")
+                .and_then(|c| c.as_object_mut())
             {
-                c.set_cpus(None);
+                c.remove("cpus");
             }
             cgroup::pin_affinity(cpus)
                 .map_err(|e| e.context(format_args!("setting the CPU affinity {cpus:?}")))?;
@@ -300,10 +296,7 @@ fn prepare(
     }
     let bundle = dir.join("bundle");
     fs::create_dir_all(&bundle)
-        .and_then(|_| {
-            spec.save(bundle.join("config.json"))
-                .map_err(io::Error::other)
-        })
+        .and_then(|_| fs::write(bundle.join("config.json"), spec.to_string()))
         .map_err(|e| Error::Host(format!("writing the OCI bundle: {e}")))?;
     let mut drains = Vec::new();
     // with a terminal, the container's stdio is its pty (libcontainer makes it) and libcontainer
