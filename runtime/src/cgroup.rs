@@ -128,25 +128,17 @@ pub fn read(cgroup_path: &str) -> Usage {
                 Box::new(cgroups_rs::hierarchies::V1::new()),
                 cgroup_path.trim_start_matches('/'),
             );
-            // the six files the record needs, in the controllers' directories: cgroups-rs's
-            // memory_stat() and cpuacct() read nineteen (memory.stat and numa_stat among them,
-            // which the kernel generates), on the path between the run's end and `cw run`'s
-            use cgroups_rs::Controller;
             let mut u = Usage::default();
             if let Some(m) = cg.controller_of::<MemController>() {
-                let d = m.path();
-                u.memory_current = read_u64(&d.join("memory.usage_in_bytes")).unwrap_or(0);
-                u.memory_peak = read_u64(&d.join("memory.max_usage_in_bytes")).unwrap_or(0);
-                u.oom_kills = keyed(&d.join("memory.oom_control"), "oom_kill").unwrap_or(0);
+                let s = m.memory_stat();
+                u.memory_current = s.usage_in_bytes;
+                u.memory_peak = s.max_usage_in_bytes;
+                u.oom_kills = s.oom_control.oom_kill;
             }
             if let Some(c) = cg.controller_of::<CpuAcctController>() {
-                let d = c.path();
-                let n = |f: &str| read_u64(&d.join(f)).unwrap_or(0);
-                (u.cpu_user_ns, u.cpu_system_ns) = split_runtime(
-                    n("cpuacct.usage"),
-                    n("cpuacct.usage_user"),
-                    n("cpuacct.usage_sys"),
-                );
+                let a = c.cpuacct();
+                (u.cpu_user_ns, u.cpu_system_ns) =
+                    split_runtime(a.usage, a.usage_user, a.usage_sys);
             }
             u
         }
