@@ -22,5 +22,8 @@ if [ -f ../shared/codalab-cli-tests/tests/cli/test_cli.py ]; then
 else
   echo "SKIP: CodaLab's CLI suite: ../shared/codalab-cli-tests is not here"
 fi
-if [ "${FUZZ_SECS:-60}" != 0 ]; then bash scripts/fuzz.sh "${FUZZ_SECS:-60}"; fi
+if [ "${FUZZ_SECS:-60}" != 0 ]; then
+  df -h . | sed 's/^/before fuzzing: /'
+  bash scripts/fuzz.sh "${FUZZ_SECS:-60}"
+fi
 bash scripts/leak-check.sh
