@@ -5,6 +5,8 @@
 # into a podman store of its own) and Charliecloud's `ch-run` of the same rootfs as a directory.
 # One interleaved run (shuffled order each round); medians and ratios printed. Root.
 #   ROUNDS=100 bench/start.sh
+# PHASES=N then traces N more starts of cw, crun and runc (bench/phases.py) and prints when each
+# step of a start happens in each.
 # CW_BEFORE=DIR adds the cw in DIR (with its cw-monitor beside it: an earlier build) to the same
 # interleaving as "cw-before", for a change's effect measured against the peers' noise.
 set -euo pipefail
@@ -96,3 +98,4 @@ print(f"ratio cw / ch-run = {med['cw']/med['ch-run']:.2f}   (ch-run makes no cgr
 if before:
     print(f"ratio cw / cw-before = {med['cw']/med['cw-before']:.2f}   ({before})")
 PY
+if [ -n "${PHASES:-}" ]; then python3 bench/phases.py "$PHASES" "$CW" "$W"; fi
