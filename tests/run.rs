@@ -1019,7 +1019,7 @@ fn a_cgroup_left_frozen_does_not_hold_the_next_run() {
 #[test]
 fn the_monitor_runs_from_a_sealed_copy_of_cw_monitor() {
     let Some(cw) = runner() else { return };
-    let monitor_bin = common::cw_bin().with_file_name(cw_runtime::rundir::MONITOR_EXE);
+    let monitor_bin = common::cw_bin().with_file_name(cw_runtime::launch::MONITOR_EXE);
     assert!(
         monitor_bin.is_file(),
         "{} is not built (cargo build --workspace builds it)",

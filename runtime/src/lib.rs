@@ -11,6 +11,7 @@ pub mod exec;
 pub mod fsx;
 pub mod gpu;
 pub mod initlog;
+pub mod launch;
 pub mod ldcache;
 pub mod monitor;
 pub mod net;

@@ -61,7 +61,7 @@ pub(crate) fn isolate_network(
 pub(crate) fn take_net_ns(fd: Option<i32>) -> Option<OwnedFd> {
     // NS_GET_NSTYPE (Linux 4.11): a namespace's type, EINVAL/ENOTTY for any other file
     const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
-    crate::rundir::take_inherited(fd, |fd| {
+    crate::launch::take_inherited(fd, |fd| {
         let nstype = unsafe { libc::ioctl(fd, NS_GET_NSTYPE as _) };
         nstype == libc::CLONE_NEWNET
     })

@@ -130,7 +130,7 @@ pub(crate) fn duration(s: &str, what: &str) -> Result<u64> {
         .with_context(|| format!("{what} {s:?} is not a duration like 30s, 5m, 2h"))
 }
 
-type Sealing = std::thread::JoinHandle<std::io::Result<cw_runtime::rundir::SealedMonitor>>;
+type Sealing = std::thread::JoinHandle<std::io::Result<cw_runtime::launch::SealedMonitor>>;
 static EARLY: std::sync::Mutex<Option<Sealing>> = std::sync::Mutex::new(None);
 
 /// Start what a run's critical path waits for, in threads, as `cw run` starts: the monitor's
@@ -143,7 +143,7 @@ pub(crate) fn start_early() {
 
 fn start() -> Sealing {
     cw_runtime::cgroup::warm_attach();
-    std::thread::spawn(cw_runtime::rundir::SealedMonitor::new)
+    std::thread::spawn(cw_runtime::launch::SealedMonitor::new)
 }
 
 fn take_early() -> Option<Sealing> {
@@ -333,7 +333,7 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
     } else {
         std::process::Stdio::null()
     };
-    let mut child = cw_runtime::rundir::spawn(
+    let mut child = cw_runtime::launch::spawn(
         &exe,
         &rd.path,
         stdin,

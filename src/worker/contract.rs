@@ -201,7 +201,7 @@ pub(super) fn start_container(
     rd.write_request(&req).map_err(|e| e.to_string())?;
     let meta = serde_json::json!({"image": run.resources.docker_image, "manifest": image.manifest, "created": crate::store::now(), "codalab_bundle": uuid});
     let _ = crate::store::replace_file(&rd.path.join("meta.json"), meta.to_string().as_bytes());
-    let child = cw_runtime::rundir::spawn(
+    let child = cw_runtime::launch::spawn(
         &ctx.exe,
         &rd.path,
         std::process::Stdio::null(),

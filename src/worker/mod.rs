@@ -43,7 +43,7 @@ pub struct Ctx {
     pub registry: Arc<crate::registry::Client>,
     pub deps: Arc<deps::Cache>,
     pub work_dir: PathBuf,
-    pub exe: cw_runtime::rundir::SealedMonitor,
+    pub exe: cw_runtime::launch::SealedMonitor,
     pub shared_fs: bool,
     pub cpus: Vec<usize>,
     pub gpus: Vec<cw_runtime::gpu::Gpu>,
@@ -334,7 +334,7 @@ pub fn main(g: Setup, a: WorkerArgs) -> anyhow::Result<i32> {
             registry: crate::registry::Client::new(g.registry),
             deps,
             work_dir: work_dir.clone(),
-            exe: cw_runtime::rundir::SealedMonitor::new()
+            exe: cw_runtime::launch::SealedMonitor::new()
                 .map_err(|e| anyhow::anyhow!("the runs' monitor: {e}"))?,
             shared_fs: a.shared_file_system,
             cpus,

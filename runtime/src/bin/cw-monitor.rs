@@ -2,7 +2,7 @@
 //! beside `cw`. It holds only the runtime (no registry client, no worker, no CLI), so the sealed
 //! copy of itself that it runs from (CVE-2019-5736: a container must never be able to overwrite
 //! the binary that created it) is a fraction of `cw`'s size, and `cw` itself needs no seal.
-//! `cw` starts it when it is there (`cw_runtime::rundir::monitor_exe`), else `cw __monitor`.
+//! `cw` starts it when it is there (`cw_runtime::launch::monitor_exe`), else `cw __monitor`.
 
 fn main() {
     if let Err(e) = pentacle::ensure_sealed() {

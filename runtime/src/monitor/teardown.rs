@@ -59,7 +59,7 @@ pub(super) fn take_exit_pipe(fd: Option<i32>) {
         let stat = unsafe { libc::fstat(fd, &mut st) };
         stat == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO
     };
-    if let Some(p) = crate::rundir::take_inherited(fd, is_fifo) {
+    if let Some(p) = crate::launch::take_inherited(fd, is_fifo) {
         *EXIT_PIPE.lock().unwrap_or_else(|e| e.into_inner()) = Some(File::from(p));
     }
 }
