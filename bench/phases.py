@@ -32,7 +32,9 @@ def put(path, text):
 
 
 def trace(n, cmd, settle):
-    """Run cmd(i) n times with the events on; the trace's text."""
+    """Run cmd(i) n times with the events on; the trace's text. The tracer is left as found."""
+    with open(os.path.join(T, "tracing_on")) as f:
+        was_on = f.read().strip()
     put("tracing_on", "0")
     put("trace", "")
     put("buffer_size_kb", "16384")
@@ -45,12 +47,14 @@ def trace(n, cmd, settle):
             subprocess.run(cmd(i), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
             put("trace_marker", f"END {i}")
             settle()
-    finally:
         put("tracing_on", "0")
+        with open(os.path.join(T, "trace")) as f:
+            return f.read()
+    finally:
         for e in EVENTS:
             put(f"events/{e}/enable", "0")
-    with open(os.path.join(T, "trace")) as f:
-        return f.read()
+        put("trace", "")
+        put("tracing_on", was_on)
 
 
 def steps(text, runtime):
