@@ -1,6 +1,16 @@
-//! Accounting from the run's cgroup: CPU user/system time, current and peak memory, and OOM kills
-//! from the kernel's own counter (v1 `memory.oom_control` oom_kill, v2 `memory.events` oom_kill),
-//! never inferred from an exit code. cgroup v1 is read through cgroups-rs; v2 from its files.
+//! What cw does with a run's cgroup beside libcontainer (which makes it and applies the spec's
+//! limits):
+//! - accounting: CPU user/system time, current and peak memory, and OOM kills from the kernel's
+//!   own counter (v1 `memory.oom_control` oom_kill, v2 `memory.events` oom_kill), never inferred
+//!   from an exit code; v1 is read through cgroups-rs, v2 from its files;
+//! - the host's layout (which version, where a pid's v2 cgroup is, which controllers a parent
+//!   gives, whether a run's cgroup is already another store's run's), the limits a user's
+//!   delegated v2 cgroup gets written directly, and `--cpuset-cpus` as an affinity where there is
+//!   no cgroup;
+//! - the parents a run's creation made below a nested `--cgroup-parent` (recorded, locked, and
+//!   removed after it when no other run uses them);
+//! - removal: thawing, killing what is left, and removing the run's directories within a bound;
+//! - [`warm_attach`], which takes the cgroup lock's first grace period off the start's path.
 
 use crate::{Error, Result};
 use cgroups_rs::cpuacct::CpuAcctController;
