@@ -116,8 +116,11 @@ def main():
         return
 
     def settle_cw():
+        # the monitor's teardown after cw returned, never beside the next run (as bench/start.sh)
         t = time.monotonic()
-        while os.listdir(f"{w}/store/runs") and time.monotonic() - t < 10:
+        while os.listdir(f"{w}/store/runs"):
+            if time.monotonic() - t > 10:
+                sys.exit("phases: cw's teardown did not end within 10 s")
             time.sleep(0.0005)
 
     def nothing():
