@@ -176,7 +176,24 @@ mod tests {
     #[test]
     fn a_process_in_its_pid_namespace_is_counted_by_rss_then_pss_near_the_limit() {
         // this test's own process stands in for a run's init: its namespace holds every process
-        // of the host's, so the sample counts at least this process's memory
+        // of the host's, so the sample counts at least this process's memory. The process is a
+        // fresh run of this test binary with only this test in it: beside the other tests'
+        // threads, which allocate and free tens of MB, a sample could fall while this one grew.
+        if std::env::var_os("CW_SAMPLE_ALONE").is_none() {
+            let name = "sample::tests::a_process_in_its_pid_namespace_is_counted_by_rss_then_pss_near_the_limit";
+            let o = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", name, "--test-threads", "1", "--nocapture"])
+                .env("CW_SAMPLE_ALONE", "1")
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success() && String::from_utf8_lossy(&o.stdout).contains("1 passed"),
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            return;
+        }
         let me = std::process::id() as i32;
         let mut s = Sampler::new(me);
         let before = s.sample(None);
@@ -191,7 +208,7 @@ mod tests {
         // near a limit the sample is Pss, which is at most the resident sum
         let near = s.sample(Some(after));
         assert!(near <= after + (8 << 20) && near > 0, "{near} vs {after}");
-        // (resident read on both sides: other tests' threads allocate and free beside this one)
+        // (resident read on both sides: the test harness's own thread may allocate meanwhile)
         let rss_before = resident(me as u32).unwrap();
         let p = pss(me as u32).unwrap();
         let rss_after = resident(me as u32).unwrap();
