@@ -175,13 +175,15 @@ mod tests {
 
     #[test]
     fn a_process_in_its_pid_namespace_is_counted_by_rss_then_pss_near_the_limit() {
-        // this test's own process stands in for a run's init: its namespace holds every process
-        // of the host's, so the sample counts at least this process's memory. The process is a
-        // fresh run of this test binary with only this test in it: beside the other tests'
-        // threads, which allocate and free tens of MB, a sample could fall while this one grew.
+        // this test's own process stands in for a run's init, in a pid namespace of its own (a
+        // fresh run of this test binary with only this test in it, through util-linux's
+        // unshare, as root): in the host's namespace the sample summed every process of the
+        // host's, and the other tests' threads beside it freed tens of MB while this one grew
         if std::env::var_os("CW_SAMPLE_ALONE").is_none() {
             let name = "sample::tests::a_process_in_its_pid_namespace_is_counted_by_rss_then_pss_near_the_limit";
-            let o = std::process::Command::new(std::env::current_exe().unwrap())
+            let o = std::process::Command::new("unshare")
+                .args(["--pid", "--fork", "--mount-proc"])
+                .arg(std::env::current_exe().unwrap())
                 .args(["--exact", name, "--test-threads", "1", "--nocapture"])
                 .env("CW_SAMPLE_ALONE", "1")
                 .output()
