@@ -24,3 +24,6 @@ pub mod spec;
 pub mod userns;
 
 pub use error::{Error, Result};
+
+#[cfg(test)]
+mod alone;

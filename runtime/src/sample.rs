@@ -179,24 +179,13 @@ mod tests {
         // fresh run of this test binary with only this test in it, through util-linux's
         // unshare, as root): in the host's namespace the sample summed every process of the
         // host's, and the other tests' threads beside it freed tens of MB while this one grew
-        let Some(done) = std::env::var_os("CW_SAMPLE_ALONE") else {
-            // the child's output is not piped here (no descriptors held while it runs, beside
-            // tests that count this process's); it marks a file when its body has passed
-            let name = "sample::tests::a_process_in_its_pid_namespace_is_counted_by_rss_then_pss_near_the_limit";
-            let dir = tempfile::tempdir().unwrap();
-            let done = dir.path().join("passed");
-            let st = std::process::Command::new("unshare")
-                .args(["--pid", "--fork", "--mount-proc"])
-                .arg(std::env::current_exe().unwrap())
-                .args(["--exact", name, "--test-threads", "1"])
-                .env("CW_SAMPLE_ALONE", &done)
-                .stdout(std::process::Stdio::null())
-                .status()
-                .unwrap();
-            assert!(
-                st.success() && done.exists(),
-                "the test alone in its namespace: {st}"
-            );
+        let Some(done) = crate::alone::alone(
+            concat!(
+                module_path!(),
+                "::a_process_in_its_pid_namespace_is_counted_by_rss_then_pss_near_the_limit"
+            ),
+            true,
+        ) else {
             return;
         };
         let me = std::process::id() as i32;
@@ -234,6 +223,6 @@ mod tests {
         }
         assert!(s.sample(None) >= own);
         drop(v);
-        std::fs::write(done, "").unwrap();
+        done.mark();
     }
 }
