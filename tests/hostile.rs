@@ -601,10 +601,12 @@ fn a_lock_another_user_holds_in_run_lock_does_not_stall_root_runs_that_nest_thei
     // /run/lock is world-writable: a user makes the file cw once locked there and holds it
     let lock = Path::new("/run/lock/cw-cgroup-parents.lock");
     let _ = std::fs::remove_file(lock);
+    // in a process group of its own: its sleep, which holds the lock too, goes with it
     let mut holder = Command::new("flock")
         .args([lock.to_str().unwrap(), "sleep", "120"])
         .uid(NOBODY)
         .gid(NOBODY)
+        .process_group(0)
         .spawn()
         .expect("flock (util-linux)");
     let t = Instant::now();
@@ -628,7 +630,7 @@ fn a_lock_another_user_holds_in_run_lock_does_not_stall_root_runs_that_nest_thei
         ]),
         60,
     );
-    let _ = holder.kill();
+    unsafe { libc::kill(-(holder.id() as i32), libc::SIGKILL) };
     let _ = holder.wait();
     let _ = std::fs::remove_file(lock);
     assert!(o.status.success(), "{}", out(&o));
@@ -640,16 +642,22 @@ fn a_lock_another_user_holds_in_run_lock_does_not_stall_root_runs_that_nest_thei
         m.is_dir() && m.uid() == 0 && m.mode() & 0o777 == 0o700,
         "{m:?}"
     );
-    // the nested parent the run made went with it (a top-level one stays, as /cw does)
+    // the nested parent the run made went with it (a top-level one stays, as /cw does): the
+    // monitor removes it in its teardown, after `cw run` has the exit record and has returned
     let top = parent.split('/').nth(1).unwrap();
-    let hierarchies = std::fs::read_dir("/sys/fs/cgroup")
+    let hierarchies: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
         .unwrap()
         .flatten()
         .map(|e| e.path())
         .chain([PathBuf::from("/sys/fs/cgroup")])
-        .filter(|h| h.join("cgroup.procs").exists());
-    for h in hierarchies {
+        .filter(|h| h.join("cgroup.procs").exists())
+        .collect();
+    let t = Instant::now();
+    for h in &hierarchies {
         let p = h.join(&parent[1..]);
+        while p.exists() && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert!(!p.exists(), "{} left behind", p.display());
         let _ = std::fs::remove_dir(h.join(top));
     }
