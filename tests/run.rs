@@ -825,6 +825,17 @@ fn nested_cgroup_parents_made_for_a_run_are_removed_with_it() {
         }
         left
     };
+    // the monitor removes them in its teardown, after `cw run` has returned: waited for
+    let settled = || {
+        let t = std::time::Instant::now();
+        loop {
+            let l = left();
+            if l.is_empty() || t.elapsed() > std::time::Duration::from_secs(20) {
+                return l;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
     let (rc, out, err) = run_out(
         &cw,
         &[
@@ -838,7 +849,7 @@ fn nested_cgroup_parents_made_for_a_run_are_removed_with_it() {
     );
     assert_eq!(rc, 0, "{err}");
     assert!(out.contains("memory:/"), "{out}");
-    let after_run = left();
+    let after_run = settled();
     // the monitor killed mid-run: whoever finishes the run (here `cw kill`) removes them
     let (id, rd, monitor, _) = started(
         &cw.store(),
@@ -858,7 +869,7 @@ fn nested_cgroup_parents_made_for_a_run_are_removed_with_it() {
     kill_monitor(&rd, monitor);
     cw.ok(&["kill", &id]);
     let lost = rd.exit().map(|e| e.reason);
-    let after_recovery = left();
+    let after_recovery = settled();
     cw.ok(&["rm", &id]);
     // the other manager's directory and the top level stay: clean them (and, on failure, what
     // was left) up here
