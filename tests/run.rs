@@ -797,6 +797,36 @@ fn signals_start_at_their_defaults() {
 }
 
 #[test]
+fn under_a_batch_job_or_a_systemd_unit_cw_run_returns_after_the_teardown() {
+    // their end kills what is left of cw once it returns: the monitor's teardown (mounts, upper
+    // dir, cgroups) has ended by then, which `cleaned` in a kept run's directory marks
+    let Some(cw) = runner() else { return };
+    for var in [
+        "SLURM_JOB_ID",
+        "PBS_JOBID",
+        "LSB_JOBID",
+        "FLUX_JOB_ID",
+        "INVOCATION_ID",
+    ] {
+        let name = format!("managed-{}", var.to_lowercase().replace('_', "-"));
+        let o = cw
+            .cmd(&["run", "--keep", "--name", &name, "--image", TINY, "true"])
+            .env(var, "1")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let dir = cw.store().join("runs").join(&name);
+        assert!(dir.join("exit.json").exists(), "{var}");
+        assert!(
+            dir.join("cleaned").exists(),
+            "{var}: cw run returned before the teardown"
+        );
+        cw.ok(&["rm", &name]);
+    }
+    assert_no_leftovers(&cw);
+}
+
+#[test]
 fn nested_cgroup_parents_made_for_a_run_are_removed_with_it() {
     let Some(cw) = runner() else { return };
     // As under Slurm: the parent is inside a tree that another manager made in some hierarchies

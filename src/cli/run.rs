@@ -406,10 +406,9 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
     let reported = events.and_then(|t| t.join().ok().flatten());
     let ex = match reported {
         Some(ex) => {
-            // a Slurm job's end SIGKILLs what is left in its cgroup, the monitor in the middle
-            // of its teardown among them (mounts left until the next cw): there the teardown
-            // is waited for, as before
-            if std::env::var_os("SLURM_JOB_ID").is_some() {
+            // the teardown goes on after the exit record, off cw's path, where nothing kills
+            // what is left of cw once it returns
+            if ended_with_its_caller() {
                 let _ = child.wait();
             }
             ex
@@ -427,6 +426,23 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
         eprintln!("cw: {msg}");
     }
     std::process::exit(ex.exit_code);
+}
+
+/// Whether what is left of `cw run` is killed as soon as it returns: a batch job's step (Slurm,
+/// PBS, LSF, Flux) SIGKILLs what is left in its cgroup, and a systemd unit stops its cgroup with
+/// its main process. The monitor would die in the middle of its teardown (mounts, upper dir and
+/// cgroups left until the next cw, a job's cgroup that its manager cannot remove), so there `cw
+/// run` returns after it; elsewhere ~5 ms sooner, as the teardown goes on without it.
+fn ended_with_its_caller() -> bool {
+    [
+        "SLURM_JOB_ID",
+        "PBS_JOBID",
+        "LSB_JOBID",
+        "FLUX_JOB_ID",
+        "INVOCATION_ID",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some())
 }
 
 pub(crate) fn parse_device_arg(s: &str) -> Result<cw_runtime::request::Device, String> {
