@@ -7,6 +7,15 @@ use std::process::{Command, Stdio};
 
 const MARK: &str = "CW_TEST_ALONE";
 
+/// `let Some(done) = run_alone!(the_test_fn, pid_ns) else { return };` at the top of a test:
+/// [`alone`] for the test of that name in the calling module.
+macro_rules! run_alone {
+    ($test:ident, $pid_ns:expr) => {
+        crate::alone::alone(concat!(module_path!(), "::", stringify!($test)), $pid_ns)
+    };
+}
+pub(crate) use run_alone;
+
 /// The child's proof that the test's body ran to its end: a file the parent looks for.
 pub struct Passed(PathBuf);
 

@@ -442,12 +442,9 @@ mod tests {
     fn deep_trees_are_walked_and_removed_with_bounded_fds_and_stack() {
         // the fds counted are the whole process's: the test runs alone in a run of its own, as
         // the other tests beside it open theirs (34 held once, 12 before, in a clean-clone run)
-        let Some(done) = crate::alone::alone(
-            concat!(
-                module_path!(),
-                "::deep_trees_are_walked_and_removed_with_bounded_fds_and_stack"
-            ),
-            false,
+        let Some(done) = crate::alone::run_alone!(
+            deep_trees_are_walked_and_removed_with_bounded_fds_and_stack,
+            false
         ) else {
             return;
         };

@@ -179,12 +179,9 @@ mod tests {
         // fresh run of this test binary with only this test in it, through util-linux's
         // unshare, as root): in the host's namespace the sample summed every process of the
         // host's, and the other tests' threads beside it freed tens of MB while this one grew
-        let Some(done) = crate::alone::alone(
-            concat!(
-                module_path!(),
-                "::a_process_in_its_pid_namespace_is_counted_by_rss_then_pss_near_the_limit"
-            ),
-            true,
+        let Some(done) = crate::alone::run_alone!(
+            a_process_in_its_pid_namespace_is_counted_by_rss_then_pss_near_the_limit,
+            true
         ) else {
             return;
         };

@@ -432,7 +432,7 @@ pub(crate) fn cmd_run(ctx: Ctx, mut a: RunArgs) -> Result<()> {
 /// PBS, LSF, Flux) SIGKILLs what is left in its cgroup, and a systemd unit stops its cgroup with
 /// its main process. The monitor would die in the middle of its teardown (mounts, upper dir and
 /// cgroups left until the next cw, a job's cgroup that its manager cannot remove), so there `cw
-/// run` returns after it; elsewhere ~5 ms sooner, as the teardown goes on without it.
+/// run` returns after it; elsewhere 3-5 ms sooner here, as the teardown goes on without it.
 fn ended_with_its_caller() -> bool {
     [
         "SLURM_JOB_ID",
