@@ -857,14 +857,12 @@ fn nested_cgroup_parents_made_for_a_run_are_removed_with_it() {
     };
     // the monitor removes them in its teardown, after `cw run` has returned: waited for
     let settled = || {
-        let t = std::time::Instant::now();
-        loop {
-            let l = left();
-            if l.is_empty() || t.elapsed() > std::time::Duration::from_secs(20) {
-                return l;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let mut l = vec![];
+        eventually(std::time::Duration::from_secs(20), || {
+            l = left();
+            l.is_empty()
+        });
+        l
     };
     let (rc, out, err) = run_out(
         &cw,

@@ -866,6 +866,21 @@ pub fn run_cgroup_file(name: &str, controller: &str, v1: &str, v2: &str) -> (Str
     }
 }
 
+/// Poll `done` every 20 ms until it holds or `within` has passed; whether it held. The caller
+/// asserts, with its own message (what a background teardown was still to remove).
+pub fn eventually(within: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let t = std::time::Instant::now();
+    loop {
+        if done() {
+            return true;
+        }
+        if t.elapsed() >= within {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Wait for the `cw __settle-store` a pull or load of `store` started in the background (it
 /// syncs the new layers and rewrites their records, through temp files in layers/).
 pub fn wait_for_settle(store: &Path) {
